@@ -1,0 +1,1 @@
+"""Methods: one LightningModule a file (lora, xcross, weaverec, joint, merge_sources)."""

@@ -1,0 +1,1 @@
+"""Models: backbones, scoring head, X-Cross integrators, adapter store and merging."""
