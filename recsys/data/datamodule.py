@@ -1,0 +1,391 @@
+"""The one DataModule every method shares: domains, splits, candidates, mixtures and loaders.
+
+Config (``conf/data/*.yaml``):
+- ``domains``: name -> spec, each with a ``source``: ``synthetic`` (generator knobs), ``plain``
+  (``path`` to a folder with items.jsonl/sequences.jsonl) or ``raw`` (``path``, ``category``,
+  ``year`` in 2014/2018/2023, ``k_core``) — the official Amazon dumps;
+- ``target``, ``sources``: domain names; ``target_fraction``: share of the target's training
+  users kept (seeded);
+- ``mix``: ``target`` (target data only), ``joint`` (target and sources pooled), ``hybrid``
+  (WeaveRec: one stream per source, target and that source 50/50, ``hybrid_cap`` a side, plus
+  the target-only stream).
+
+Validation and test always use the target's fixed candidates (``recsys.data.candidates``).
+Training negatives are fresh each epoch and depend only on (seed, epoch, example), so they are
+the same whatever the number of workers or processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from recsys.data.candidates import NegativeSampler, eval_candidates, stable_seed
+from recsys.data.domain import DataError, Domain, Example
+from recsys.data.text import Collator, PromptTemplate, TextEncoder
+from recsys.metrics import reference_metrics
+
+log = logging.getLogger("recsys.data")
+
+MIXES = ("target", "joint", "hybrid")
+SOURCES = ("synthetic", "plain", "raw")
+
+
+def load_domain(name: str, spec: dict, cache_dir: str | None = None) -> Domain:
+    """Load one domain from its config spec (see the module docstring)."""
+    spec = dict(spec or {})
+    source = spec.pop("source", None)
+    if source == "synthetic":
+        from recsys.data import synthetic
+
+        return synthetic.make_domain(spec.pop("kind", name), **spec)
+    if source == "plain":
+        from recsys.data.preprocess import load_plain_domain
+
+        path = spec.get("path")
+        if not path or not Path(path).is_dir():
+            raise DataError(
+                f"data.domains.{name}.path={path!r} is not a folder: point data.root (or the path) at a "
+                "folder holding <domain>/items.jsonl and sequences.jsonl, e.g. data.root=../shared/data/amazon"
+            )
+        return load_plain_domain(path, name=name)
+    if source == "raw":
+        from recsys.data.preprocess import load_raw_domain
+
+        missing = [k for k in ("path", "category", "year") if k not in spec]
+        if missing:
+            raise DataError(f"data.domains.{name} (source raw) lacks {missing}: set path, category and year")
+        return load_raw_domain(
+            spec["path"], spec["category"], int(spec["year"]), name=name,
+            k_core=int(spec.get("k_core", 5)), cache_dir=cache_dir,
+        )
+    raise DataError(f"data.domains.{name}.source={source!r} is unknown: use one of {SOURCES}")
+
+
+class TrainDataset(Dataset):
+    """Training examples of one or more domains; indexed by ``(index, epoch)`` for fresh negatives."""
+
+    def __init__(self, entries: list[tuple[str, Example]], samplers: dict[str, NegativeSampler],
+                 num_negatives: int, seed: int):
+        self.entries, self.samplers = entries, samplers
+        self.num_negatives, self.seed = num_negatives, seed
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, key):
+        idx, epoch = key if isinstance(key, tuple) else (key, 0)
+        dom, ex = self.entries[idx]
+        rng = np.random.default_rng(stable_seed("train", self.seed, epoch, idx))
+        cands, pos = self.samplers[dom].candidates(ex, self.num_negatives, rng)
+        return dom, ex.history, cands, pos
+
+
+class EvalDataset(Dataset):
+    """Validation or test examples with their fixed candidates."""
+
+    def __init__(self, domain: str, examples: list[Example], candidates: np.ndarray, target: np.ndarray):
+        self.domain, self.examples, self.candidates, self.target = domain, examples, candidates, target
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, key):
+        idx = key[0] if isinstance(key, tuple) else key
+        return self.domain, self.examples[idx].history, self.candidates[idx].tolist(), int(self.target[idx])
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class EpochBatchSampler:
+    """Batches of ``(index, epoch)`` keys: seeded shuffle per epoch, sharded over processes.
+
+    Training (``pad=True``) pads the index list so every process gets the same number of batches;
+    evaluation (``pad=False``) shards without repeats, so metrics count every example once.
+    With ``lengths``, examples are sorted by length inside windows of ``bucket_window`` batches
+    (length-bucketed batching: less padding), and the batch order is shuffled.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, pad: bool,
+                 lengths: list[int] | None = None, bucket_window: int = 50, drop_last: bool = False):
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.pad, self.lengths, self.bucket_window, self.drop_last = pad, lengths, bucket_window, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> list[int]:
+        rank, world = _dist()
+        idx = list(range(self.n))
+        if self.shuffle:
+            idx = np.random.default_rng(stable_seed("order", self.seed, self.epoch)).permutation(self.n).tolist()
+        if world > 1:
+            if self.pad:
+                total = math.ceil(self.n / world) * world
+                idx = (idx * math.ceil(total / max(1, self.n)))[:total] if self.n else []
+            idx = idx[rank::world]
+        return idx
+
+    def _batches(self) -> list[list[int]]:
+        idx = self._indices()
+        if self.lengths is not None:
+            window = self.batch_size * self.bucket_window
+            sorted_idx: list[int] = []
+            for s in range(0, len(idx), window):
+                sorted_idx += sorted(idx[s : s + window], key=lambda i: self.lengths[i])
+            idx = sorted_idx
+        batches = [idx[s : s + self.batch_size] for s in range(0, len(idx), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        if self.lengths is not None and self.shuffle:
+            rng = np.random.default_rng(stable_seed("buckets", self.seed, self.epoch))
+            batches = [batches[j] for j in rng.permutation(len(batches))]
+        return batches
+
+    def __iter__(self):
+        for b in self._batches():
+            yield [(i, self.epoch) for i in b]
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+class RecDataModule(L.LightningDataModule):
+    """One DataModule over Amazon-like domains for every method (see the module docstring).
+
+    Args:
+        domains: name -> spec (``source`` and its settings).
+        target: the target domain; ``sources``: the source domains (never the target).
+        target_fraction: share of target training users kept, in (0, 1].
+        mix: ``target`` | ``joint`` | ``hybrid``; ``hybrid_cap``: examples a side in a hybrid.
+        max_history: most recent items kept in a history.
+        num_negatives: evaluation negatives (19 -> 20 candidates); ``num_train_negatives``: per
+            training example, fresh each epoch; ``candidate_sampling``: uniform | popularity.
+        max_eval_users: evaluate on a seeded subset of this many users (None: all), the same
+            subset for every method.
+        max_train_examples: cap on training examples per domain (seeded subset; None: all).
+        prompt: PromptTemplate fields. ``bucket_by_length``: length-bucketed training batches.
+        tokenizer, kind: set by ``train.py`` from the backbone (``attach``); ``likelihood``:
+            batches for the decoder likelihood mode.
+    """
+
+    def __init__(
+        self,
+        domains: dict[str, dict],
+        target: str,
+        sources: list[str] | None = None,
+        target_fraction: float = 1.0,
+        mix: str = "target",
+        hybrid_cap: int = 40_000,
+        max_history: int = 10,
+        num_negatives: int = 19,
+        num_train_negatives: int = 4,
+        candidate_sampling: str = "uniform",
+        max_eval_users: int | None = None,
+        max_train_examples: int | None = None,
+        seed: int = 0,
+        batch_size: int = 16,
+        eval_batch_size: int = 8,
+        num_workers: int = 0,
+        bucket_by_length: bool = False,
+        prompt: dict | None = None,
+        cache_dir: str | None = None,
+        tokenizer: Any = None,
+        kind: str = "encoder",
+        likelihood: bool = False,
+        root: str | None = None,
+    ):
+        super().__init__()
+        self.domain_specs = {k: dict(v or {}) for k, v in dict(domains).items()}
+        self.target, self.sources = target, list(sources or [])
+        self.target_fraction, self.mix, self.hybrid_cap = float(target_fraction), mix, int(hybrid_cap)
+        self.max_history, self.num_negatives = int(max_history), int(num_negatives)
+        self.num_train_negatives, self.candidate_sampling = int(num_train_negatives), candidate_sampling
+        self.max_eval_users, self.max_train_examples = max_eval_users, max_train_examples
+        self.seed, self.batch_size, self.eval_batch_size = int(seed), int(batch_size), int(eval_batch_size)
+        self.num_workers, self.bucket_by_length = int(num_workers), bool(bucket_by_length)
+        self.template = PromptTemplate(**dict(prompt or {}))
+        self.cache_dir, self.root = cache_dir, root
+        self.kind, self.likelihood = kind, likelihood
+        self.tokenizer = tokenizer
+        self.domains: dict[str, Domain] = {}
+        self._validate()
+
+    # ------------------------------------------------------------------ configuration checks
+    def _validate(self) -> None:
+        known = sorted(self.domain_specs)
+        for key, name in [("data.target", self.target)] + [("data.sources", s) for s in self.sources]:
+            if name not in self.domain_specs:
+                raise DataError(f"{key}: unknown domain {name!r}; the data config defines {known}")
+        if self.target in self.sources:
+            raise DataError(
+                f"data.sources={self.sources} lists the target {self.target!r}: a target cannot be its own "
+                "source; remove it from data.sources"
+            )
+        if len(set(self.sources)) != len(self.sources):
+            raise DataError(f"data.sources={self.sources} repeats a domain")
+        if not (0.0 < self.target_fraction <= 1.0):
+            raise DataError(f"data.target_fraction={self.target_fraction} must be in (0, 1]")
+        if self.mix not in MIXES:
+            raise DataError(f"data.mix={self.mix!r} is unknown: use one of {MIXES}")
+        if self.mix in ("joint", "hybrid") and not self.sources:
+            raise DataError(f"data.mix={self.mix} needs data.sources (e.g. 'data.sources=[toys]')")
+        if self.num_negatives < 1 or self.num_train_negatives < 1:
+            raise DataError("data.num_negatives and data.num_train_negatives must be >= 1")
+
+    def attach(self, tokenizer, kind: str, likelihood: bool = False) -> "RecDataModule":
+        """Give the DataModule the backbone's tokenizer (the text layout depends on it)."""
+        self.tokenizer, self.kind, self.likelihood = tokenizer, kind, likelihood
+        return self
+
+    @property
+    def used_domains(self) -> list[str]:
+        return [self.target] + [s for s in self.sources]
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def prepare_data(self) -> None:
+        """Once per node: build (and cache) the raw-dump domains, so ``setup`` only reads caches."""
+        for name in self.used_domains:
+            if self.domain_specs[name].get("source") == "raw":
+                load_domain(name, self.domain_specs[name], self.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.domains:
+            return
+        for name in self.used_domains:
+            self.domains[name] = load_domain(name, self.domain_specs[name], self.cache_dir)
+            log.info("domain %s: %s", name, self.domains[name].summary())
+        self.samplers = {n: NegativeSampler(d, self.candidate_sampling) for n, d in self.domains.items()}
+        tgt = self.domains[self.target]
+        self.eval_users = self._eval_users(tgt)
+        self.eval_sets: dict[str, EvalDataset] = {}
+        for split in ("val", "test"):
+            exs = [e for e in tgt.examples(split, self.max_history) if e.user in self.eval_users]
+            cands, pos = eval_candidates(tgt, exs, split, self.num_negatives, self.seed, self.candidate_sampling)
+            self.eval_sets[split] = EvalDataset(self.target, exs, cands, pos)
+        self.train_entries = self._train_entries()
+        if self.tokenizer is not None:
+            self._text()
+
+    def _text(self) -> TextEncoder:
+        if self.tokenizer is None:
+            raise RuntimeError("RecDataModule.attach(tokenizer, kind) must be called before loaders are built")
+        if getattr(self, "text", None) is None:
+            self.text = TextEncoder(self.tokenizer, self.kind, self.template)
+            for name, d in self.domains.items():
+                self.text.add_titles(name, d.titles)
+        return self.text
+
+    # ------------------------------------------------------------------ example selection
+    def _eval_users(self, d: Domain) -> set[int]:
+        users = list(range(d.num_users))
+        if self.max_eval_users and self.max_eval_users < len(users):
+            rng = np.random.default_rng(stable_seed("eval_users", d.name, self.seed))
+            users = rng.choice(len(users), size=self.max_eval_users, replace=False).tolist()
+        return set(users)
+
+    def _domain_train(self, name: str) -> list[tuple[str, Example]]:
+        d = self.domains[name]
+        exs = d.examples("train", self.max_history)
+        if name == self.target and self.target_fraction < 1.0:
+            rng = np.random.default_rng(stable_seed("fraction", name, self.seed))
+            n_keep = max(1, round(self.target_fraction * d.num_users))
+            keep = set(rng.permutation(d.num_users)[:n_keep].tolist())
+            exs = [e for e in exs if e.user in keep]
+        if self.max_train_examples and len(exs) > self.max_train_examples:
+            rng = np.random.default_rng(stable_seed("train_cap", name, self.seed))
+            sel = sorted(rng.choice(len(exs), size=self.max_train_examples, replace=False).tolist())
+            exs = [exs[i] for i in sel]
+        if not exs:
+            raise DataError(f"domain {name!r} has no training example (users need >= 4 items)")
+        return [(name, e) for e in exs]
+
+    def hybrid_entries(self, source: str) -> list[tuple[str, Example]]:
+        """WeaveRec's hybrid mixture: min(cap, |T|) target examples and as many of ``source``."""
+        tgt, src = self._domain_train(self.target), self._domain_train(source)
+        n = min(self.hybrid_cap, len(tgt))
+        n_src = min(n, len(src))
+        if n_src < n:
+            log.warning("hybrid %s+%s: source has only %d examples for %d target ones", self.target, source, n_src, n)
+        rng = np.random.default_rng(stable_seed("hybrid", self.target, source, self.seed))
+        pick = lambda xs, k: [xs[i] for i in sorted(rng.choice(len(xs), size=k, replace=False).tolist())]  # noqa: E731
+        return pick(tgt, n) + pick(src, n_src)
+
+    def _train_entries(self) -> dict[str, list[tuple[str, Example]]]:
+        """Training streams: ``{"train": ...}`` or, for ``hybrid``, ``{"target": ..., "hybrid/<S>": ...}``."""
+        if self.mix == "target":
+            return {"train": self._domain_train(self.target)}
+        if self.mix == "joint":
+            pooled = self._domain_train(self.target)
+            for s in self.sources:
+                pooled += self._domain_train(s)
+            return {"train": pooled}
+        streams = {"target": self._domain_train(self.target)}
+        for s in self.sources:
+            streams[f"hybrid/{s}"] = self.hybrid_entries(s)
+        return streams
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, ds: Dataset, batch_size: int, train: bool, lengths=None, seed_key: str = "") -> DataLoader:
+        sampler = EpochBatchSampler(
+            len(ds), batch_size, shuffle=train, seed=stable_seed(self.seed, seed_key), pad=train, lengths=lengths,
+        )
+        return DataLoader(
+            ds, batch_sampler=sampler, collate_fn=Collator(self._text(), self.likelihood),
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    def _lengths(self, entries) -> list[int] | None:
+        if not self.bucket_by_length:
+            return None
+        titles = {n: self.text.title_ids(n) for n in self.domains}
+        return [sum(len(titles[d][i]) for i in ex.history) for d, ex in entries]
+
+    def train_loaders(self) -> dict[str, DataLoader]:
+        """One loader per training stream (a module training several adapters gets one stream each)."""
+        self._text()
+        out = {}
+        for name, entries in self.train_entries.items():
+            ds = TrainDataset(entries, self.samplers, self.num_train_negatives, stable_seed(self.seed, name))
+            out[name] = self._loader(ds, self.batch_size, True, self._lengths(entries), name)
+        return out
+
+    def train_dataloader(self):
+        loaders = self.train_loaders()
+        return loaders["train"] if list(loaders) == ["train"] else loaders
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_sets["val"], self.eval_batch_size, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_sets["test"], self.eval_batch_size, False)
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        return self.val_dataloader() if split == "val" else self.test_dataloader()
+
+    # ------------------------------------------------------------------ reports
+    def reference_metrics(self, split: str = "test") -> dict[str, dict[str, float]]:
+        """Random and popularity rankers on the target's fixed candidates of ``split``."""
+        ds = self.eval_sets[split]
+        counts = np.asarray(self.domains[self.target].train_item_counts())
+        return reference_metrics(ds.candidates, ds.target, counts, seed=self.seed)
+
+    def summary(self) -> dict:
+        out = {"target": self.domains[self.target].summary()}
+        for name, entries in self.train_entries.items():
+            out[f"train_examples/{name}"] = len(entries)
+        out["val_examples"] = len(self.eval_sets["val"])
+        out["test_examples"] = len(self.eval_sets["test"])
+        return out

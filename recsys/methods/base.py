@@ -1,0 +1,160 @@
+"""What every method shares: the training and evaluation steps, metrics, optimizer and schedule,
+and checkpoints that hold only what trains.
+
+A method subclasses :class:`RecModule` and implements ``score(batch) -> (B, C)``; the loss is the
+softmax cross-entropy of the target against its negatives (X-Cross's loss, used by every method).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recsys.metrics import RankingMetrics
+from recsys.models.backbone import Backbone
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up for ``warmup_ratio`` of the steps, then cosine to ``min_ratio``."""
+    warm = max(1, int(round(warmup_ratio * total_steps)))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        prog = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+
+    return f
+
+
+class RecModule(L.LightningModule):
+    """Base LightningModule of every method.
+
+    Args:
+        backbone: the frozen backbone (model, tokenizer, kind).
+        optimizer: a partial optimizer factory taking the trainable parameters
+            (``_partial_: true`` in the config); default AdamW(lr=1e-3).
+        warmup_ratio: share of the steps with linear warm-up; then cosine decay (``scheduler=cosine``)
+            or constant (``scheduler=constant``).
+        scoring: ``head`` (default, pooled token -> head) or ``likelihood`` (decoders only).
+    """
+
+    def __init__(self, backbone: Backbone, optimizer: Callable | None = None, scheduler: str = "cosine",
+                 warmup_ratio: float = 0.05, scoring: str = "head"):
+        super().__init__()
+        if scoring not in ("head", "likelihood"):
+            raise ValueError(f"method.scoring={scoring!r} is unknown: use head or likelihood")
+        if scoring == "likelihood" and backbone.kind != "decoder":
+            raise ValueError(
+                f"method.scoring=likelihood needs a decoder backbone; {backbone.name} is an encoder: use scoring=head"
+            )
+        if scheduler not in ("cosine", "constant"):
+            raise ValueError(f"method.scheduler={scheduler!r} is unknown: use cosine or constant")
+        self.backbone = backbone
+        self.kind = backbone.kind
+        self.scoring = scoring
+        self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
+        self.scheduler, self.warmup_ratio = scheduler, warmup_ratio
+        self.metrics = nn.ModuleDict({"val": RankingMetrics(), "test": RankingMetrics()})
+        self.prefix = {"val": "val", "test": "test"}  # train.py sets "zero_shot/test" for the zero-shot row
+        self.strict_loading = False  # checkpoints hold only the trainable weights
+        self.val_history: dict[int, dict[str, float]] = {}  # epoch -> validation metrics
+        self.skip_training = False  # a method with nothing to train (e.g. a merge of stored adapters)
+
+    @classmethod
+    def from_config(cls, backbone: Backbone, datamodule=None, store=None, cfg=None, **kwargs) -> "RecModule":
+        """Build from the method config; methods that need the data or the adapter store override this."""
+        return cls(backbone, **kwargs)
+
+    # ------------------------------------------------------------------ hooks for train.py
+    def extra_params(self) -> dict[str, float]:
+        """Extra ``params/...`` entries of metrics.json."""
+        return {}
+
+    def extra_metrics(self) -> dict[str, float]:
+        """Extra metrics.json entries, added after testing."""
+        return {}
+
+    def export(self, store, manifest: dict):
+        """Write what was trained to the adapter store; returns the folder (None: nothing to export)."""
+        return None
+
+    def best_val_metrics(self, monitor: str) -> dict[str, float]:
+        """Validation metrics of the epoch with the best ``monitor`` (the first, on ties)."""
+        if not self.val_history:
+            return {}
+        best = max(sorted(self.val_history), key=lambda e: self.val_history[e].get(monitor, -math.inf))
+        return dict(self.val_history[best])
+
+    # ------------------------------------------------------------------ to implement
+    def score(self, batch: dict) -> torch.Tensor:
+        """(B, C) candidate scores."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ steps
+    def loss(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(scores.float(), labels)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(self.score(batch), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].numel())
+        return loss
+
+    def _eval_step(self, stage: str, batch: dict) -> None:
+        self.metrics[stage].update(self.score(batch).float(), batch["labels"])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _log_metrics(self, stage: str) -> None:
+        values = {f"{self.prefix[stage]}/{k}": v for k, v in self.metrics[stage].compute().items()}
+        self.log_dict(values, prog_bar=stage == "val", sync_dist=False)  # already synchronised by torchmetrics
+        self.metrics[stage].reset()
+        if stage == "val" and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.val_history[self.current_epoch] = {k: float(v) for k, v in values.items()}
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    # ------------------------------------------------------------------ optimisation
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(self.trainable_parameters())
+        if self.scheduler == "constant" and self.warmup_ratio <= 0:
+            return opt
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        lam = warmup_cosine(total, self.warmup_ratio, 1.0 if self.scheduler == "constant" else 0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints: only what trains
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["val_history"] = self.val_history
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        missing = keep - set(checkpoint["state_dict"])
+        if missing:
+            raise ValueError(
+                f"checkpoint lacks {len(missing)} trainable weights of this module (e.g. {sorted(missing)[:3]}): "
+                "was it written by another method or LoRA configuration?"
+            )
+        self.val_history = dict(checkpoint.get("val_history", {}))

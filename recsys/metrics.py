@@ -1,0 +1,96 @@
+"""Ranking metrics over candidate lists, as torchmetrics ``Metric``s, and the two reference rankers.
+
+Ties count against the model: the target's rank is the number of *other* candidates whose score is
+greater than or equal to the target's, so a constant scorer gets HR@1 = 0 (never 1), and a NaN
+target score ranks last.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchmetrics import Metric
+
+KS = (1, 3, 5, 10)
+
+
+def target_rank(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """0-based pessimistic rank of the target.
+
+    Args:
+        scores: (B, C) candidate scores.
+        target: (B,) position of the true item among the C candidates.
+    Returns:
+        (B,) long: how many other candidates score >= the target.
+    """
+    scores = scores.float()
+    t = scores.gather(1, target.long().view(-1, 1))  # (B, 1)
+    ge = (scores >= t) | torch.isnan(scores)  # a NaN candidate is never below the target
+    rank = ge.sum(dim=1) - 1  # minus the target itself (t >= t), unless t is NaN
+    nan_target = torch.isnan(t.squeeze(1))
+    return torch.where(nan_target, torch.full_like(rank, scores.size(1) - 1), rank)
+
+
+class RankingMetrics(Metric):
+    """HR@k and NDCG@k for k in ``ks`` and MRR, averaged over examples and synchronised across processes.
+
+    ``update(scores (B, C), target (B,))``; ``compute()`` returns ``{"hr@1": ..., "ndcg@10": ..., "mrr": ...}``.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, ks: tuple[int, ...] = KS, **kwargs):
+        super().__init__(**kwargs)
+        self.ks = tuple(ks)
+        for k in self.ks:
+            self.add_state(f"hr_{k}", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"ndcg_{k}", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("mrr", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, scores: torch.Tensor, target: torch.Tensor) -> None:
+        rank = target_rank(scores, target).double()
+        gain = 1.0 / torch.log2(rank + 2.0)
+        for k in self.ks:
+            hit = rank < k
+            setattr(self, f"hr_{k}", getattr(self, f"hr_{k}") + hit.sum())
+            setattr(self, f"ndcg_{k}", getattr(self, f"ndcg_{k}") + (gain * hit).sum())
+        self.mrr = self.mrr + (1.0 / (rank + 1.0)).sum()
+        self.count = self.count + rank.numel()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        n = self.count.clamp(min=1).double()
+        out = {}
+        for k in self.ks:
+            out[f"hr@{k}"] = (getattr(self, f"hr_{k}") / n).float()
+            out[f"ndcg@{k}"] = (getattr(self, f"ndcg_{k}") / n).float()
+        out["mrr"] = (self.mrr / n).float()
+        return out
+
+
+def reference_metrics(
+    candidates: np.ndarray, target: np.ndarray, item_counts: np.ndarray, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Scores of the two trivial rankers on fixed candidate lists.
+
+    Args:
+        candidates: (N, C) item indices.
+        target: (N,) position of the true item.
+        item_counts: (num_items,) training-split counts (popularity).
+        seed: seed of the random ranker.
+    Returns:
+        ``{"random": {...}, "popularity": {...}}``, each a metrics dict as ``RankingMetrics`` computes.
+    """
+    tgt = torch.as_tensor(target)
+    out = {}
+    rng = np.random.default_rng(seed)
+    scorers = {
+        "random": rng.random(candidates.shape),
+        "popularity": np.asarray(item_counts, dtype=np.float64)[candidates],
+    }
+    for name, scores in scorers.items():
+        m = RankingMetrics()
+        m.update(torch.as_tensor(scores), tgt)
+        out[name] = {k: float(v) for k, v in m.compute().items()}
+    return out

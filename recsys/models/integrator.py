@@ -1,0 +1,278 @@
+"""X-Cross (Hadad et al., SIGIR 2025): layer-wise integration of n frozen source-domain models.
+
+Each source model m is the frozen backbone with LoRA source adapter m active. The n models run
+side by side; after every transformer layer l an :class:`Integrator` refines each stream with
+the others (METHODS.md, X-Cross steps 1-3)::
+
+    z      = W_concat [h_1; ...; h_n]                                  (2n(n-1) signed scalars)
+    h~_m   = h_m + sum_{m' != m} ( beta * a_{m,m'} * h_{m'} + gamma * b_{m,m'} * (h_m - h_{m'}) )
+
+and ``h~_m`` is stream m's input to layer l+1. After the last layer (steps 4-5)
+``h_final = sum_m w_m h~_m``, pooled, scored by the shared :class:`~recsys.models.head.ScoringHead`.
+Only the integrators, ``w`` and the head train.
+
+How it runs (:class:`XCrossModel`): the n streams are n blocks of ONE batch (rows ``m*B .. m*B+B-1``
+are stream m) through the model's own forward, with peft's mixed-adapter batches (each row uses
+its own adapter) and the integrators applied by forward hooks on the model's own layer modules,
+so the model keeps its own attention masks, positions and final norm. The hooks exist only
+inside :meth:`XCrossModel.forward`: outside it the same ``PeftModel`` is a plain LoRA model.
+
+Choices the paper leaves open, each **[ours]** with its switch (default first):
+``mode`` ("token" | "pooled"), ``init`` of W_concat ("zero" | "normal"), ``beta = gamma = 1``,
+``w_init`` (1/n each), and for decoders ``combine`` ("after_norm" | "before_norm"): where w
+combines the streams relative to the model's final norm.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from recsys.models.backbone import body, transformer_layers, unwrap_peft
+from recsys.models.head import ScoringHead, pool
+
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")  # Llama/Qwen, GPT-2, Phi, OPT
+
+
+def ordered_pairs(n: int) -> list[tuple[int, int]]:
+    """The ordered pairs (m, m'), m != m', in the order z stores them: m-major, then m' ascending."""
+    return [(m, k) for m in range(n) for k in range(n) if k != m]
+
+
+class Integrator(nn.Module):
+    """One layer's X-Cross integrator for n streams of hidden size d.
+
+    Layout of ``z = W_concat [h_1; ...; h_n]`` (size 2P, P = n(n-1)), with ``pairs = ordered_pairs(n)``
+    (for n = 2: (0,1), (1,0); for n = 3: (0,1), (0,2), (1,0), (1,2), (2,0), (2,1))::
+
+        z[k]     = a_{pairs[k]}     direct scalar:      beta  * a_{m,m'} * h_{m'}
+        z[P + k] = b_{pairs[k]}     interaction scalar: gamma * b_{m,m'} * (h_m - h_{m'})
+
+    ``W_concat`` has no bias (the paper's z is a pure linear map of the concatenation), and is
+    zero-initialised by default **[ours]**, so X-Cross starts as exactly the n source models.
+    n = 1 has no parameters and is the identity.
+
+    Args:
+        n: number of streams (source adapters).
+        hidden_size: d.
+        beta, gamma: the scales of the direct and interaction terms **[ours]: 1.0**.
+        mode: ``"token"`` -> z per token **[ours] default**; ``"pooled"`` -> z from the pooled
+            token of each stream (first token for encoders, last non-pad for decoders),
+            broadcast over all tokens.
+        init: ``"zero"`` (default) or ``"normal"`` (N(0, init_std^2)) for W_concat.
+        kind: ``"encoder"`` | ``"decoder"``; only used by ``mode="pooled"`` to find the pooled token.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        hidden_size: int,
+        beta: float = 1.0,
+        gamma: float = 1.0,
+        mode: str = "token",
+        init: str = "zero",
+        kind: str = "encoder",
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        if mode not in ("token", "pooled"):
+            raise ValueError(f"mode must be 'token' or 'pooled', got {mode!r}")
+        if init not in ("zero", "normal"):
+            raise ValueError(f"init must be 'zero' or 'normal', got {init!r}")
+        self.n, self.hidden_size, self.beta, self.gamma = n, hidden_size, beta, gamma
+        self.mode, self.kind = mode, kind
+        self.pairs = ordered_pairs(n)
+        num_pairs = len(self.pairs)
+        if n == 1:
+            self.W_concat = None
+            return
+        self.W_concat = nn.Linear(n * hidden_size, 2 * num_pairs, bias=False)
+        if init == "zero":
+            nn.init.zeros_(self.W_concat.weight)
+        else:
+            nn.init.normal_(self.W_concat.weight, std=init_std)
+        # where each pair's coefficient goes in the flattened n x n matrix [m, m']
+        self.register_buffer(
+            "offdiag", torch.tensor([m * n + k for m, k in self.pairs], dtype=torch.long), persistent=False
+        )
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(n, B, T, d) layer outputs, (B, T) attention mask -> (n, B, T, d) refined outputs.
+
+        Computed in the integrator's dtype (float32), returned in ``h``'s dtype.
+        """
+        if self.W_concat is None:
+            return h
+        n, B, T, d = h.shape
+        hf = h.to(self.W_concat.weight.dtype)
+        h_cat = hf.permute(1, 2, 0, 3).reshape(B, T, n * d)  # [h_1; ...; h_n] per token
+        if self.mode == "pooled":  # the pooled position is the same in every stream
+            h_cat = pool(h_cat, attention_mask, self.kind).unsqueeze(1)  # (B, 1, n*d)
+        z = self.W_concat(h_cat)  # (B, T or 1, 2P)
+        a, b = z.chunk(2, dim=-1)
+        # h~_m = (1 + gamma * sum_{m'} b_{m,m'}) h_m + sum_{m' != m} (beta a_{m,m'} - gamma b_{m,m'}) h_{m'}
+        coef = z.new_zeros(*a.shape[:-1], n * n).index_copy(-1, self.offdiag, self.beta * a - self.gamma * b)
+        coef = coef.view(*a.shape[:-1], n, n).expand(B, T, n, n)  # [b, t, m, m'], zero diagonal
+        self_scale = 1 + self.gamma * b.view(*b.shape[:-1], n, n - 1).sum(-1).expand(B, T, n)  # (B, T, n)
+        refined = hf * self_scale.permute(2, 0, 1).unsqueeze(-1) + torch.einsum("btmk,kbtd->mbtd", coef, hf)
+        return refined.to(h.dtype)
+
+
+class XCrossModel(nn.Module):
+    """X-Cross over a peft ``PeftModel`` holding the frozen backbone and n source LoRA adapters.
+
+    The backbone and every adapter are frozen here (``requires_grad=False``) and kept in eval mode
+    whatever ``.train()`` says (peft refuses mixed-adapter batches in training mode, and frozen
+    dropout must stay off). Trainable: one :class:`Integrator` per transformer layer, ``w`` (n,)
+    and the :class:`ScoringHead`.
+
+    Args:
+        peft_model: a ``PeftModel`` with the source adapters loaded (any extra adapters are ignored).
+        adapter_names: the n source adapters, in stream order.
+        kind: ``"encoder"`` (pooled token: first) | ``"decoder"`` (pooled token: last non-pad).
+        beta, gamma, mode, init: passed to every :class:`Integrator`.
+        w_init: initial w, n values; ``None`` -> 1/n each **[ours]**.
+        head_state: a ``ScoringHead`` state dict to start the head from (e.g. the target LoRA's head).
+        head_dropout: the head's dropout.
+        combine: decoders with a final norm after the last layer **[ours]**:
+            ``"after_norm"`` (default): ``h_final = sum_m w_m norm(h~_m)`` -- each stream goes
+            through the model's final norm as its own source model would, so with a one-hot w
+            X-Cross is exactly that source model's final hidden state;
+            ``"before_norm"``: ``h_final = norm(sum_m w_m h~_m)``.
+            For a model without a final norm (BERT) both are the same.
+    """
+
+    def __init__(
+        self,
+        peft_model: nn.Module,
+        adapter_names: Sequence[str],
+        kind: str,
+        *,
+        beta: float = 1.0,
+        gamma: float = 1.0,
+        mode: str = "token",
+        init: str = "zero",
+        w_init: Sequence[float] | None = None,
+        head_state: dict | None = None,
+        head_dropout: float = 0.0,
+        combine: str = "after_norm",
+    ):
+        super().__init__()
+        if kind not in ("encoder", "decoder"):
+            raise ValueError(f"kind must be 'encoder' or 'decoder', got {kind!r}")
+        if combine not in ("after_norm", "before_norm"):
+            raise ValueError(f"combine must be 'after_norm' or 'before_norm', got {combine!r}")
+        self.adapter_names = list(adapter_names)
+        missing = set(self.adapter_names) - set(getattr(peft_model, "peft_config", {}))
+        if not self.adapter_names or missing:
+            raise ValueError(f"adapters {sorted(missing) or '[]'} are not loaded in the peft model")
+        self.n, self.kind, self.combine = len(self.adapter_names), kind, combine
+
+        self.backbone = peft_model
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        d = unwrap_peft(peft_model).config.hidden_size
+        self.hidden_size = d
+        self._layers = [transformer_layers(peft_model)]  # a list: not a second registration of the layers
+        self._body = [body(peft_model)]
+        norm = next((getattr(self._body[0], a) for a in FINAL_NORM_NAMES if hasattr(self._body[0], a)), None)
+        self._final_norm = [norm if isinstance(norm, nn.Module) else None]
+
+        self.integrators = nn.ModuleList(
+            Integrator(self.n, d, beta=beta, gamma=gamma, mode=mode, init=init, kind=kind)
+            for _ in range(len(self._layers[0]))
+        )
+        w0 = torch.full((self.n,), 1.0 / self.n) if w_init is None else torch.as_tensor(w_init, dtype=torch.float)
+        if w0.shape != (self.n,):
+            raise ValueError(f"w_init must have {self.n} values, got {tuple(w0.shape)}")
+        self.w = nn.Parameter(w0.clone())
+        self.head = ScoringHead(d, dropout=head_dropout)
+        if head_state is not None:
+            self.head.load_state_dict(head_state)
+
+    # ---------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "XCrossModel":
+        """Integrators, w and head follow ``mode``; the frozen backbone and adapters stay in eval."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The integrators' W_concat, w and the head: everything X-Cross trains."""
+        return [*self.integrators.parameters(), self.w, *self.head.parameters()]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state of the trainable parts only (for small checkpoints): ``integrators.*``, ``w``, ``head.*``."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    @staticmethod
+    def integrator_param_count(n: int, d: int, num_layers: int) -> int:
+        """W_concat weights over all layers: L * (n d) * 2n(n-1)  (8d a layer for n = 2)."""
+        return num_layers * n * d * 2 * n * (n - 1)
+
+    @staticmethod
+    def lora_param_count(shapes: Sequence[tuple[int, int]], r: int, num_layers: int) -> int:
+        """LoRA weights over all layers: L * sum over target modules (d_in, d_out) of r (d_in + d_out).
+
+        q and v of a d x d attention with r = 8: 4rd = 32d a layer.
+        """
+        return num_layers * sum(r * (d_in + d_out) for d_in, d_out in shapes)
+
+    # ---------------------------------------------------------------------------------------
+    @contextmanager
+    def _integration_hooks(self, attention_mask: torch.Tensor):
+        """Forward hooks on the model's own layers (and final norm) that exist only inside the block."""
+        n = self.n
+
+        def refine(integrator):
+            def hook(module, args, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                if not torch.is_tensor(hidden):
+                    raise TypeError(f"unexpected layer output {type(output).__name__}: want a tensor or a tuple")
+                nB, T, d = hidden.shape
+                refined = integrator(hidden.view(n, nB // n, T, d), attention_mask).reshape(nB, T, d)
+                return (refined, *output[1:]) if isinstance(output, tuple) else refined
+
+            return hook
+
+        def combine_before_norm(module, args):
+            hidden = args[0]
+            nB, T, d = hidden.shape
+            h = hidden.view(n, nB // n, T, d)
+            combined = torch.einsum("m,mbtd->btd", self.w.to(h.dtype), h)
+            return (combined, *args[1:])
+
+        with ExitStack() as stack:
+            for layer, integrator in zip(self._layers[0], self.integrators):
+                stack.callback(layer.register_forward_hook(refine(integrator)).remove)
+            if self.combine == "before_norm" and self._final_norm[0] is not None:
+                stack.callback(self._final_norm[0].register_forward_pre_hook(combine_before_norm).remove)
+            yield
+
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(N, T) right-padded inputs -> (N, d) pooled ``h_final`` (float32)."""
+        n, B = self.n, input_ids.size(0)
+        kwargs = {"input_ids": input_ids.repeat(n, 1), "attention_mask": attention_mask.repeat(n, 1)}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids.repeat(n, 1)
+        if self.kind == "decoder":
+            kwargs["use_cache"] = False
+        rows = [name for name in self.adapter_names for _ in range(B)]  # stream-major blocks
+        # peft's mixed-adapter batch: every LoRA layer adds adapter m's update to the rows of block m only
+        with self._integration_hooks(attention_mask), self.backbone._enable_peft_forward_hooks(adapter_names=rows):
+            hidden = self._body[0](**kwargs).last_hidden_state
+        if self.combine == "before_norm" and self._final_norm[0] is not None:  # combined already
+            return pool(hidden, attention_mask, self.kind).float()
+        pooled = pool(hidden, kwargs["attention_mask"], self.kind).float().view(n, B, -1)  # pool then combine: same
+        return torch.einsum("m,mbd->bd", self.w, pooled)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(N, T) right-padded (history, candidate) inputs -> (N,) scores."""
+        return self.head(self.encode(input_ids, attention_mask, token_type_ids))

@@ -1,0 +1,236 @@
+"""The pipeline behind ``train.py`` and ``evaluate.py``: build, fit, test, report.
+
+Reads top to bottom: seed, backbone, data, method, callbacks/loggers/trainer, zero-shot test, fit
+with validation-based checkpointing, test with the best checkpoint, ``metrics.json``, results
+table, adapter export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import traceback
+from functools import partial
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from recsys.data.datamodule import RecDataModule
+from recsys.models.adapter_store import AdapterStore
+from recsys.models.backbone import load_backbone
+
+log = logging.getLogger("recsys")
+
+REPORT_KEYS = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr")
+
+
+# ---------------------------------------------------------------------------------------------- build
+def build_backbone(cfg: DictConfig):
+    return load_backbone(cfg.backbone.name, dtype=cfg.backbone.get("dtype", "float32"),
+                         cache_dir=os.path.join(cfg.paths.cache_dir, "backbones"))
+
+
+def build_datamodule(cfg: DictConfig, backbone) -> RecDataModule:
+    likelihood = cfg.method.module.get("scoring", "head") == "likelihood"
+    dm = hydra.utils.instantiate(cfg.data, mix=cfg.method.get("mix", "target"), seed=cfg.seed, _convert_="all")
+    return dm.attach(backbone.tokenizer, backbone.kind, likelihood=likelihood)
+
+
+def build_module(cfg: DictConfig, backbone, dm: RecDataModule, store: AdapterStore):
+    """``cfg.method.module`` names the class; its ``from_config`` gets the backbone, data and store."""
+    factory = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")
+    if not isinstance(factory, partial):  # pragma: no cover
+        raise ValueError("method.module must name a RecModule class in _target_")
+    return factory.func.from_config(backbone=backbone, datamodule=dm, store=store, cfg=cfg, **factory.keywords)
+
+
+def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------- report
+def write_json(path: Path, obj: dict) -> None:
+    """Atomic JSON write (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _floats(d: dict) -> dict:
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float, torch.Tensor))}
+
+
+def results_table(metrics: dict, title: str, split: str = "test") -> str:
+    """The results table (model, zero-shot, random, popularity rows) as printed text (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("row")
+    for k in REPORT_KEYS:
+        table.add_column(f"{split} {k}", justify="right")
+    rows = [("model", f"{split}/")] + [(r, f"{r}/{split}/") for r in ("zero_shot", "random", "popularity")]
+    for name, prefix in rows:
+        if f"{prefix}hr@1" in metrics:
+            table.add_row(name, *[f"{metrics.get(prefix + k, math.nan):.4f}" for k in REPORT_KEYS])
+    console = Console(width=130, record=True)
+    console.print(table)
+    return console.export_text()
+
+
+# ---------------------------------------------------------------------------------------------- train
+def train(cfg: DictConfig) -> tuple[float, dict]:
+    """Train and test one method as configured; returns (optimized metric, metrics.json content)."""
+    out_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    backbone = build_backbone(cfg)
+    dm = build_datamodule(cfg, backbone)
+    store = AdapterStore(cfg.paths.adapter_store)
+    module = build_module(cfg, backbone, dm, store)
+    trainer = build_trainer(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    metrics: dict = {"params/trainable": module.num_trainable()}
+    metrics.update(module.extra_params())
+
+    if cfg.zero_shot:
+        module.prefix["test"] = "zero_shot/test"
+        metrics.update(_floats(trainer.test(module, datamodule=dm, verbose=False)[0]))
+        module.prefix["test"] = "test"
+
+    trained = cfg.trainer.max_epochs != 0 and not module.skip_training
+    t0 = time.time()
+    if trained:
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    metrics["time/train_s"] = round(time.time() - t0, 3)
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trained else ""
+    if trained and best:
+        metrics.update(module.best_val_metrics(cfg.optimized_metric))
+    else:
+        metrics.update(_floats(trainer.validate(module, datamodule=dm, verbose=False)[0]))
+    t0 = time.time()
+    metrics.update(_floats(trainer.test(module, datamodule=dm, ckpt_path=best or None, verbose=False)[0]))
+    metrics["time/test_s"] = round(time.time() - t0, 3)
+    metrics["data/test_examples"] = len(dm.eval_sets["test"])
+    metrics["data/train_examples"] = sum(len(v) for v in dm.train_entries.values())
+    for row, values in dm.reference_metrics("test").items():
+        metrics.update({f"{row}/test/{k}": v for k, v in values.items()})
+    metrics.update(module.extra_metrics())
+
+    if trainer.is_global_zero:
+        write_json(out_dir / "metrics.json", metrics)
+        write_json(out_dir / "run.json", {"best_checkpoint": best, "trained": trained})
+        title = f"{cfg.method.name} on {cfg.data.target} ({cfg.backbone.name}, seed {cfg.seed})"
+        text = results_table(metrics, title)
+        (out_dir / "results.txt").write_text(text)
+        if trained and cfg.export_adapter and cfg.method.get("export", False):
+            folder = module.export(store, manifest={
+                "method": cfg.method.name, "domain": cfg.data.target,
+                "data": OmegaConf.to_container(cfg.data, resolve=True), "seed": cfg.seed,
+                "metrics": {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))},
+                "run_dir": str(out_dir),
+            })
+            if folder:
+                log.info("adapter exported to %s", folder)
+        for lg in trainer.loggers:
+            lg.log_metrics({k: v for k, v in metrics.items() if "/" in k}, step=trainer.global_step)
+            lg.finalize("success")
+    return float(metrics.get(cfg.optimized_metric, math.nan)), metrics
+
+
+def guarded(fn, cfg: DictConfig):
+    """Run ``fn(cfg)``; in a multirun a failed job writes ``failed.json`` and returns NaN instead of
+    taking the other jobs down."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        multirun = False
+    try:
+        return fn(cfg)
+    except Exception as e:
+        if not multirun:
+            raise
+        log.exception("job failed")
+        write_json(Path(cfg.paths.output_dir) / "failed.json",
+                   {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+        return math.nan, {}
+    finally:
+        try:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+        except ImportError:  # pragma: no cover
+            pass
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint that model selection chose in a train.py run folder (not ``last.ckpt``)."""
+    info = run_dir / "run.json"
+    if info.is_file():
+        best = json.loads(info.read_text()).get("best_checkpoint")
+        if best and Path(best).is_file():
+            return Path(best)
+    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
+    return ckpts[-1] if ckpts else None
+
+
+def evaluate(cfg: DictConfig) -> tuple[float, dict]:
+    """Score a trained run (``run_dir``), a checkpoint (``ckpt_path``) or a stored adapter (``adapter``)
+    on the validation or test split with the same fixed candidates; writes metrics.json."""
+    split = cfg.split
+    if split not in ("val", "test"):
+        raise ValueError(f"split={split!r}: use val or test")
+    ckpt = cfg.get("ckpt_path")
+    run_cfg = cfg
+    if cfg.get("run_dir"):
+        run_dir = Path(cfg.run_dir)
+        saved = run_dir / ".hydra" / "config.yaml"
+        if not saved.is_file():
+            raise FileNotFoundError(f"run_dir={run_dir} has no .hydra/config.yaml: is it a train.py run folder?")
+        run_cfg = OmegaConf.load(saved)
+        run_cfg.paths = cfg.paths  # this evaluation's own output folder
+        ckpt = ckpt or best_checkpoint(run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint to evaluate")
+    out_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(run_cfg.seed, workers=True)
+    backbone = build_backbone(run_cfg)
+    dm = build_datamodule(run_cfg, backbone)
+    store = AdapterStore(run_cfg.paths.adapter_store)
+    if cfg.get("adapter"):
+        if run_cfg.method.name not in ("lora", "joint"):
+            raise ValueError("adapter= evaluates a LoRA adapter folder: use method=lora (or run_dir= for other methods)")
+        kwargs = {k: v for k, v in OmegaConf.to_container(run_cfg.method.module, resolve=True).items()
+                  if k not in ("_target_", "optimizer", "r", "alpha", "dropout", "target_modules")}
+        from recsys.methods.lora import LoRAModule
+
+        module = LoRAModule(backbone, adapter=str(cfg.adapter), **kwargs)
+        module.load_head(store.load_head(cfg.adapter))
+    else:
+        module = build_module(run_cfg, backbone, dm, store)
+    trainer = hydra.utils.instantiate(run_cfg.trainer, callbacks=[], logger=False, max_epochs=0)
+    dm.prepare_data()
+    dm.setup("test")
+    run = trainer.validate if split == "val" else trainer.test
+    metrics = _floats(run(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, verbose=False)[0])
+    for row, values in dm.reference_metrics(split).items():
+        metrics.update({f"{row}/{split}/{k}": v for k, v in values.items()})
+    if trainer.is_global_zero:
+        write_json(out_dir / "metrics.json", metrics)
+        text = results_table(metrics, f"evaluate {run_cfg.method.name} on {run_cfg.data.target}", split)
+        (out_dir / "results.txt").write_text(text)
+    return float(metrics.get(f"{split}/ndcg@10", math.nan)), metrics
