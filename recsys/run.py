@@ -204,7 +204,9 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
         run_cfg = OmegaConf.load(saved)
         run_cfg.paths = cfg.paths  # this evaluation's own output folder
         ckpt = ckpt or best_checkpoint(run_dir)
-        if ckpt is None:
+        info = run_dir / "run.json"
+        trained = json.loads(info.read_text()).get("trained", True) if info.is_file() else True
+        if ckpt is None and trained:  # a run with nothing trained (merge_sources) is rebuilt from its config
             raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint to evaluate")
     out_dir = Path(cfg.paths.output_dir)
     L.seed_everything(run_cfg.seed, workers=True)

@@ -108,6 +108,16 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+class _EpochHook:
+    """``EpochBatchSampler.sampler``: where Lightning's fit loop calls ``set_epoch`` each epoch."""
+
+    def __init__(self, owner: "EpochBatchSampler"):
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
+
+
 class EpochBatchSampler:
     """Batches of ``(index, epoch)`` keys: seeded shuffle per epoch, sharded over processes.
 
@@ -122,6 +132,9 @@ class EpochBatchSampler:
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.pad, self.lengths, self.bucket_window, self.drop_last = pad, lengths, bucket_window, drop_last
         self.epoch = 0
+        # Lightning calls ``set_epoch`` on ``loader.sampler`` and ``loader.batch_sampler.sampler``,
+        # never on the batch sampler itself: without this hook every epoch would replay epoch 0.
+        self.sampler = _EpochHook(self)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -179,6 +192,8 @@ class RecDataModule(L.LightningDataModule):
         prompt: PromptTemplate fields. ``bucket_by_length``: length-bucketed training batches.
         tokenizer, kind: set by ``train.py`` from the backbone (``attach``); ``likelihood``:
             batches for the decoder likelihood mode.
+        root, year, k_core: data-config settings that the domain specs interpolate
+            (``conf/data/raw.yaml``); the domains' own specs are what is read.
     """
 
     def __init__(
@@ -206,6 +221,8 @@ class RecDataModule(L.LightningDataModule):
         kind: str = "encoder",
         likelihood: bool = False,
         root: str | None = None,
+        year: int | None = None,
+        k_core: int | None = None,
     ):
         super().__init__()
         self.domain_specs = {k: dict(v or {}) for k, v in dict(domains).items()}
@@ -221,6 +238,7 @@ class RecDataModule(L.LightningDataModule):
         self.kind, self.likelihood = kind, likelihood
         self.tokenizer = tokenizer
         self.domains: dict[str, Domain] = {}
+        self.skip_streams: set[str] = set()  # training streams a module does not train (set before setup)
         self._validate()
 
     # ------------------------------------------------------------------ configuration checks
@@ -334,7 +352,8 @@ class RecDataModule(L.LightningDataModule):
             return {"train": pooled}
         streams = {"target": self._domain_train(self.target)}
         for s in self.sources:
-            streams[f"hybrid/{s}"] = self.hybrid_entries(s)
+            if f"hybrid/{s}" not in self.skip_streams:  # e.g. a WeaveRec hybrid reused from the store
+                streams[f"hybrid/{s}"] = self.hybrid_entries(s)
         return streams
 
     # ------------------------------------------------------------------ loaders

@@ -52,10 +52,11 @@ class TextEncoder:
             self.mid = [tokenizer.sep_token_id] if tokenizer.sep_token_id is not None else []
             self.eos = list(self.mid)
         else:
-            bos = tokenizer.bos_token_id
+            # a tokenizer without BOS/EOS (a BERT tokenizer on a decoder, as in tiny:decoder) uses [CLS]/[SEP]
+            bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
             self.bos = [bos] if bos is not None else []
             self.mid = []
-            eos = tokenizer.eos_token_id
+            eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
             self.eos = [eos] if eos is not None else []
         fixed = len(self.bos) + len(self.hist_prefix) + len(self.mid) + len(self.cand_prefix) + len(self.eos)
         if fixed + template.title_max_tokens + 1 > template.max_length:

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,8 +40,11 @@ class AdapterStore:
         return (self.path(backbone, name) / MANIFEST).is_file()
 
     def save(self, backbone: str, name: str, peft_model, adapter_name: str, head: torch.nn.Module | None,
-             manifest: dict) -> Path:
-        """Save one adapter of ``peft_model`` (+ head + manifest) atomically; returns the folder."""
+             manifest: dict, extra: Callable[[Path], None] | None = None) -> Path:
+        """Save one adapter of ``peft_model`` (+ head + manifest) atomically; returns the folder.
+
+        ``extra(folder)``, if given, writes more files into the (temporary) folder before the manifest.
+        """
         final = self.path(backbone, name)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".{name}.tmp-{os.getpid()}-{time.time_ns()}"
@@ -54,6 +58,8 @@ class AdapterStore:
             if head is not None:
                 save_file({k: v.detach().float().contiguous().cpu() for k, v in head.state_dict().items()},
                           str(tmp / HEAD))
+            if extra is not None:
+                extra(tmp)
             manifest = {**manifest, "backbone": backbone, "name": name, "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))  # written last: marks complete
             old = None

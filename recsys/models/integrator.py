@@ -26,6 +26,7 @@ combines the streams relative to the model's final norm.
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -34,7 +35,27 @@ from torch import nn
 from recsys.models.backbone import body, transformer_layers, unwrap_peft
 from recsys.models.head import ScoringHead, pool
 
+
+def _route_rows(module, args, kwargs, adapter_names):
+    """Forward pre-hook: peft's per-row adapter choice (the ``adapter_names`` kwarg of its LoRA layers)."""
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")  # Llama/Qwen, GPT-2, Phi, OPT
+
+
+def _own_layers(peft_model: nn.Module) -> nn.ModuleList:
+    """The layer stack of the body. (``backbone.transformer_layers`` never returns on a peft-wrapped
+    BertModel, whose ``base_model`` is itself and carries ``peft_config``; use it once that is fixed.)"""
+    b = body(peft_model)
+    for path in ("encoder.layer", "layers", "h", "decoder.layers"):
+        obj = b
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    return transformer_layers(b)
 
 
 def ordered_pairs(n: int) -> list[tuple[int, int]]:
@@ -124,10 +145,15 @@ class Integrator(nn.Module):
 class XCrossModel(nn.Module):
     """X-Cross over a peft ``PeftModel`` holding the frozen backbone and n source LoRA adapters.
 
-    The backbone and every adapter are frozen here (``requires_grad=False``) and kept in eval mode
-    whatever ``.train()`` says (peft refuses mixed-adapter batches in training mode, and frozen
-    dropout must stay off). Trainable: one :class:`Integrator` per transformer layer, ``w`` (n,)
-    and the :class:`ScoringHead`.
+    The backbone and every adapter are frozen here (``requires_grad=False``; note that peft's
+    ``set_adapter`` makes the adapter it activates trainable again) and kept in eval mode whatever
+    ``.train()`` says: the frozen model's dropout and the adapters' LoRA dropout stay off, so that
+    with zero integrators X-Cross is exactly the n source models. Trainable: one
+    :class:`Integrator` per transformer layer, ``w`` (n,) and the :class:`ScoringHead`.
+
+    The n streams are rows ``m*N .. m*N+N-1`` (stream m) of one batch of n*N rows; each peft LoRA
+    layer adds adapter m's update to block m only. ``state_dict()`` includes the frozen backbone;
+    :meth:`trainable_state_dict` is what a checkpoint needs.
 
     Args:
         peft_model: a ``PeftModel`` with the source adapters loaded (any extra adapters are ignored).
@@ -176,10 +202,14 @@ class XCrossModel(nn.Module):
         self.backbone.eval()
         d = unwrap_peft(peft_model).config.hidden_size
         self.hidden_size = d
-        self._layers = [transformer_layers(peft_model)]  # a list: not a second registration of the layers
+        self._layers = [_own_layers(peft_model)]  # a list: not a second registration of the layers
         self._body = [body(peft_model)]
         norm = next((getattr(self._body[0], a) for a in FINAL_NORM_NAMES if hasattr(self._body[0], a)), None)
         self._final_norm = [norm if isinstance(norm, nn.Module) else None]
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        self._peft_layers = [m for m in peft_model.modules() if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
 
         self.integrators = nn.ModuleList(
             Integrator(self.n, d, beta=beta, gamma=gamma, mode=mode, init=init, kind=kind)
@@ -223,8 +253,18 @@ class XCrossModel(nn.Module):
 
     # ---------------------------------------------------------------------------------------
     @contextmanager
-    def _integration_hooks(self, attention_mask: torch.Tensor):
-        """Forward hooks on the model's own layers (and final norm) that exist only inside the block."""
+    def _integration_hooks(self, attention_mask: torch.Tensor, rows: list[str]):
+        """Hooks that exist only inside the block, removed on exit even after an error.
+
+        - on every peft LoRA layer: route row i through adapter ``rows[i]`` (peft's mixed-adapter
+          batch, ``LoraLayer._mixed_batch_forward``: the base layer on all rows, then each adapter's
+          low-rank update added to its own rows; differentiable with respect to the input);
+        - on every transformer layer: the integrator, on the layer's output;
+        - ``combine="before_norm"``: on the final norm, the w-combination of the streams.
+
+        (peft's own ``PeftModel._enable_peft_forward_hooks(adapter_names=...)`` does the first, but it
+        leaves its hooks in place when the forward raises, and refuses in training mode.)
+        """
         n = self.n
 
         def refine(integrator):
@@ -246,6 +286,9 @@ class XCrossModel(nn.Module):
             return (combined, *args[1:])
 
         with ExitStack() as stack:
+            route = partial(_route_rows, adapter_names=rows)
+            for module in self._peft_layers:
+                stack.callback(module.register_forward_pre_hook(route, with_kwargs=True).remove)
             for layer, integrator in zip(self._layers[0], self.integrators):
                 stack.callback(layer.register_forward_hook(refine(integrator)).remove)
             if self.combine == "before_norm" and self._final_norm[0] is not None:
@@ -263,8 +306,7 @@ class XCrossModel(nn.Module):
         if self.kind == "decoder":
             kwargs["use_cache"] = False
         rows = [name for name in self.adapter_names for _ in range(B)]  # stream-major blocks
-        # peft's mixed-adapter batch: every LoRA layer adds adapter m's update to the rows of block m only
-        with self._integration_hooks(attention_mask), self.backbone._enable_peft_forward_hooks(adapter_names=rows):
+        with self._integration_hooks(attention_mask, rows):
             hidden = self._body[0](**kwargs).last_hidden_state
         if self.combine == "before_norm" and self._final_norm[0] is not None:  # combined already
             return pool(hidden, attention_mask, self.kind).float()

@@ -1,0 +1,517 @@
+"""WeaveRec (Hou et al. 2025; METHODS.md, "WeaveRec"): weave-training of LoRA adapters, merged into one.
+
+For a target domain T and sources S_1..S_N, on one frozen backbone (one peft ``PeftModel``):
+
+1. branch 0, adapter ``target``: a LoRA trained on T's examples (the DataModule's ``target`` stream);
+2. branch n, adapter ``hybrid-<T>+<S_n>`` (sorted, order-free: :func:`hybrid_name`): a LoRA trained
+   on the 50/50 mixture of T and S_n (stream ``hybrid/<S_n>``, ``data.mix=hybrid``, ``hybrid_cap``
+   a side). No adapter ever trains on source data alone. Every optimizer step updates every branch,
+   each on its own batch, with only its own adapter active;
+3. merge: Delta W = sum_i lambda_i (alpha/r) B_i A_i on every adapted weight
+   (``merging.merge_adapters(rule="weaverec")``: exact sum of the low-rank products, uniform
+   lambda_i = 1/(N+1) by default; optionally per-layer lambdas learned AdaMerging-style);
+4. deploy the merged adapter (one adapter of rank sum_i r_i), or the dense model with the update
+   folded into the weights: inference is one forward pass of the backbone however many sources.
+
+Validation scores every branch (``branch<i>/val/...``) and the merged model (``val/...``, what
+model selection uses); test scores the merged model. Hybrids go to the adapter store under their
+order-free name and are reused (frozen, not retrained) when a compatible one is there.
+
+Choices the paper leaves open, each **[ours]** with its config switch (``conf/method/weaverec.yaml``):
+
+- ``head``: the paper's model is a generative LLM whose only output layer (the LM head) is frozen
+  and shared by all branches. With ``scoring=likelihood`` that is what happens here too (no head).
+  With ``scoring=head`` the head is trainable: ``per_branch`` (default) gives every branch its own
+  head, all starting from the same initial weights, so each branch trains exactly as an independent
+  LoRA run would (the paper trains its adapters independently) and a stored hybrid is a complete
+  model; the merged model's head is the lambda-weighted average of the branch heads (the heads are
+  merged like the adapters: same start, averaged updates). ``shared`` trains one head with the
+  losses of all branches (closest to the paper's shared output layer; a reused hybrid is then read by
+  a head it was not trained with).
+- Epochs: Lightning's ``max_size_cycle`` over the streams: an epoch is one pass over the longest
+  stream (a hybrid: twice the target), the shorter streams restart when exhausted.
+- Gradient clipping (``trainer.gradient_clip_val``) is applied per branch, so that one branch's
+  gradients never rescale another's; with AdamW (per-parameter) and per-branch heads every branch
+  then follows exactly the updates it would get trained alone.
+- The target branch is not written to the store as T's LoRA (``<store>/<backbone>/<T>/`` belongs to
+  ``method=lora``, which ``merge_sources`` reads); it is exported with every branch inside the
+  WeaveRec folder (``branches/``). Hybrids are exported as ``<store>/<backbone>/hybrid-<a>+<b>/``.
+- A stored hybrid is reused only when its LoRA settings (r, alpha, targets), scoring and head and
+  the data settings that shape a hybrid (both domains, cap, history length, prompt, caps on
+  examples) match; otherwise it is retrained (with a warning) and overwritten. ``retrain_hybrids``
+  forces retraining.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+from recsys.methods.base import RecModule
+from recsys.methods.lora import lora_config
+from recsys.metrics import RankingMetrics
+from recsys.models.adapter_store import AdapterStore, hybrid_name
+from recsys.models.backbone import Backbone
+from recsys.models.head import ScoringHead
+from recsys.models.merging import (
+    GRANULARITIES, MERGE_RULES, learn_merge_weights, merge_adapters, save_dense, save_merged_adapter,
+)
+from recsys.models.scoring import likelihood_scores, pair_scores
+
+log = logging.getLogger("recsys.weaverec")
+
+MERGED = "merged"  # the peft adapter holding the merge of the branches
+TARGET = "target"  # the peft adapter of branch 0
+HEAD_MODES = ("per_branch", "shared")
+MERGE_DEFAULTS = {
+    "rule": "weaverec", "weights": None, "scaling": 1.0, "density": 0.5, "majority_sign_method": "total",
+    "seed": 0, "learn_weights": False, "learn_steps": 50, "learn_lr": 1e-3, "learn_batches": 8,
+    "granularity": "module",
+}
+# data settings (``cfg.data``) that change what a hybrid is trained on: a stored hybrid must match them
+HYBRID_DATA_KEYS = ("hybrid_cap", "max_train_examples", "max_history", "target_fraction", "prompt")
+
+
+def weaverec_name(target: str, sources) -> str:
+    """Store name of a WeaveRec merge: ``weaverec-games-from-beauty+toys`` (sources sorted)."""
+    return f"weaverec-{target}-from-" + "+".join(sorted(sources))
+
+
+def merge_settings(merge: dict | None) -> dict:
+    """The ``merge`` config with its defaults; ValueError on unknown keys, rules or granularities."""
+    merge = dict(merge or {})
+    unknown = sorted(set(merge) - set(MERGE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown merge settings {unknown}; known: {sorted(MERGE_DEFAULTS)}")
+    merge = {**MERGE_DEFAULTS, **merge}
+    if merge["rule"] not in MERGE_RULES:
+        raise ValueError(f"merge.rule={merge['rule']!r} is unknown; known rules: {', '.join(MERGE_RULES)}")
+    if merge["granularity"] not in GRANULARITIES:
+        raise ValueError(f"merge.granularity={merge['granularity']!r} is unknown; known: {GRANULARITIES}")
+    return merge
+
+
+def check_weight_count(weights, adapters: list[str]) -> None:
+    """ValueError unless ``weights`` (None or a list) has one value per adapter."""
+    if weights is not None and len(weights) != len(adapters):
+        raise ValueError(
+            f"merge.weights has {len(weights)} values {list(weights)} but {len(adapters)} adapters are merged "
+            f"({', '.join(adapters)}): give one lambda per adapter, in this order, or null for the default"
+        )
+
+
+def average_heads(heads: list[nn.Module], weights: list[float], into: nn.Module) -> None:
+    """Set ``into``'s parameters to the weighted average sum_i w_i theta_i / sum_i w_i of the heads'."""
+    total = sum(weights)
+    if total == 0:
+        raise ValueError(f"the merge weights {weights} sum to 0: the heads cannot be averaged")
+    with torch.no_grad():
+        for name, p in into.named_parameters():
+            p.copy_(sum(w * dict(h.named_parameters())[name] for w, h in zip(weights, heads)) / total)
+
+
+@dataclass
+class Branch:
+    """One weave branch: its peft adapter, the DataModule stream it trains on, and whether it trains."""
+
+    adapter: str  # peft adapter name: "target" or hybrid_name(T, S)
+    stream: str  # training stream: "target" or "hybrid/<S>"
+    source: str | None  # S for a hybrid, None for the target branch
+    trained: bool  # False: reused from the adapter store, frozen
+
+
+class WeaveRecModule(RecModule):
+    """WeaveRec: branch 0 (target LoRA) and one hybrid LoRA per source, weave-trained, merged.
+
+    Args:
+        backbone: the frozen backbone.
+        target, sources: the target domain and the source domains (one hybrid each).
+        r, alpha, dropout, target_modules: every branch's LoRA (None targets: the backbone's defaults).
+        head: ``per_branch`` | ``shared`` (scoring=head only; see the module docstring).
+        merge: the merge settings (``rule``, ``weights``, ``scaling``, ``density``,
+            ``majority_sign_method``, ``seed``; AdaMerging: ``learn_weights``, ``learn_steps``,
+            ``learn_lr``, ``learn_batches``, ``granularity``).
+        reuse: {source: stored hybrid folder} for hybrids taken from the store (frozen).
+        validate_branches: also score every branch on validation (``branch<i>/val/...``).
+        export_dense: also export the dense merged model (``merge_and_unload``) as ``dense/``.
+        **kwargs: ``RecModule`` arguments (optimizer, scheduler, warmup_ratio, scoring).
+    """
+
+    def __init__(self, backbone: Backbone, target: str, sources: list[str], r: int = 8, alpha: float = 16,
+                 dropout: float = 0.05, target_modules: list[str] | None = None, head: str = "per_branch",
+                 merge: dict | None = None, reuse: dict[str, str] | None = None, validate_branches: bool = True,
+                 export_dense: bool = False, **kwargs):
+        super().__init__(backbone, **kwargs)
+        if not sources:
+            raise ValueError("WeaveRec needs at least one source domain: set data.sources (e.g. 'data.sources=[toys]')")
+        if head not in HEAD_MODES:
+            raise ValueError(f"method.module.head={head!r} is unknown: use one of {HEAD_MODES}")
+        reuse = dict(reuse or {})
+        self.target, self.sources = target, list(sources)
+        self.head_mode, self.validate_branches, self.export_dense = head, validate_branches, export_dense
+        self.merge_cfg = merge_settings(merge)
+        self.lora = lora_config(backbone, r, alpha, dropout, target_modules)
+        self.branches = [Branch(TARGET, "target", None, True)] + [
+            Branch(hybrid_name(target, s), f"hybrid/{s}", s, s not in reuse) for s in self.sources
+        ]
+        check_weight_count(self.merge_cfg["weights"], self.adapters)
+
+        self.model = get_peft_model(backbone.model, self.lora, adapter_name=TARGET)
+        for b in self.branches[1:]:
+            if b.trained:
+                self.model.add_adapter(b.adapter, self.lora)
+            else:
+                self.model.load_adapter(str(reuse[b.source]), adapter_name=b.adapter, is_trainable=False)
+        self.heads = self._build_heads(reuse)
+        self.merged_head = None
+        if self.heads is not None and head == "per_branch":
+            self.merged_head = copy.deepcopy(self.heads[0]).requires_grad_(False)
+
+        pattern = re.compile(r"\.lora_[AB]\.(" + "|".join(re.escape(a) for a in self.adapters) + r")\.")
+        trained = {b.adapter for b in self.branches if b.trained}
+        # (parameter, requires_grad) of every branch weight: peft's set_adapter flips these flags,
+        # so they are put back after every switch (see _activate)
+        self._branch_params: dict[str, list[nn.Parameter]] = {a: [] for a in self.adapters}
+        for n, p in self.model.named_parameters():
+            m = pattern.search(n)
+            if m:
+                self._branch_params[m.group(1)].append(p)
+        self._branch_flags = [(p, a in trained) for a, ps in self._branch_params.items() for p in ps]
+        self._restore_flags()
+
+        self.branch_metrics = nn.ModuleList([RankingMetrics() for _ in self.branches])
+        self.branch_val_history: dict[int, dict[str, float]] = {}
+        self.branch_val_last: dict[str, float] = {}
+        self.monitor = "val/ndcg@10"
+        self.learned_weights: dict[str, list[float]] | None = None  # AdaMerging's per-module lambdas
+        self._stale = True  # the merged adapter must be (re)computed before it is used
+        self._relearn = True  # AdaMerging weights must be relearned (the branches changed)
+        log.info("WeaveRec branches: %s", ", ".join(
+            f"{i}={b.adapter} ({'trained' if b.trained else 'reused'} on {b.stream})" for i, b in enumerate(self.branches)
+        ))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, backbone: Backbone, datamodule=None, store: AdapterStore | None = None, cfg=None,
+                    retrain_hybrids: bool = False, **kwargs) -> "WeaveRecModule":
+        """Build from the method config: target and sources from the DataModule (``mix=hybrid``),
+        compatible stored hybrids reused unless ``retrain_hybrids``."""
+        if datamodule is None or datamodule.mix != "hybrid":
+            raise ValueError("method=weaverec needs the DataModule with data mix 'hybrid' (method.mix: hybrid)")
+        target, sources = datamodule.target, list(datamodule.sources)
+        reuse = {}
+        if store is not None and not retrain_hybrids:
+            lora = lora_config(backbone, kwargs.get("r", 8), kwargs.get("alpha", 16), kwargs.get("dropout", 0.05),
+                               kwargs.get("target_modules"))
+            for s in sources:
+                name = hybrid_name(target, s)
+                if not store.exists(backbone.name, name):
+                    continue
+                folder = store.path(backbone.name, name)
+                why = cls._incompatible(store.load_manifest(folder), backbone, lora, kwargs, cfg, (target, s))
+                if why:
+                    log.warning("stored hybrid %s is not reused (%s): it is retrained and will be overwritten",
+                                folder, why)
+                else:
+                    log.info("reusing the stored hybrid %s (retrain with method.module.retrain_hybrids=true)", folder)
+                    reuse[s] = str(folder)
+        module = cls(backbone, target=target, sources=sources, reuse=reuse, **kwargs)
+        # reused hybrids train no more: their streams are not loaded
+        datamodule.skip_streams = {f"hybrid/{s}" for s in reuse}
+        if cfg is not None and cfg.get("optimized_metric"):
+            module.monitor = cfg.optimized_metric
+        return module
+
+    @staticmethod
+    def _incompatible(manifest: dict, backbone: Backbone, lora, kwargs: dict, cfg, domains) -> str:
+        """Why a stored hybrid cannot be reused here ('' if it can)."""
+        scoring, head = kwargs.get("scoring", "head"), kwargs.get("head", "per_branch")
+        mine = {"backbone": backbone.name, "r": lora.r, "alpha": lora.lora_alpha,
+                "target_modules": sorted(lora.target_modules), "scoring": scoring,
+                "head": head if scoring == "head" else None}
+        for key, value in mine.items():
+            if manifest.get(key) != value:
+                return f"{key} {manifest.get(key)!r} != {value!r}"
+        if cfg is not None and "data" in manifest:
+            from omegaconf import OmegaConf
+
+            data = OmegaConf.to_container(cfg.data, resolve=True)
+            stored = manifest["data"]
+            for key in HYBRID_DATA_KEYS:
+                if stored.get(key) != data.get(key):
+                    return f"data.{key} {stored.get(key)!r} != {data.get(key)!r}"
+            for d in domains:
+                if stored.get("domains", {}).get(d) != data["domains"].get(d):
+                    return f"data.domains.{d} differs"
+        return ""
+
+    def _build_heads(self, reuse: dict[str, str]) -> nn.ModuleList | None:
+        """None (likelihood), one shared head, or one head a branch, all from the same initial weights."""
+        if self.scoring != "head":
+            return None
+        first = ScoringHead(self.backbone.hidden_size)
+        if self.head_mode == "shared":
+            return nn.ModuleList([first])
+        heads = nn.ModuleList([copy.deepcopy(first) for _ in self.branches])
+        for b, h in zip(self.branches, heads):
+            if not b.trained:
+                state = AdapterStore.load_head(reuse[b.source])
+                if state is None:
+                    raise ValueError(f"stored hybrid {reuse[b.source]} has no head.safetensors: retrain it")
+                h.load_state_dict(state)
+                h.requires_grad_(False)
+        return heads
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def adapters(self) -> list[str]:
+        return [b.adapter for b in self.branches]
+
+    def _restore_flags(self) -> None:
+        for p, flag in self._branch_flags:
+            p.requires_grad_(flag)
+
+    def _activate(self, adapter: str) -> None:
+        """Make ``adapter`` the one active adapter; no parameter changes ``requires_grad``."""
+        if self.model.active_adapter != adapter:
+            self.model.base_model.set_adapter(adapter, inference_mode=True)  # freezes every adapter ...
+            self._restore_flags()  # ... so the branches get their own flags back
+
+    def head_of(self, i: int) -> nn.Module | None:
+        """Branch ``i``'s head (None with likelihood scoring)."""
+        if self.heads is None:
+            return None
+        return self.heads[0] if self.head_mode == "shared" else self.heads[i]
+
+    def merge_weights(self) -> list[float]:
+        """The global lambda_i (config, or uniform 1/(N+1) for rule weaverec, 1 for the others)."""
+        w = self.merge_cfg["weights"]
+        if w is not None:
+            return [float(x) for x in w]
+        n = len(self.branches)
+        return [1.0 / n] * n if self.merge_cfg["rule"] == "weaverec" else [1.0] * n
+
+    def ensure_merged(self, batches=None) -> None:
+        """(Re)build the merged adapter (and head) from the current branches, if they changed.
+
+        With ``merge.learn_weights``, the per-module lambdas are first learned on ``batches``
+        (unlabeled target validation batches) unless the current ones still hold.
+        """
+        if not self._stale and MERGED in self.model.peft_config:
+            return
+        m = self.merge_cfg
+        weights = self.merge_weights()
+        if m["learn_weights"]:
+            if self._relearn or self.learned_weights is None:
+                if batches is None:
+                    raise RuntimeError("merge.learn_weights needs validation batches to learn the lambdas")
+                self.learned_weights = self._learn(batches, weights)
+                self._relearn = False
+            weights = self.learned_weights
+        if MERGED in self.model.peft_config:
+            self._activate(TARGET)  # never delete the active adapter
+            self.model.delete_adapter(MERGED)
+        merge_adapters(self.model, self.adapters, rule=m["rule"], weights=weights, new_name=MERGED,
+                       scaling=m["scaling"], density=m["density"], majority_sign_method=m["majority_sign_method"],
+                       seed=m["seed"], activate=False)
+        self._restore_flags()
+        if self.merged_head is not None:
+            average_heads(list(self.heads), self.merge_weights(), self.merged_head)
+        self._stale = False
+
+    def _learn(self, batches, init: list[float]) -> dict[str, list[float]]:
+        """AdaMerging: per-module lambdas minimising the entropy of the merged model's candidate
+        distribution on unlabeled target validation batches."""
+        from lightning.pytorch.utilities import move_data_to_device
+
+        m = self.merge_cfg
+        taken = []
+        for batch in batches:
+            taken.append(move_data_to_device(batch, self.device))
+            if len(taken) >= m["learn_batches"]:
+                break
+        head = self.merged_head if self.merged_head is not None else self.head_of(0)
+        if self.merged_head is not None:
+            average_heads(list(self.heads), self.merge_weights(), self.merged_head)
+        with torch.inference_mode(False), torch.enable_grad():
+            learned = learn_merge_weights(self.model, self.adapters, lambda b: self._score(b, head), taken,
+                                          init=init, steps=m["learn_steps"], lr=m["learn_lr"],
+                                          granularity=m["granularity"])
+        self._restore_flags()
+        return learned
+
+    # ------------------------------------------------------------------ scoring
+    def _score(self, batch: dict, head: nn.Module | None) -> torch.Tensor:
+        if self.scoring == "likelihood":
+            return likelihood_scores(self.model, batch)
+        return pair_scores(self.model, head, batch, self.kind)
+
+    def branch_score(self, batch: dict, i: int) -> torch.Tensor:
+        """(B, C) scores of branch ``i`` (its adapter alone, its head)."""
+        self._activate(self.branches[i].adapter)
+        return self._score(batch, self.head_of(i))
+
+    def score(self, batch: dict) -> torch.Tensor:
+        """(B, C) scores of the merged model: the deployed WeaveRec model."""
+        self.ensure_merged()
+        self._activate(MERGED)
+        return self._score(batch, self.merged_head if self.merged_head is not None else self.head_of(0))
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """``batch``: {stream: batch}. Sum of the trained branches' losses, each on its own stream
+        with only its own adapter active, so each branch's gradient comes from its own loss alone."""
+        total, n = 0.0, 0
+        for i, b in enumerate(self.branches):
+            if not b.trained:
+                continue
+            if b.stream not in batch:
+                raise KeyError(f"no training batch for stream {b.stream!r}; got {sorted(batch)}: is data.mix=hybrid?")
+            sub = batch[b.stream]
+            loss = self.loss(self.branch_score(sub, i), sub["labels"])
+            self.log(f"branch{i}/train/loss", loss, batch_size=sub["labels"].numel())
+            total, n = total + loss, n + 1
+        self.log("train/loss", total / max(n, 1), prog_bar=True, batch_size=batch[self.branches[0].stream]["labels"].numel())
+        return total
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self._stale = self._relearn = True
+
+    def _merge_for(self, stage: str) -> None:
+        batches = None
+        if self.merge_cfg["learn_weights"] and self._relearn and self.trainer.datamodule is not None:
+            batches = self.trainer.datamodule.val_dataloader()
+        self.ensure_merged(batches)
+
+    def on_validation_epoch_start(self) -> None:
+        self._merge_for("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._merge_for("test")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if self.validate_branches:
+            for i in range(len(self.branches)):
+                self.branch_metrics[i].update(self.branch_score(batch, i).float(), batch["labels"])
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if not self.validate_branches:
+            return
+        values = {}
+        for i, metric in enumerate(self.branch_metrics):
+            values.update({f"branch{i}/val/{k}": float(v) for k, v in metric.compute().items()})
+            metric.reset()
+        self.log_dict(values, sync_dist=False)
+        self.branch_val_last = values
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.branch_val_history[self.current_epoch] = values
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip each branch's gradients (its adapter, and its head if it has its own) on their own."""
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)  # element-wise anyway
+        groups = {b.adapter: list(self._branch_params[b.adapter]) for b in self.branches if b.trained}
+        if self.heads is not None:
+            if self.head_mode == "shared":
+                groups["head"] = list(self.heads[0].parameters())
+            else:
+                for b, h in zip(self.branches, self.heads):
+                    if b.trained:
+                        groups[b.adapter] += list(h.parameters())
+        for params in groups.values():
+            params = [p for p in params if p.grad is not None]
+            if params:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _branch_state_names(self) -> set[str]:
+        """Every branch's weights (trained or reused) and heads: what a checkpoint must hold to rebuild the merge."""
+        ids = {id(p) for p, _ in self._branch_flags}
+        if self.heads is not None:
+            ids |= {id(p) for p in self.heads.parameters()}
+        return {n for n, p in self.named_parameters() if id(p) in ids}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        super().on_save_checkpoint(checkpoint)
+        keep = self._branch_state_names()
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
+        checkpoint["weaverec"] = {"learned_weights": self.learned_weights,
+                                  "branch_val_history": self.branch_val_history,
+                                  "branches": [b.adapter for b in self.branches]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        extra = checkpoint.get("weaverec", {})
+        saved = extra.get("branches")
+        if saved is not None and saved != self.adapters:
+            raise ValueError(f"checkpoint has the WeaveRec branches {saved}, this module {self.adapters}")
+        self.branch_val_history = dict(extra.get("branch_val_history", {}))
+        self.learned_weights = extra.get("learned_weights")
+        self._stale = True
+        self._relearn = self.learned_weights is None  # the checkpoint's lambdas are those validated
+
+    # ------------------------------------------------------------------ reports
+    def extra_params(self) -> dict[str, float]:
+        per_branch = sum(p.numel() for p, _ in self._branch_flags) // len(self.branches)
+        return {"params/per_branch_adapter": per_branch,
+                "params/branches_trained": sum(b.trained for b in self.branches),
+                "params/merged_adapter": per_branch * len(self.branches)
+                if self.merge_cfg["rule"] in ("weaverec", "task_arithmetic") else math.nan}
+
+    def extra_metrics(self) -> dict[str, float]:
+        """``branch<i>/val/...`` of the epoch that model selection chose (on the merged model)."""
+        if self.val_history and self.branch_val_history:
+            best = max(sorted(self.val_history), key=lambda e: self.val_history[e].get(self.monitor, -math.inf))
+            if best in self.branch_val_history:
+                return dict(self.branch_val_history[best])
+        return dict(self.branch_val_last)
+
+    def export(self, store: AdapterStore, manifest: dict) -> Path:
+        """Write the newly trained hybrids (``hybrid-<a>+<b>/``) and the merge
+        (``weaverec-<T>-from-<S...>/``: the merged adapter in peft format, its head, every branch
+        under ``branches/``, the dense model under ``dense/`` if ``export_dense``) to the store."""
+        self.ensure_merged()
+        lora = {"r": self.lora.r, "alpha": self.lora.lora_alpha, "target_modules": sorted(self.lora.target_modules),
+                "scoring": self.scoring, "head": self.head_mode if self.scoring == "head" else None}
+        branch_metrics = self.extra_metrics()
+        for i, b in enumerate(self.branches):
+            if b.source is None or not b.trained:
+                continue
+            metrics = {k.split("/", 1)[1]: v for k, v in branch_metrics.items() if k.startswith(f"branch{i}/")}
+            store.save(self.backbone.name, b.adapter, self.model, b.adapter, self.head_of(i), {
+                **manifest, **lora, "method": "weaverec-hybrid", "domain": b.adapter,
+                "domains": sorted([self.target, b.source]), "metrics": metrics,
+            })
+
+        def extra(folder: Path) -> None:
+            for i, b in enumerate(self.branches):
+                save_merged_adapter(self.model, b.adapter, str(folder / "branches" / b.adapter))
+                if self.head_of(i) is not None:
+                    from safetensors.torch import save_file
+
+                    save_file({k: v.detach().float().contiguous().cpu() for k, v in self.head_of(i).state_dict().items()},
+                              str(folder / "branches" / b.adapter / "head.safetensors"))
+            if self.export_dense:
+                save_dense(self.model, MERGED, str(folder / "dense"), tokenizer=self.backbone.tokenizer)
+
+        head = self.merged_head if self.merged_head is not None else self.head_of(0)
+        return store.save(self.backbone.name, weaverec_name(self.target, self.sources), self.model, MERGED, head, {
+            **manifest, **lora, "sources": self.sources, "branches": self.adapters,
+            "reused": [b.adapter for b in self.branches if not b.trained],
+            "merge": {**self.merge_cfg, "weights": self.merge_weights()},
+            "learned_weights": self.learned_weights,
+        }, extra=extra)
