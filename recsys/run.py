@@ -236,3 +236,17 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
         text = results_table(metrics, f"evaluate {run_cfg.method.name} on {run_cfg.data.target}", split)
         (out_dir / "results.txt").write_text(text)
     return float(metrics.get(f"{split}/ndcg@10", math.nan)), metrics
+
+
+def train_source_adapters(cfg: DictConfig, sources: list[str]) -> None:
+    """Train ``method=lora`` on each source domain first (X-Cross with ``method.module.train_missing``),
+    with this run's backbone, data and trainer; each run's folder is ``<run>/sources/<source>``."""
+    lora = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "method" / "lora.yaml")
+    for s in sources:
+        sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+        sub.method = lora
+        sub.data.target, sub.data.sources = s, []
+        sub.paths.output_dir = str(Path(cfg.paths.output_dir) / "sources" / s)
+        sub.zero_shot, sub.export_adapter, sub.ckpt_path = False, True, None
+        log.info("training the missing source adapter %s", s)
+        train(sub)

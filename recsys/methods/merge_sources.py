@@ -96,8 +96,9 @@ class MergeSourcesModule(RecModule):
 
     @classmethod
     def from_config(cls, backbone: Backbone, datamodule=None, store: AdapterStore | None = None, cfg=None,
-                    **kwargs) -> "MergeSourcesModule":
-        """Find the target's and the sources' adapters in the store; a clear error for each missing one."""
+                    train_missing: bool = False, **kwargs) -> "MergeSourcesModule":
+        """Find the target's and the sources' adapters in the store (training the missing ones first
+        with ``train_missing``); a clear error for each missing one."""
         if datamodule is None or store is None:
             raise ValueError("merge_sources needs the DataModule (target, sources) and the adapter store")
         target, sources = datamodule.target, list(datamodule.sources)
@@ -105,11 +106,16 @@ class MergeSourcesModule(RecModule):
             raise ValueError("merge_sources needs source domains: set data.sources (e.g. 'data.sources=[toys]')")
         domains = [target] + sources
         missing = [d for d in domains if not store.exists(backbone.name, d)]
+        if missing and train_missing and cfg is not None:
+            from recsys.run import train_source_adapters
+
+            train_source_adapters(cfg, missing)
+            missing = [d for d in domains if not store.exists(backbone.name, d)]
         if missing:
             lines = [f"  {d}: {store.path(backbone.name, d)} -> {lora_command(cfg, d, store.root)}" for d in missing]
             raise FileNotFoundError(
                 f"merge_sources needs the LoRA adapter of every domain in the store; missing {len(missing)}:\n"
-                + "\n".join(lines)
+                + "\n".join(lines) + "\nor set method.module.train_missing=true to train them first."
             )
         scoring = kwargs.get("scoring", "head")
         folders, heads = {}, {}

@@ -281,8 +281,9 @@ class WeaveRecModule(RecModule):
 
     def _activate(self, adapter: str) -> None:
         """Make ``adapter`` the one active adapter; no parameter changes ``requires_grad``."""
-        if self.model.active_adapter != adapter:
+        if self.model.base_model.active_adapter != adapter:
             self.model.base_model.set_adapter(adapter, inference_mode=True)  # freezes every adapter ...
+            self.model.active_adapter = adapter
             self._restore_flags()  # ... so the branches get their own flags back
 
     def head_of(self, i: int) -> nn.Module | None:
@@ -323,6 +324,9 @@ class WeaveRecModule(RecModule):
                        scaling=m["scaling"], density=m["density"], majority_sign_method=m["majority_sign_method"],
                        seed=m["seed"], activate=False)
         self._restore_flags()
+        for module in self.model.modules():  # the new adapter's dropout layers start in training mode
+            if isinstance(module, nn.ModuleDict) and MERGED in module:
+                module[MERGED].eval()
         if self.merged_head is not None:
             average_heads(list(self.heads), self.merge_weights(), self.merged_head)
         self._stale = False

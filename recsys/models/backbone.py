@@ -62,10 +62,7 @@ def transformer_layers(model: nn.Module) -> nn.ModuleList:
 
     Works on a bare model, a model with a head, and a peft-wrapped model.
     """
-    m = model
-    for attr in ("base_model", "model"):  # peft PeftModel -> LoraModel -> transformers model
-        while hasattr(m, "peft_config") and hasattr(m, attr):
-            m = getattr(m, attr)
+    m = unwrap_peft(model)  # peft PeftModel -> the transformers model (LoRA layers injected in place)
     candidates = ("encoder.layer", "layers", "model.layers", "transformer.h", "h", "bert.encoder.layer")
     for path in candidates:
         obj = m

@@ -26,7 +26,7 @@ combines the streams relative to the model's final norm.
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from functools import partial
+from functools import partial, reduce
 from typing import Sequence
 
 import torch
@@ -129,16 +129,18 @@ class Integrator(nn.Module):
             return h
         n, B, T, d = h.shape
         hf = h.to(self.W_concat.weight.dtype)
-        h_cat = hf.permute(1, 2, 0, 3).reshape(B, T, n * d)  # [h_1; ...; h_n] per token
-        if self.mode == "pooled":  # the pooled position is the same in every stream
-            h_cat = pool(h_cat, attention_mask, self.kind).unsqueeze(1)  # (B, 1, n*d)
+        if self.mode == "pooled":  # [h_1; ...; h_n] at the pooled token (the same position in every stream)
+            h_cat = torch.cat([pool(hf[m], attention_mask, self.kind) for m in range(n)], dim=-1).unsqueeze(1)
+        else:  # [h_1; ...; h_n] per token
+            h_cat = hf.permute(1, 2, 0, 3).reshape(B, T, n * d)
         z = self.W_concat(h_cat)  # (B, T or 1, 2P)
         a, b = z.chunk(2, dim=-1)
-        # h~_m = (1 + gamma * sum_{m'} b_{m,m'}) h_m + sum_{m' != m} (beta a_{m,m'} - gamma b_{m,m'}) h_{m'}
-        coef = z.new_zeros(*a.shape[:-1], n * n).index_copy(-1, self.offdiag, self.beta * a - self.gamma * b)
-        coef = coef.view(*a.shape[:-1], n, n).expand(B, T, n, n)  # [b, t, m, m'], zero diagonal
-        self_scale = 1 + self.gamma * b.view(*b.shape[:-1], n, n - 1).sum(-1).expand(B, T, n)  # (B, T, n)
-        refined = hf * self_scale.permute(2, 0, 1).unsqueeze(-1) + torch.einsum("btmk,kbtd->mbtd", coef, hf)
+        # h~_m = sum_k M[m, k] h_k with M[m, m'] = beta a_{m,m'} - gamma b_{m,m'} (m' != m)
+        #                               M[m, m]  = 1 + gamma sum_{m'} b_{m,m'}
+        M = z.new_zeros(*a.shape[:-1], n * n).index_copy(-1, self.offdiag, self.beta * a - self.gamma * b)
+        M = M.view(*a.shape[:-1], n, n) + torch.diag_embed(1 + self.gamma * b.view(*b.shape[:-1], n, n - 1).sum(-1))
+        M = M.permute(2, 3, 0, 1).unsqueeze(-1)  # (n, n, B, T or 1, 1): [m, k]
+        refined = reduce(torch.add, (M[:, k] * hf[k] for k in range(n)))  # over the n streams k, vectorised over m
         return refined.to(h.dtype)
 
 

@@ -1,0 +1,347 @@
+"""Per-domain LoRA end to end through the command line: ``train.py`` on the tiny encoder and the
+tiny decoder (head and likelihood scoring), the metrics.json contract, the exported adapter loaded
+with plain peft, ``evaluate.py`` reproducing the test metrics, resume, ``max_epochs=0``, multiruns
+(one failing job does not take the others down) and clear errors for bad config values.
+
+Runs are tiny (a few batches, 16 evaluation users) and shared between tests (module fixtures).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr")
+CONTRACT = (
+    [f"test/{k}" for k in ROWS] + [f"val/{k}" for k in ROWS]
+    + [f"{r}/test/{k}" for r in ("zero_shot", "random", "popularity") for k in ROWS]
+    + ["params/trainable", "time/train_s"]
+)
+EVAL_USERS = 16
+# 32-bit so that plain peft in this process (no autocast) reproduces the run's numbers exactly
+TINY = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.precision=32-true",
+        f"data.max_eval_users={EVAL_USERS}", "data.batch_size=8", "logger=none"]
+
+
+def run(script: str, *args: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline",
+           "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    env.pop("PYTHONHASHSEED", None)
+    p = subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    if check:
+        assert p.returncode == 0, f"{script} {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return p
+
+
+def paths(tmp: Path) -> list[str]:
+    return [f"paths.adapter_store={tmp}/store", f"paths.cache_dir={tmp}/cache"]
+
+
+def load(run_dir: Path, name: str = "metrics.json") -> dict:
+    return json.loads((run_dir / name).read_text())
+
+
+def overrides(job: Path) -> dict:
+    return dict(o.split("=", 1) for o in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()))
+
+
+def store_folder(tmp: Path, backbone: str, domain: str = "tools") -> Path:
+    return tmp / "store" / backbone.replace(":", "-") / domain
+
+
+# --------------------------------------------------------------------------------------------- runs
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """One multirun of four jobs: {tiny encoder, tiny decoder} x {head, likelihood} scoring.
+
+    The encoder + likelihood job must fail (likelihood needs a decoder) without taking the three
+    others down. Each job gets its own adapter store (``store<job num>``)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    t0 = time.time()
+    p = run("train.py", "-m", "backbone=tiny_encoder,tiny_decoder", "method.module.scoring=head,likelihood",
+            *TINY, f"hydra.sweep.dir={tmp}/multirun", "paths.adapter_store=" + str(tmp) + "/store${hydra:job.num}",
+            f"paths.cache_dir={tmp}/cache")
+    took = time.time() - t0
+    jobs = {}
+    for job in sorted((tmp / "multirun").iterdir()):
+        if job.is_dir() and (job / ".hydra").is_dir():
+            o = overrides(job)
+            jobs[(o["backbone"], o["method.module.scoring"])] = job
+    assert len(jobs) == 4, (sorted(jobs), p.stdout[-2000:], p.stderr[-2000:])
+    return {"tmp": tmp, "jobs": jobs, "proc": p, "took": took}
+
+
+def job_store(sweep, key) -> Path:
+    job = sweep["jobs"][key]
+    num = job.name
+    return sweep["tmp"] / f"store{num}" / f"tiny-{key[0].split('_')[1]}" / "tools"
+
+
+OK_JOBS = [("tiny_encoder", "head"), ("tiny_decoder", "head"), ("tiny_decoder", "likelihood")]
+
+
+@pytest.mark.parametrize("key", OK_JOBS, ids=["-".join(k) for k in OK_JOBS])
+def test_metrics_contract(sweep, key):
+    job = sweep["jobs"][key]
+    assert not (job / "failed.json").exists(), load(job, "failed.json")
+    m = load(job)
+    missing = [k for k in CONTRACT if k not in m]
+    assert not missing, missing
+    for k, v in m.items():
+        assert isinstance(v, (int, float)) and not math.isnan(v), k
+        if k.split("/")[-1] in ROWS or "@" in k:
+            assert 0.0 <= v <= 1.0, (k, v)
+    for row in ("test", "val", "zero_shot/test", "random/test", "popularity/test"):
+        assert m[f"{row}/hr@1"] <= m[f"{row}/hr@5"] <= m[f"{row}/hr@10"]
+        assert m[f"{row}/ndcg@5"] <= m[f"{row}/ndcg@10"] <= m[f"{row}/hr@10"] + 1e-6
+        assert m[f"{row}/mrr"] >= 1 / 20 - 1e-6  # pessimistic rank is at most 20
+    assert m["data/test_examples"] == EVAL_USERS
+    assert m["time/train_s"] > 0 and m["params/trainable"] > 0
+    assert (job / "results.txt").read_text().count("popularity") == 1
+    assert (job / "checkpoints" / "last.ckpt").is_file()
+    assert load(job, "run.json")["trained"] is True
+
+
+def test_reference_rows_identical_across_backbones(sweep):
+    """Random and popularity see the same fixed candidates whatever the backbone and scoring."""
+    ms = [load(sweep["jobs"][k]) for k in OK_JOBS]
+    for k in ms[0]:
+        if k.startswith(("random/", "popularity/")):
+            assert ms[0][k] == ms[1][k] == ms[2][k], k
+
+
+def test_trainable_parameter_count(sweep):
+    # tiny encoder: hidden 32, 2 layers, LoRA r=8 on query/value: 4 x (8*32 + 32*8) = 2048;
+    # head: dense 32*32 + 32, out 32 + 1 -> 1089
+    assert load(sweep["jobs"][("tiny_encoder", "head")])["params/trainable"] == 2048 + 1089
+    # tiny decoder (likelihood: no head): r=8 on q,k,v,o (32->32, k/v 32->16), gate/up (32->64), down (64->32)
+    def lora(i, o):
+        return 8 * (i + o)
+    per_layer = lora(32, 32) + 2 * lora(32, 16) + lora(32, 32) + 2 * lora(32, 64) + lora(64, 32)
+    assert load(sweep["jobs"][("tiny_decoder", "likelihood")])["params/trainable"] == 2 * per_layer
+    assert load(sweep["jobs"][("tiny_decoder", "head")])["params/trainable"] == 2 * per_layer + 1089
+
+
+def test_failing_job_does_not_take_the_others_down(sweep):
+    job = sweep["jobs"][("tiny_encoder", "likelihood")]
+    assert sweep["proc"].returncode == 0
+    assert not (job / "metrics.json").exists()
+    failed = load(job, "failed.json")
+    assert "likelihood" in failed["error"] and "decoder" in failed["error"]
+    assert "Traceback" in failed["traceback"]
+    # the job after it ran to the end
+    assert (sweep["jobs"][("tiny_decoder", "head")] / "metrics.json").is_file()
+
+
+def test_store_layout_and_manifest(sweep):
+    for key in OK_JOBS:
+        folder = job_store(sweep, key)
+        names = {p.name for p in folder.iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors", "manifest.json"} <= names, names
+        assert ("head.safetensors" in names) == (key[1] == "head")
+        man = json.loads((folder / "manifest.json").read_text())
+        m = load(sweep["jobs"][key])
+        assert man["domain"] == "tools" and man["backbone"] == f"tiny:{key[0].split('_')[1]}"
+        assert man["scoring"] == key[1] and man["method"] == "lora" and man["r"] == 8
+        assert {k: v for k, v in man["metrics"].items() if k.startswith("test/")} == \
+               {k: v for k, v in m.items() if k.startswith("test/")}
+        assert not list(folder.parent.glob(".*tmp*")), "a temporary folder was left behind"
+
+
+# ------------------------------------------------------------------------------- plain peft round trip
+def _datamodule(job: Path, tokenizer, kind: str, likelihood: bool):
+    import hydra
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+    cfg.paths.output_dir = str(job)
+    dm = hydra.utils.instantiate(cfg.data, mix="target", seed=cfg.seed, _convert_="all")
+    dm.attach(tokenizer, kind, likelihood=likelihood)
+    dm.setup("test")
+    return dm
+
+
+def _plain_head(folder: Path):
+    from safetensors.torch import load_file
+
+    w = load_file(str(folder / "head.safetensors"))
+    assert set(w) == {"dense.weight", "dense.bias", "out.weight", "out.bias"}
+
+    def head(h):
+        return F.linear(F.gelu(F.linear(h, w["dense.weight"], w["dense.bias"])), w["out.weight"], w["out.bias"])[:, 0]
+
+    return head
+
+
+def _plain_scores(model, head, batch, kind: str) -> torch.Tensor:
+    """Scores from a plain transformers + peft model, written independently of recsys.models.scoring."""
+    c = batch["num_candidates"]
+    if head is None:  # likelihood: mean log-prob of the continuation after the prompt, one pass per candidate
+        rows = []
+        for i in range(batch["cont_ids"].size(0)):
+            p = batch["prompt_ids"][i // c][batch["prompt_mask"][i // c].bool()]
+            x = batch["cont_ids"][i][batch["cont_mask"][i].bool()]
+            logits = model(input_ids=torch.cat([p, x])[None]).logits[0]
+            logp = torch.log_softmax(logits[len(p) - 1 : -1].float(), -1)
+            rows.append(logp.gather(1, x[:, None]).mean())
+        return torch.stack(rows).view(-1, c)
+    kw = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    if kind == "encoder":
+        pooled = model(**kw).last_hidden_state[:, 0]
+    else:
+        out = model(**kw, output_hidden_states=True)
+        last = batch["attention_mask"].sum(1) - 1
+        pooled = out.hidden_states[-1][torch.arange(last.numel()), last]
+    return head(pooled).view(-1, c)
+
+
+@pytest.mark.parametrize("key", OK_JOBS, ids=["-".join(k) for k in OK_JOBS])
+def test_exported_adapter_loads_with_plain_peft(sweep, key):
+    from peft import PeftModel
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from recsys.metrics import RankingMetrics
+    from recsys.models.backbone import build_tiny
+
+    kind = key[0].split("_")[1]
+    folder = job_store(sweep, key)
+    base = build_tiny(f"tiny:{kind}")  # the same random weights the run started from (seed 0)
+    # a fresh copy of the architecture, loaded with nothing but transformers + peft
+    cls = AutoModel if kind == "encoder" else AutoModelForCausalLM
+    fresh = cls.from_config(base.model.config)
+    fresh.load_state_dict(base.model.state_dict())
+    model = PeftModel.from_pretrained(fresh, str(folder)).eval()
+    head = _plain_head(folder) if key[1] == "head" else None
+
+    job = sweep["jobs"][key]
+    dm = _datamodule(job, base.tokenizer, kind, likelihood=key[1] == "likelihood")
+    metrics = RankingMetrics()
+    first_scores = None
+    with torch.no_grad():
+        for batch in dm.test_dataloader():
+            s = _plain_scores(model, head, batch, kind)
+            first_scores = s if first_scores is None else first_scores
+            metrics.update(s, batch["labels"])
+    got = {f"test/{k}": float(v) for k, v in metrics.compute().items()}
+    m = load(job)
+    for k, v in got.items():
+        assert v == pytest.approx(m[k], abs=1e-6), (k, v, m[k])
+    assert first_scores.std() > 0  # a trained, non-constant scorer
+
+    # and the same scores as the Lightning module restored from the run's best checkpoint
+    from recsys.methods.lora import LoRAModule
+
+    module = LoRAModule(build_tiny(f"tiny:{kind}"), scoring=key[1]).eval()
+    best = load(job, "run.json")["best_checkpoint"]
+    state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    assert not unexpected and all(not p.requires_grad or n not in missing for n, p in module.named_parameters())
+    with torch.no_grad():
+        batch = next(iter(dm.test_dataloader()))
+        torch.testing.assert_close(module.score(batch), _plain_scores(model, head, batch, kind), atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_holds_only_trainable_weights(sweep):
+    job = sweep["jobs"][("tiny_encoder", "head")]
+    state = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert state and all("lora_" in k or k.startswith("head.") for k in state), sorted(state)[:5]
+    assert sum(v.numel() for v in state.values()) == load(job)["params/trainable"]
+
+
+# -------------------------------------------------------------------------------------- evaluate.py
+def _same_test_metrics(a: dict, b: dict) -> None:
+    keys = [k for k in a if k.startswith("test/")]
+    assert len(keys) == 9
+    assert {k: b[k] for k in keys} == {k: a[k] for k in keys}  # exactly, not approximately
+    for k in a:
+        if k.startswith(("random/test/", "popularity/test/")):
+            assert b[k] == a[k], k
+
+
+@pytest.mark.parametrize("key", [("tiny_encoder", "head"), ("tiny_decoder", "likelihood")],
+                         ids=["encoder-head", "decoder-likelihood"])
+def test_evaluate_run_dir_reproduces_train(sweep, key, tmp_path):
+    job = sweep["jobs"][key]
+    run("evaluate.py", f"run_dir={job}", f"hydra.run.dir={tmp_path}/eval", *paths(tmp_path))
+    _same_test_metrics(load(job), load(tmp_path / "eval"))
+    assert "popularity" in (tmp_path / "eval" / "results.txt").read_text()
+
+
+def test_evaluate_adapter_reproduces_train(sweep, tmp_path):
+    key = ("tiny_encoder", "head")
+    job = sweep["jobs"][key]
+    run("evaluate.py", f"adapter={job_store(sweep, key)}", "backbone=tiny_encoder", "data=synthetic",
+        "data.target=tools", f"data.max_eval_users={EVAL_USERS}", "trainer.precision=32-true",
+        f"hydra.run.dir={tmp_path}/eval", *paths(tmp_path))
+    _same_test_metrics(load(job), load(tmp_path / "eval"))
+
+
+# ---------------------------------------------------------------------------------------- resume
+def test_resume_continues(sweep, tmp_path):
+    job = sweep["jobs"][("tiny_encoder", "head")]
+    first = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (first["epoch"], first["global_step"]) == (0, 3)
+    run("train.py", "backbone=tiny_encoder", *TINY, "trainer.max_epochs=2", "zero_shot=false",
+        f"ckpt_path={job}/checkpoints/last.ckpt", f"hydra.run.dir={tmp_path}/resumed", *paths(tmp_path))
+    out = tmp_path / "resumed"
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 1 and last["global_step"] == 6  # epoch 2 ran, the step count went on
+    assert sorted(last["val_history"]) == [0, 1]  # the first epoch's validation came with the checkpoint
+    # epoch 1's weights moved away from epoch 0's
+    k = next(k for k in first["state_dict"] if "lora_B" in k)
+    assert not torch.equal(first["state_dict"][k], last["state_dict"][k])
+    m = load(out)
+    assert all(k in m for k in CONTRACT if not k.startswith("zero_shot/"))
+    assert (out / "checkpoints" / "epoch01.ckpt").is_file() or (out / "checkpoints" / "epoch00.ckpt").is_file()
+
+
+# -------------------------------------------------------------------------------- max_epochs=0
+def test_max_epochs_zero_is_zero_shot(tmp_path):
+    t0 = time.time()
+    run("train.py", "backbone=tiny_encoder", "trainer.max_epochs=0", f"data.max_eval_users={EVAL_USERS}",
+        "logger=none", f"hydra.run.dir={tmp_path}/run", *paths(tmp_path))
+    took = time.time() - t0
+    m = load(tmp_path / "run")
+    assert all(k in m for k in CONTRACT)
+    for k in ROWS:
+        assert m[f"test/{k}"] == m[f"zero_shot/test/{k}"], k
+    assert m["time/train_s"] < 1.0
+    assert load(tmp_path / "run", "run.json")["trained"] is False
+    assert not (tmp_path / "store").exists()  # nothing trained, nothing exported
+    assert took < 120, took
+
+
+# -------------------------------------------------------------------------------- bad config values
+BAD = {
+    "unknown backbone": (["backbone.name=embedded:nope"], ["embedded:nope", "embedded:minilm-l6", "tiny:encoder"]),
+    "unknown method": (["method=nope"], ["method", "nope", "lora"]),
+    "missing data folder": (["data=amazon", "data.root=/nonexistent"], ["/nonexistent", "data.root"]),
+    "unknown target": (["data.target=garden"], ["data.target", "garden", "tools"]),
+}
+
+
+def test_bad_config_values_fail_clearly(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for name, (args, _) in BAD.items():  # in parallel: each is mostly start-up
+        d = tmp_path / name.replace(" ", "_")
+        cmd = [sys.executable, "train.py", *args, "backbone=tiny_encoder" if "backbone" not in args[0] else "logger=none",
+               "logger=none", f"hydra.run.dir={d}", *paths(d)]
+        procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        text = out + err
+        assert p.returncode != 0, (name, text[-2000:])
+        for needle in BAD[name][1]:
+            assert needle in text, (name, needle, text[-3000:])
+        assert not (tmp_path / name.replace(" ", "_") / "metrics.json").exists()
