@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from recsys import scale, speed
 from recsys.data.datamodule import RecDataModule
 from recsys.models.adapter_store import AdapterStore
 from recsys.models.backbone import load_backbone
@@ -52,7 +53,14 @@ def build_module(cfg: DictConfig, backbone, dm: RecDataModule, store: AdapterSto
 
 def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    loggers = []
+    for c in (cfg.get("logger") or {}).values():
+        if not c:
+            continue
+        kwargs = {}  # a resumable run continues its wandb run (the id is kept in the run folder)
+        if cfg.get("auto_resume") and str(c.get("_target_", "")).endswith("WandbLogger"):
+            kwargs = scale.wandb_resume_kwargs(cfg.paths.output_dir)
+        loggers.append(hydra.utils.instantiate(c, **kwargs))
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
@@ -95,7 +103,7 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
     backbone = build_backbone(cfg)
     dm = build_datamodule(cfg, backbone)
     store = AdapterStore(cfg.paths.adapter_store)
-    module = build_module(cfg, backbone, dm, store)
+    module = speed.apply(build_module(cfg, backbone, dm, store), cfg.get("speed"))
     trainer = build_trainer(cfg)
     dm.prepare_data()
     dm.setup("fit")
@@ -108,9 +116,11 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
         module.prefix["test"] = "test"
 
     trained = cfg.trainer.max_epochs != 0 and not module.skip_training
+    # a run restarted in its folder (fixed hydra.run.dir, a requeued SLURM job) goes on from its last checkpoint
+    ckpt = cfg.get("ckpt_path") or (scale.resume_checkpoint(out_dir) if cfg.get("auto_resume") else None)
     t0 = time.time()
     if trained:
-        trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     metrics["time/train_s"] = round(time.time() - t0, 3)
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trained else ""
     if trained and best:
@@ -137,7 +147,7 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
                 "method": cfg.method.name, "domain": cfg.data.target,
                 "data": OmegaConf.to_container(cfg.data, resolve=True), "seed": cfg.seed,
                 "metrics": {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))},
-                "run_dir": str(out_dir),
+                "run_dir": str(out_dir), "precision": str(cfg.trainer.precision),
             })
             if folder:
                 log.info("adapter exported to %s", folder)
@@ -158,7 +168,8 @@ def guarded(fn, cfg: DictConfig):
     except ValueError:
         multirun = False
     try:
-        return fn(cfg)
+        with scale.job_scope():  # DDP ranks run this job in its folder; no process group outlives it
+            return fn(cfg)
     except Exception as e:
         if not multirun:
             raise
@@ -220,10 +231,24 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
                   if k not in ("_target_", "optimizer", "r", "alpha", "dropout", "target_modules")}
         from recsys.methods.lora import LoRAModule
 
+        manifest = store.load_manifest(cfg.adapter) if (Path(cfg.adapter) / "manifest.json").is_file() else {}
+        if manifest.get("backbone", backbone.name) != backbone.name:
+            raise ValueError(f"adapter={cfg.adapter} was trained on backbone {manifest['backbone']!r}, not "
+                             f"{backbone.name!r}: set backbone.name={manifest['backbone']}")
+        kwargs["scoring"] = manifest.get("scoring", kwargs.get("scoring", "head"))  # as the adapter was trained
+        if manifest.get("precision", str(run_cfg.trainer.precision)) != str(run_cfg.trainer.precision):
+            log.warning("adapter %s was trained and tested with trainer.precision=%s, this evaluation uses %s: "
+                        "metrics may differ slightly from train.py's", cfg.adapter, manifest["precision"],
+                        run_cfg.trainer.precision)
+        head = store.load_head(cfg.adapter)
+        if kwargs["scoring"] == "head" and head is None:
+            raise FileNotFoundError(f"adapter={cfg.adapter} has no head.safetensors: scoring=head needs the trained head")
+        dm.attach(backbone.tokenizer, backbone.kind, likelihood=kwargs["scoring"] == "likelihood")
         module = LoRAModule(backbone, adapter=str(cfg.adapter), **kwargs)
-        module.load_head(store.load_head(cfg.adapter))
+        module.load_head(head)
     else:
         module = build_module(run_cfg, backbone, dm, store)
+    speed.apply(module, cfg.get("speed"))
     trainer = hydra.utils.instantiate(run_cfg.trainer, callbacks=[], logger=False, max_epochs=0)
     dm.prepare_data()
     dm.setup("test")

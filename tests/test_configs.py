@@ -65,7 +65,7 @@ def test_found_every_group():
         assert options(group), group
 
 
-@pytest.mark.parametrize("group", ["data", "backbone", "method", "trainer", "logger", "callbacks", "debug",
+@pytest.mark.parametrize("group", ["data", "backbone", "method", "trainer", "logger", "callbacks", "debug", "speed",
                                    "hparams_search"])
 def test_group_options_compose(group):
     opts = options(group)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from recsys.models.backbone import body, build_tiny
+from recsys.models.backbone import body, build_tiny, transformer_layers
 from recsys.models.head import ScoringHead, pool
-from recsys.models.integrator import Integrator, XCrossModel, _own_layers, ordered_pairs
+from recsys.models.integrator import Integrator, XCrossModel, ordered_pairs
 
 KINDS = ["tiny:encoder", "tiny:decoder"]
 TARGETS = {
@@ -88,7 +88,7 @@ class _Stop(Exception):
 
 def manual_xcross(pm, names, kind, ids, mask, xc: XCrossModel):
     """X-Cross computed layer by layer, one stream at a time, by hand (the model's layers, our maths)."""
-    layers = _own_layers(pm)
+    layers = transformer_layers(pm)
     integs = xc.integrators
     beta, gamma, mode = integs[0].beta, integs[0].gamma, integs[0].mode
 

@@ -132,12 +132,17 @@ class EpochBatchSampler:
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.pad, self.lengths, self.bucket_window, self.drop_last = pad, lengths, bucket_window, drop_last
         self.epoch = 0
+        self._skip: tuple[int, int] | None = None  # (epoch, batches): where a resumed epoch goes on
         # Lightning calls ``set_epoch`` on ``loader.sampler`` and ``loader.batch_sampler.sampler``,
         # never on the batch sampler itself: without this hook every epoch would replay epoch 0.
         self.sampler = _EpochHook(self)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume(self, epoch: int, batches: int) -> None:
+        """Make the next pass over ``epoch`` skip its first ``batches`` batches (a mid-epoch resume)."""
+        self.epoch, self._skip = epoch, (epoch, batches)
 
     def _indices(self) -> list[int]:
         rank, world = _dist()
@@ -168,12 +173,43 @@ class EpochBatchSampler:
         return batches
 
     def __iter__(self):
-        for b in self._batches():
+        batches = self._batches()
+        if self._skip is not None:
+            if self._skip[0] == self.epoch:
+                batches = batches[self._skip[1]:]
+            self._skip = None
+        for b in batches:
             yield [(i, self.epoch) for i in b]
 
     def __len__(self) -> int:
         return len(self._batches())
 
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader that Lightning resumes mid-epoch (its ``_Stateful`` protocol).
+
+    ``state_dict()``, taken when a checkpoint is saved, says how many batches of the current epoch the
+    loader has yielded; ``load_state_dict()`` makes the next pass over that epoch skip them, so a run
+    restarted from a mid-epoch checkpoint sees the batches an uninterrupted run would have seen.
+    """
+
+    _yielded = 0
+
+    def __iter__(self):
+        self._yielded = 0
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.batch_sampler.epoch, "batches": self._yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if batches >= len(self.batch_sampler):  # saved at the end of the epoch: the next one starts afresh
+            epoch, batches = epoch + 1, 0
+        self.batch_sampler.resume(epoch, batches)
 
 class RecDataModule(L.LightningDataModule):
     """One DataModule over Amazon-like domains for every method (see the module docstring).
@@ -361,9 +397,12 @@ class RecDataModule(L.LightningDataModule):
         sampler = EpochBatchSampler(
             len(ds), batch_size, shuffle=train, seed=stable_seed(self.seed, seed_key), pad=train, lengths=lengths,
         )
-        return DataLoader(
+        # the loader's own generator: starting an iterator draws its worker seed from it, not from the
+        # global RNG, so dropout does not depend on when loaders start (e.g. after a resume)
+        generator = torch.Generator().manual_seed(stable_seed("loader", self.seed, seed_key))
+        return (ResumableLoader if train else DataLoader)(
             ds, batch_sampler=sampler, collate_fn=Collator(self._text(), self.likelihood),
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0, generator=generator,
         )
 
     def _lengths(self, entries) -> list[int] | None:

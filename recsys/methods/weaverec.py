@@ -471,10 +471,10 @@ class WeaveRecModule(RecModule):
     # ------------------------------------------------------------------ reports
     def extra_params(self) -> dict[str, float]:
         per_branch = sum(p.numel() for p, _ in self._branch_flags) // len(self.branches)
-        return {"params/per_branch_adapter": per_branch,
-                "params/branches_trained": sum(b.trained for b in self.branches),
-                "params/merged_adapter": per_branch * len(self.branches)
-                if self.merge_cfg["rule"] in ("weaverec", "task_arithmetic") else math.nan}
+        out = {"params/per_branch_adapter": per_branch, "params/branches_trained": sum(b.trained for b in self.branches)}
+        if self.merge_cfg["rule"] in ("weaverec", "task_arithmetic"):  # rank sum_i r_i; ties/dare: dense
+            out["params/merged_adapter"] = per_branch * len(self.branches)
+        return out
 
     def extra_metrics(self) -> dict[str, float]:
         """``branch<i>/val/...`` of the epoch that model selection chose (on the merged model)."""

@@ -12,9 +12,13 @@ Source adapters come from the adapter store (``<store>/<backbone>/<source>/``, w
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shlex
 from pathlib import Path
 
+import lightning as L
 import torch
 from peft import PeftModel
 
@@ -31,12 +35,26 @@ class SourceAdapterError(ValueError):
 
 
 def _adapter_config(folder: Path) -> dict:
-    import json
-
     f = folder / "adapter_config.json"
     if not f.is_file():
         raise SourceAdapterError(f"{folder} is not a peft adapter folder (no adapter_config.json)")
     return json.loads(f.read_text())
+
+
+def fingerprint(folder: Path) -> str:
+    """sha256 of an adapter folder's weights and head: what X-Cross's checkpoints depend on."""
+    h = hashlib.sha256()
+    for name in ("adapter_model.safetensors", "adapter_model.bin", "head.safetensors"):
+        f = folder / name
+        if f.is_file():
+            h.update(name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# data settings that shape the model's input text: a source adapter trained with other values sees
+# differently built prompts on the target than it was trained on
+TEXT_SETTINGS = ("max_history", "prompt")
 
 
 class XCrossModule(RecModule):
@@ -74,6 +92,8 @@ class XCrossModule(RecModule):
         heads = {n: AdapterStore.load_head(folders[n]) for n in names}
         head_state = self._initial_head(heads, head_init)
         self.source_names = names
+        self.source_folders = {n: str(folders[n]) for n in names}
+        self.source_fingerprints = {n: fingerprint(folders[n]) for n in names}
         self.xcross = XCrossModel(peft_model, names, backbone.kind, beta=beta, gamma=gamma, mode=mode, init=init,
                                   w_init=w_init, head_state=head_state, head_dropout=head_dropout, combine=combine)
         self.lora_reference = sum(
@@ -101,8 +121,6 @@ class XCrossModule(RecModule):
             cfg = _adapter_config(folder)
             manifest = folder / "manifest.json"
             if manifest.is_file():
-                import json
-
                 m = json.loads(manifest.read_text())
                 if m.get("backbone") not in (None, backbone.name):
                     raise SourceAdapterError(
@@ -134,9 +152,17 @@ class XCrossModule(RecModule):
             folders = {s: store.path(backbone.name, s) for s in sources}
             missing = [s for s in sources if not store.exists(backbone.name, s)]
             if missing and train_missing:
+                import copy
+
+                from omegaconf import open_dict
+
                 from recsys.run import train_source_adapters
 
-                train_source_adapters(cfg, missing)
+                src_cfg = copy.deepcopy(cfg)  # a source adapter is trained on all of its domain's data:
+                with open_dict(src_cfg):  # data.target_fraction is the X-Cross target's share only
+                    src_cfg.data.target_fraction = 1.0
+                train_source_adapters(src_cfg, missing)
+                L.seed_everything(cfg.seed, workers=True)  # X-Cross starts as it would with stored sources
                 missing = [s for s in sources if not store.exists(backbone.name, s)]
             if missing:
                 cmds = "\n".join(f"  {train_command(cfg, s)}" for s in missing)
@@ -144,7 +170,35 @@ class XCrossModule(RecModule):
                     f"missing source adapters for {missing} in {store.root}/ (backbone {backbone.name}). "
                     f"Produce each with:\n{cmds}\nor set method.module.train_missing=true to train them first."
                 )
+        if cfg is not None:
+            warn_text_settings(cfg, folders)
         return cls(backbone, {n: str(f) for n, f in folders.items()}, **kwargs)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["xcross_sources"] = dict(self.source_fingerprints)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """The checkpoint holds only the integrators, w and the head: they are only meaningful on top of
+        the very source adapters they were trained with."""
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("xcross_sources")
+        if saved is None:
+            return
+        if list(saved) != self.source_names:
+            raise SourceAdapterError(
+                f"this X-Cross checkpoint was trained on the source adapters {list(saved)} (in this order), "
+                f"not {self.source_names}: set data.sources (or method.module.adapters) as in its run"
+            )
+        changed = [n for n in self.source_names if saved[n] != self.source_fingerprints[n]]
+        if changed:
+            detail = ", ".join(f"{n} ({self.source_folders[n]})" for n in changed)
+            raise SourceAdapterError(
+                f"the source adapters {changed} differ from those this X-Cross checkpoint was trained with "
+                f"(retrained or replaced since?): {detail}. Restore them, point paths.adapter_store (or "
+                "method.module.adapters) at the originals, or train X-Cross again"
+            )
 
     def score(self, batch: dict) -> torch.Tensor:
         scores = self.xcross(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
@@ -159,23 +213,53 @@ class XCrossModule(RecModule):
         return {f"xcross/w_{n}": float(w) for n, w in zip(self.source_names, self.xcross.w.detach().cpu())}
 
 
+def warn_text_settings(cfg, folders: dict[str, Path]) -> None:
+    """Warn when a source adapter's manifest records other prompt settings than this run's data."""
+    from omegaconf import OmegaConf
+
+    mine = OmegaConf.to_container(cfg.data, resolve=True)
+    for name, folder in folders.items():
+        f = Path(folder) / "manifest.json"
+        data = json.loads(f.read_text()).get("data") if f.is_file() else None
+        if not isinstance(data, dict):
+            continue
+        diff = [k for k in TEXT_SETTINGS if k in data and data[k] != mine.get(k)]
+        if diff:
+            log.warning("source adapter %s was trained with other %s (%s) than this run's (%s): its prompts "
+                        "on the target are built differently", name, "/".join(f"data.{k}" for k in diff),
+                        {k: data[k] for k in diff}, {k: mine.get(k) for k in diff})
+
+
+# command-line overrides that a source's command must not copy: they describe the X-Cross target run
+_NOT_FOR_SOURCES = ("data.target", "data.sources", "data.target_fraction")
+
+
 def train_command(cfg, source: str) -> str:
-    """``python train.py method=lora ... data.target=<source>`` with this run's backbone, data and seed."""
+    """The ``python train.py ...`` command that trains the source adapter ``source`` with this run's
+    settings: ``method.source_experiment`` (the LoRA preset the sources come from, if any), backbone,
+    data config, the ``data.*`` overrides of this run's command line and its seed."""
     if cfg is None:
         return f"python train.py method=lora data.target={source}"
     from hydra.core.hydra_config import HydraConfig
 
     try:
-        choices = HydraConfig.get().runtime.choices
-        backbone, data = choices.get("backbone"), choices.get("data")
-    except ValueError:
-        backbone, data = None, None
-    parts = ["python train.py method=lora"]
-    if backbone:
-        parts.append(f"backbone={backbone}")
-    if data:
-        parts.append(f"data={data}")
+        hc = HydraConfig.get()
+        choices, task = hc.runtime.choices, list(hc.overrides.task)
+    except ValueError:  # not inside a Hydra app (tests compose the config themselves)
+        choices, task = {}, []
+    parts = ["python", "train.py"]
+    experiment = cfg.method.get("source_experiment")
+    if experiment:
+        parts.append(f"experiment={experiment}")
+    parts.append("method=lora")
+    for group in ("backbone", "data"):
+        if choices.get(group):
+            parts.append(f"{group}={choices[group]}")
     if cfg.data.get("root"):
         parts.append(f"data.root={cfg.data.root}")
+    for o in task:
+        key = o.lstrip("+~").split("=", 1)[0]
+        if key.startswith("data.") and key not in _NOT_FOR_SOURCES and not key.startswith("data.root"):
+            parts.append(o)
     parts += [f"data.target={source}", f"seed={cfg.seed}"]
-    return " ".join(parts)
+    return " ".join(shlex.quote(p) for p in parts)

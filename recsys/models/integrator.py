@@ -45,19 +45,6 @@ def _route_rows(module, args, kwargs, adapter_names):
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")  # Llama/Qwen, GPT-2, Phi, OPT
 
 
-def _own_layers(peft_model: nn.Module) -> nn.ModuleList:
-    """The layer stack of the body. (``backbone.transformer_layers`` never returns on a peft-wrapped
-    BertModel, whose ``base_model`` is itself and carries ``peft_config``; use it once that is fixed.)"""
-    b = body(peft_model)
-    for path in ("encoder.layer", "layers", "h", "decoder.layers"):
-        obj = b
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    return transformer_layers(b)
-
-
 def ordered_pairs(n: int) -> list[tuple[int, int]]:
     """The ordered pairs (m, m'), m != m', in the order z stores them: m-major, then m' ascending."""
     return [(m, k) for m in range(n) for k in range(n) if k != m]
@@ -204,7 +191,7 @@ class XCrossModel(nn.Module):
         self.backbone.eval()
         d = unwrap_peft(peft_model).config.hidden_size
         self.hidden_size = d
-        self._layers = [_own_layers(peft_model)]  # a list: not a second registration of the layers
+        self._layers = [transformer_layers(peft_model)]  # a list: not a second registration of the layers
         self._body = [body(peft_model)]
         norm = next((getattr(self._body[0], a) for a in FINAL_NORM_NAMES if hasattr(self._body[0], a)), None)
         self._final_norm = [norm if isinstance(norm, nn.Module) else None]

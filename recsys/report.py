@@ -1,0 +1,381 @@
+"""Results tables and plots from sweep folders: mean +- std over seeds, per target domain and setting.
+
+    python -m recsys.report multirun/train/2026-01-01_10-00-00 [more folders] --out reports/main
+    python report.py multirun/train/* --out reports/all --metric hr@10 --wandb on
+
+Reads every job folder under the given folders (``.hydra/config.yaml`` and ``metrics.json``, or
+``failed.json``; a job with neither is *incomplete*: killed, or still running). A group is a target
+domain and a setting: the source domains, the target fraction and the backbone. Per group, one row
+per method (and per hyper-parameter variant, when a sweep varied other keys) with the test metrics'
+mean +- std over seeds, the trainable parameters and the training time; then the zero-shot, random
+and popularity rows. Failed and incomplete jobs are counted in their row and listed at the end.
+
+Writes to ``--out``: ``report.md`` (every table and the failures), ``results.csv`` (every row, mean
+and std in columns), ``jobs.csv`` (one line a job, with its status and error), ``tables/<group>.md``
+and ``.csv``, and ``plots/``: ``efficiency_<target>_<sources>.png`` (metric vs target fraction, a
+line a method) and ``bars_<target>.png`` (methods side by side, a group of bars a setting). With
+``--wandb on`` (or ``auto`` and runs that logged to wandb) the tables and plots go to a wandb run too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
+
+METRICS = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr")
+REFERENCES = ("random", "popularity")  # rankers without a model: they depend on target, seed, candidates
+# override keys that define a group or a seed, or do not change results: never part of a variant label
+_NOT_VARIANT = re.compile(
+    r"^(seed|method|data\.target|data\.sources|data\.target_fraction|backbone|backbone\.name|hydra\b.*|paths\b.*"
+    r"|logger\b.*|callbacks\.rich_progress_bar.*|trainer\.(devices|num_nodes|accelerator|strategy.*)|task_name"
+    r"|export_adapter|zero_shot|auto_resume|ckpt_path|data\.num_workers|hparams_search|debug)$"
+)
+
+
+@dataclass
+class Job:
+    """One job folder of a sweep."""
+
+    dir: Path
+    status: str  # ok | failed | incomplete
+    method: str
+    target: str
+    sources: tuple[str, ...]
+    fraction: float
+    backbone: str
+    seed: int | None
+    overrides: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+    wandb_project: str | None = None
+    variant: str = ""
+
+    @property
+    def group(self) -> tuple:
+        return self.target, self.sources, self.fraction, self.backbone
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _select(cfg, key: str, default=None):
+    value = OmegaConf.select(cfg, key, default=default, throw_on_resolution_failure=False)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def load_job(folder: Path) -> Job:
+    """A job from its folder (``.hydra/config.yaml`` + ``metrics.json`` or ``failed.json``)."""
+    cfg = OmegaConf.load(folder / ".hydra" / "config.yaml")
+    overrides: dict[str, str] = {}
+    ov_file = folder / ".hydra" / "overrides.yaml"
+    if ov_file.is_file():
+        for item in OmegaConf.to_container(OmegaConf.load(ov_file)) or []:
+            key, _, value = str(item).lstrip("+~").partition("=")
+            overrides[key] = value
+    status, metrics, error = "incomplete", {}, ""
+    if (folder / "metrics.json").is_file():
+        status, metrics = "ok", json.loads((folder / "metrics.json").read_text())
+    elif (folder / "failed.json").is_file():
+        failed = json.loads((folder / "failed.json").read_text())
+        status, error = "failed", str(failed.get("error", "")).strip()
+    seed = _select(cfg, "seed")
+    wandb = _select(cfg, "logger.wandb")
+    return Job(
+        dir=folder, status=status, method=str(_select(cfg, "method.name", "?")),
+        target=str(_select(cfg, "data.target", "?")), sources=tuple(_select(cfg, "data.sources", []) or []),
+        fraction=float(_select(cfg, "data.target_fraction", 1.0) or 1.0),
+        backbone=str(_select(cfg, "backbone.name", "?")), seed=int(seed) if seed is not None else None,
+        overrides=overrides, metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        error=error, wandb_project=(wandb or {}).get("project") if isinstance(wandb, dict) else None,
+    )
+
+
+def find_jobs(folders: list[str | Path]) -> list[Job]:
+    """Every job folder (one holding ``.hydra/config.yaml``) under ``folders``, each once, in path order."""
+    found: dict[Path, Job] = {}
+    for root in map(Path, folders):
+        if not root.exists():
+            raise FileNotFoundError(f"{root}: no such folder")
+        for cfg in sorted(root.rglob(".hydra/config.yaml")):
+            folder = cfg.parent.parent.resolve()
+            if any(part.startswith(".") for part in folder.relative_to(root.resolve()).parts):
+                continue  # .submitit/ and the like
+            found.setdefault(folder, load_job(folder))
+    jobs = list(found.values())
+    _label_variants(jobs)
+    return jobs
+
+
+def _label_variants(jobs: list[Job]) -> None:
+    """``variant``: the overrides (other than method/target/setting/seed) whose values differ between jobs."""
+    keys = {k for j in jobs for k in j.overrides if not _NOT_VARIANT.match(k)}
+    varying = sorted(k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1)
+    for j in jobs:
+        j.variant = " ".join(f"{k}={j.overrides[k]}" for k in varying if k in j.overrides)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def setting_name(sources: tuple[str, ...], fraction: float, backbone: str) -> str:
+    return f"sources {'+'.join(sources) or '-'}, target fraction {fraction:g}, {backbone}"
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std (ddof 1; NaN for one value)."""
+    a = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if a.size == 0:
+        return math.nan, math.nan
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else math.nan
+
+
+def _row(group: tuple, kind: str, name: str, variant: str, runs: list[dict], prefix: str, failed: int = 0) -> dict:
+    target, sources, fraction, backbone = group
+    row = {"target": target, "sources": "+".join(sources), "target_fraction": fraction, "backbone": backbone,
+           "setting": setting_name(sources, fraction, backbone), "kind": kind, "row": name, "variant": variant,
+           "n": len(runs), "seeds": " ".join(str(r["seed"]) for r in runs), "failed": failed}
+    for m in METRICS:
+        row[f"{m}_mean"], row[f"{m}_std"] = _stats([r["metrics"].get(f"{prefix}{m}") for r in runs])
+    if kind == "method":
+        row["params_trainable"] = _stats([r["metrics"].get("params/trainable") for r in runs])[0]
+        row["train_s_mean"], row["train_s_std"] = _stats([r["metrics"].get("time/train_s") for r in runs])
+    return row
+
+
+def summarise(jobs: list[Job]) -> pd.DataFrame:
+    """One row per (group, method + variant) and per reference row; mean/std columns per metric."""
+    rows: list[dict] = []
+    groups = sorted({j.group for j in jobs}, key=lambda g: (g[0], g[1], g[2], g[3]))
+    for g in groups:
+        in_group = [j for j in jobs if j.group == g]
+        ok = [j for j in in_group if j.status == "ok"]
+        methods = sorted({(j.method, j.variant) for j in in_group})
+        for method, variant in methods:
+            runs = [{"seed": j.seed, "metrics": j.metrics} for j in ok if (j.method, j.variant) == (method, variant)]
+            failed = sum(1 for j in in_group if (j.method, j.variant) == (method, variant) and j.status != "ok")
+            rows.append(_row(g, "method", method, variant, runs, "test/", failed))
+        names = sorted({m for m, _ in methods})
+        for method in names:  # the untrained module of each method: one value a seed
+            runs = _per_seed([j for j in ok if j.method == method], "zero_shot/test/")
+            if runs:
+                name = "zero-shot" if len(names) == 1 else f"zero-shot ({method})"
+                rows.append(_row(g, "zero-shot", name, "", runs, "zero_shot/test/"))
+        for ref in REFERENCES:  # one value a seed (the same candidates for every method)
+            runs = _per_seed(ok, f"{ref}/test/")
+            if runs:
+                rows.append(_row(g, "reference", ref, "", runs, f"{ref}/test/"))
+    return pd.DataFrame(rows)
+
+
+def _per_seed(jobs: list[Job], prefix: str) -> list[dict]:
+    """The first job of each seed that has ``prefix`` metrics (rows that do not depend on the variant)."""
+    per_seed: dict = {}
+    for j in jobs:
+        if f"{prefix}hr@1" in j.metrics:
+            per_seed.setdefault(j.seed, {"seed": j.seed, "metrics": j.metrics})
+    return [per_seed[s] for s in sorted(per_seed, key=str)]
+
+
+def _fmt(mean: float, std: float, digits: int = 4) -> str:
+    if math.isnan(mean):
+        return "—"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _label(r) -> str:
+    return f"{r['row']} [{r['variant']}]" if r["variant"] else str(r["row"])
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """The Markdown table of one group's rows; the best method mean of each metric in bold."""
+    head = ["row", "n", *[m.upper() for m in METRICS], "trainable params", "train time (s)", "failed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    methods = df[df.kind == "method"]
+    best = {m: methods[f"{m}_mean"].max() for m in METRICS} if len(methods) else {}
+    for _, r in df.iterrows():
+        cells = [_label(r), str(r["n"])]
+        for m in METRICS:
+            cell = _fmt(r[f"{m}_mean"], r[f"{m}_std"])
+            if r["kind"] == "method" and len(methods) > 1 and r[f"{m}_mean"] == best.get(m):
+                cell = f"**{cell}**"
+            cells.append(cell)
+        params = r.get("params_trainable", math.nan)
+        cells.append("" if pd.isna(params) else f"{int(params):,}")
+        cells.append("" if r["kind"] != "method" else _fmt(r.get("train_s_mean", math.nan), r.get("train_s_std", math.nan), 1))
+        cells.append(str(r["failed"]) if r["failed"] else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def efficiency_plots(df: pd.DataFrame, out: Path, metric: str) -> list[Path]:
+    """Metric vs target fraction, a line a method (with its variant), per target and sources."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for (target, sources, backbone), sub in df.groupby(["target", "sources", "backbone"], sort=True):
+        if sub["target_fraction"].nunique() < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, line in sub[sub.kind == "method"].groupby(sub.apply(_label, axis=1), sort=True):
+            line = line.sort_values("target_fraction")
+            y, e = line[f"{metric}_mean"].to_numpy(float), np.nan_to_num(line[f"{metric}_std"].to_numpy(float))
+            ax.errorbar(line["target_fraction"], y, yerr=e, marker="o", capsize=3, label=label)
+        for ref in REFERENCES:
+            ref_rows = sub[sub.row == ref]
+            if len(ref_rows):
+                ax.axhline(ref_rows[f"{metric}_mean"].mean(), linestyle="--", linewidth=1, color="grey")
+                ax.text(sub["target_fraction"].min(), ref_rows[f"{metric}_mean"].mean(), f" {ref}", va="bottom",
+                        fontsize=8, color="grey")
+        ax.set_xlabel("target fraction (share of the target's training users)")
+        ax.set_ylabel(f"test {metric.upper()}")
+        ax.set_title(f"{target} (sources {sources or '-'}, {backbone})", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"efficiency_{_slug(target)}_{_slug(sources or 'none')}_{_slug(backbone)}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def bar_plots(df: pd.DataFrame, out: Path, metric: str) -> list[Path]:
+    """Per target: a group of bars a setting, a bar a row (methods, zero-shot, random, popularity)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for target, sub in df.groupby("target", sort=True):
+        sub = sub.assign(label=sub.apply(_label, axis=1))
+        settings = list(dict.fromkeys(sub.sort_values(["sources", "target_fraction", "backbone"])["setting"]))
+        labels = list(dict.fromkeys(sub["label"]))
+        width = 0.8 / max(1, len(labels))
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(settings) * max(1, len(labels)) * 0.5), 4.5))
+        x = np.arange(len(settings))
+        for i, label in enumerate(labels):
+            rows = sub[sub.label == label].set_index("setting")
+            y = [rows[f"{metric}_mean"].get(s, np.nan) for s in settings]
+            e = [0.0 if pd.isna(v) else v for v in (rows[f"{metric}_std"].get(s, np.nan) for s in settings)]
+            ax.bar(x + (i - (len(labels) - 1) / 2) * width, y, width, yerr=e, capsize=2, label=label)
+        ax.set_xticks(x)
+        ax.set_xticklabels([s.replace(", ", "\n") for s in settings], fontsize=8)
+        ax.set_ylabel(f"test {metric.upper()}")
+        ax.set_title(f"target {target}", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = out / f"bars_{_slug(target)}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- report
+def jobs_frame(jobs: list[Job]) -> pd.DataFrame:
+    return pd.DataFrame([{
+        "dir": str(j.dir), "status": j.status, "method": j.method, "variant": j.variant, "target": j.target,
+        "sources": "+".join(j.sources), "target_fraction": j.fraction, "backbone": j.backbone, "seed": j.seed,
+        "error": j.error.splitlines()[0] if j.error else "",
+        **{f"test/{m}": j.metrics.get(f"test/{m}", math.nan) for m in METRICS},
+    } for j in jobs])
+
+
+def log_to_wandb(out: Path, df: pd.DataFrame, jobs: pd.DataFrame, plots: list[Path], project: str) -> str:
+    """The tables and plots as a wandb run of its own (``job_type=report``); offline unless
+    WANDB_OFFLINE=false (as the wandb logger config). Returns the run's folder."""
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE") or (
+        "online" if os.environ.get("WANDB_OFFLINE", "true").lower() in ("0", "false") else "offline")
+    run = wandb.init(project=project, job_type="report", name=f"report-{out.name}", dir=str(out), mode=mode,
+                     config={"folders": sorted({str(Path(d).parent) for d in jobs["dir"]})})
+    run.log({"results": wandb.Table(dataframe=df.fillna("")), "jobs": wandb.Table(dataframe=jobs.fillna("")),
+             **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
+    folder = run.dir
+    run.finish()
+    return folder
+
+
+def write_report(folders: list[str | Path], out: str | Path, metric: str = "ndcg@10", wandb: str = "auto") -> dict:
+    """Read the sweep folders, write the report files into ``out``; returns their paths by kind."""
+    if metric not in METRICS:
+        raise ValueError(f"--metric {metric!r}: use one of {METRICS}")
+    jobs = find_jobs(folders)
+    if not jobs:
+        raise FileNotFoundError(f"no job folder (.hydra/config.yaml) under {[str(f) for f in folders]}")
+    out = Path(out)
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    df = summarise(jobs)
+    jf = jobs_frame(jobs)
+    df.to_csv(out / "results.csv", index=False)
+    jf.to_csv(out / "jobs.csv", index=False)
+
+    counts = jf["status"].value_counts().to_dict()
+    md = [f"# Results: {len(jobs)} jobs ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})", "",
+          "Test metrics, mean ± sample std over seeds (n); bold: the best method. "
+          "Folders: " + ", ".join(f"`{f}`" for f in folders), ""]
+    tables = []
+    for (target, setting), sub in df.groupby(["target", "setting"], sort=False):
+        slug = _slug(f"{target}__{setting}")
+        sub.to_csv(out / "tables" / f"{slug}.csv", index=False)
+        table = markdown_table(sub)
+        (out / "tables" / f"{slug}.md").write_text(f"## {target}: {setting}\n\n{table}\n")
+        tables.append(out / "tables" / f"{slug}.csv")
+        md += [f"## {target}: {setting}", "", table, ""]
+    bad = [j for j in jobs if j.status != "ok"]
+    md += [f"## Failed and incomplete jobs ({len(bad)})", ""]
+    if bad:
+        md += ["| job folder | status | method | target | setting | seed | error |", "|---|---|---|---|---|---|---|"]
+        for j in bad:
+            err = (j.error.splitlines()[0] if j.error else "no metrics.json (killed, or still running)").replace("|", "\\|")
+            md.append(f"| `{j.dir}` | {j.status} | {_label({'row': j.method, 'variant': j.variant})} | {j.target} "
+                      f"| {setting_name(j.sources, j.fraction, j.backbone)} | {j.seed} | {err[:200]} |")
+    else:
+        md.append("None.")
+    plots = efficiency_plots(df, out / "plots", metric) + bar_plots(df, out / "plots", metric)
+    md += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+
+    result = {"markdown": out / "report.md", "csv": out / "results.csv", "jobs": out / "jobs.csv",
+              "tables": tables, "plots": plots, "wandb": None}
+    projects = [j.wandb_project for j in jobs if j.wandb_project]
+    if wandb == "on" or (wandb == "auto" and projects):
+        result["wandb"] = log_to_wandb(out, df, jf, plots, projects[0] if projects else "recsys")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m recsys.report", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folders", nargs="+", help="multirun (or run) folders; every job folder below is read")
+    p.add_argument("--out", required=True, help="folder for report.md, results.csv, jobs.csv, tables/, plots/")
+    p.add_argument("--metric", default="ndcg@10", choices=METRICS, help="the metric of the plots")
+    p.add_argument("--wandb", default="auto", choices=("auto", "on", "off"),
+                   help="log tables and plots to wandb: auto = when the runs used the wandb logger")
+    args = p.parse_args(argv)
+    result = write_report(args.folders, args.out, args.metric, args.wandb)
+    print(Path(result["markdown"]).read_text())
+    print(f"wrote {result['markdown']}, {result['csv']}, {len(result['tables'])} tables, {len(result['plots'])} plots"
+          + (f"; wandb run in {result['wandb']}" if result["wandb"] else ""))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Running at scale: DDP processes under Hydra, auto-resume after a crash, and the wandb run it continues.
+
+- :func:`job_scope` wraps one train/evaluate job: DDP ranks started by Lightning run the *same job* in
+  the *same folder* (also inside a multirun), and a local multirun can run one DDP job after another.
+- :func:`resume_checkpoint` finds the checkpoint a killed run restarts from (``auto_resume: true``).
+- :class:`RNGState` saves the random number generators in checkpoints, so dropout after a resume
+  draws what an uninterrupted run would have drawn.
+- :func:`wandb_resume_kwargs`: a run restarted in its folder continues the same wandb run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+log = logging.getLogger("recsys")
+
+# ---------------------------------------------------------------------------------------------- DDP + Hydra
+# Lightning starts ranks 1..N-1 of a one-node DDP run by running the script again with the same command
+# line plus ``hydra.run.dir=<rank 0's run.dir>`` (lightning/fabric/strategies/launchers/subprocess_script.py).
+# That is right for a single run, wrong in a multirun: the command line holds ``-m`` and every sweep
+# value (each rank would start a whole sweep of its own), ``run.dir`` is not the job's folder, and an
+# ``hparams_search`` config sets ``hydra.mode: MULTIRUN`` by itself. The command below runs the job
+# rank 0 runs: its own overrides, its folder, in RUN mode, and without writing ``.hydra/`` again.
+_CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
+_KEEP_HYDRA = ("hydra.job.chdir", "hydra.verbose", "hydra/job_logging", "hydra/hydra_logging",
+               "hydra.job_logging", "hydra.hydra_logging", "hydra.searchpath")
+_DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def _quote(value: str) -> str:
+    """A Hydra override value as a quoted string (paths may hold '=', ',', spaces)."""
+    if "'" not in value:
+        return f"'{value}'"
+    return '"' + value.replace('"', '\\"') + '"'
+
+
+def _config_flags(argv: list[str]) -> list[str]:
+    """The ``--config-path/--config-name/--config-dir`` flags of a command line, as given."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.split("=", 1)[0]
+        if name in _CONFIG_FLAGS:
+            if "=" in arg:
+                out.append(arg)
+            elif i + 1 < len(argv):
+                out += [arg, argv[i + 1]]
+                i += 1
+        i += 1
+    return out
+
+
+def hydra_ddp_command(local_rank: int) -> tuple[list[str], str]:
+    """The command (and working folder) that starts DDP rank ``local_rank`` of the running Hydra job."""
+    import __main__
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd, to_absolute_path
+
+    hc = HydraConfig.get()
+    if __main__.__spec__ is None:
+        command = [sys.executable, to_absolute_path(sys.argv[0])]
+    else:
+        command = [sys.executable, "-m", __main__.__spec__.name]
+    command += _config_flags(sys.argv[1:])
+    command += list(hc.overrides.task)
+    command += [o for o in hc.overrides.hydra if o.lstrip("+~").split("=", 1)[0] in _KEEP_HYDRA]
+    command += [
+        "hydra.mode=RUN",
+        f"hydra.run.dir={_quote(str(hc.runtime.output_dir))}",  # the job's folder, also in a multirun
+        f"hydra.job.name={hc.job.name}_rank{local_rank}",  # its own log file in that folder
+        "hydra.output_subdir=null",  # rank 0 wrote .hydra/ already
+    ]
+    return command, get_original_cwd()
+
+
+def install_hydra_ddp_launcher() -> None:
+    """Make Lightning start DDP ranks with :func:`hydra_ddp_command` (both its launchers import the helper)."""
+    from lightning.fabric.strategies.launchers import subprocess_script as fabric_launcher
+    from lightning.pytorch.strategies.launchers import subprocess_script as pl_launcher
+
+    fabric_launcher._hydra_subprocess_cmd = hydra_ddp_command
+    pl_launcher._hydra_subprocess_cmd = hydra_ddp_command
+
+
+@contextmanager
+def job_scope():
+    """One train/evaluate job: DDP ranks run this job in its folder, and the job leaves no process group
+    and no DDP variables behind (Lightning sets them on launching), so the next job of a local multirun
+    starts its own ranks on a fresh port."""
+    install_hydra_ddp_launcher()
+    env = {k: os.environ.get(k) for k in _DDP_ENV}
+    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    try:
+        yield
+    finally:
+        if not had_group and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def global_rank() -> int:
+    """This process's rank as the environment says (0 before Lightning starts other processes)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def resume_checkpoint(run_dir: str | Path) -> str | None:
+    """The checkpoint a restarted run continues from: ``checkpoints/last.ckpt`` (written every
+    ``callbacks.resume_checkpoint.every_n_train_steps`` steps and after each validation), else the newest
+    other checkpoint; one that cannot be read (a kill while writing) is skipped. None: start afresh."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return None
+    others = sorted((p for p in folder.glob("*.ckpt") if p.name != "last.ckpt"), key=lambda p: p.stat().st_mtime,
+                    reverse=True)
+    for path in [folder / "last.ckpt", *others]:
+        if not path.is_file():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if "loops" not in state:
+                raise ValueError("not a training checkpoint (no loop state)")
+        except Exception as e:  # noqa: BLE001 - any unreadable file is skipped
+            log.warning("auto_resume: skipping %s (%s)", path, e)
+            continue
+        log.info("auto_resume: continuing from %s (epoch %s, step %s)", path, state.get("epoch"),
+                 state.get("global_step"))
+        return str(path)
+    return None
+
+
+class RNGState(Callback):
+    """Saves the torch/CUDA/numpy/python RNG states in each checkpoint and restores them on resume.
+
+    They are restored at the first training batch after the restart, not when the checkpoint is read,
+    so the draws Lightning makes in between (model and loader set-up) do not shift them: the dropout
+    masks of a resumed run are those of the uninterrupted one. Every rank restores rank 0's state,
+    which is also what it had (all ranks are seeded alike).
+    """
+
+    def __init__(self):
+        self._pending: dict | None = None
+
+    def state_dict(self) -> dict:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        return {  # tensors and plain values only: checkpoints load with torch.load(weights_only=True)
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": random.getstate(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending = state_dict
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._pending is None:
+            return
+        state, self._pending = self._pending, None
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(tuple(state["python"]))
+
+
+def wandb_resume_kwargs(run_dir: str | Path) -> dict:
+    """``id`` and ``resume`` for a WandbLogger, so a run restarted in its folder continues its wandb run.
+
+    The id is kept in ``<run_dir>/wandb_id.txt`` (rank 0 writes it on the first start).
+    """
+    path = Path(run_dir) / "wandb_id.txt"
+    if path.is_file():
+        run_id = path.read_text().strip()
+    else:
+        import wandb
+
+        run_id = wandb.util.generate_id()
+        if global_rank() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(run_id + "\n")
+    return {"id": run_id, "resume": "allow"}

@@ -1,0 +1,406 @@
+"""WeaveRec and its baselines (joint, merge_sources): end-to-end runs on tiny models, the weave step
+(each branch's gradient from its own loss only), the hybrid mixture, reuse of stored hybrids in
+either order, the exported merge loaded with plain peft, ``evaluate`` reproducing the test metrics,
+every merge rule, and clear errors for bad inputs.
+
+Runs go through the real pipeline in-process (``hydra.compose`` + ``recsys.run.train``) on tiny
+random models, a few batches and 8 evaluation users.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from recsys.data.datamodule import RecDataModule
+from recsys.methods.lora import LoRAModule
+from recsys.methods.weaverec import MERGED, WeaveRecModule, weaverec_name
+from recsys.models.adapter_store import AdapterStore, hybrid_name
+from recsys.models.backbone import load_backbone
+from recsys.models.head import ScoringHead
+from recsys.models.merging import MERGE_RULES, lora_delta
+from recsys.models.scoring import likelihood_scores, pair_scores
+from recsys.run import build_datamodule, build_module, evaluate, train
+
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # steps run without a Trainer
+CONF = Path(__file__).resolve().parents[1] / "conf"
+ROWS = ("hr@1", "hr@3", "hr@5", "hr@10", "ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "mrr")
+TINY = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.precision=32-true", "logger=none",
+        "data.max_eval_users=8", "data.batch_size=4", "data.eval_batch_size=8", "zero_shot=false",
+        "~callbacks.rich_progress_bar", "data.max_train_examples=64"]
+SYNTH = {"tools": {"source": "synthetic", "num_users": 60, "num_items": 80, "seed": 0},
+         "toys": {"source": "synthetic", "num_users": 60, "num_items": 80, "seed": 0},
+         "sports": {"source": "synthetic", "num_users": 40, "num_items": 70, "seed": 0}}
+
+
+def config(tmp: Path, *overrides: str, name: str = "train", store: Path | None = None):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(name, overrides=[f"paths.output_dir={tmp}", f"paths.adapter_store={store or tmp / 'store'}",
+                                        f"paths.cache_dir={tmp}/cache", *overrides])
+
+
+def run_train(tmp: Path, *overrides: str, store: Path | None = None) -> dict:
+    """train.py in-process; the config goes to ``<tmp>/.hydra/config.yaml`` as train.py's would."""
+    cfg = config(tmp, *TINY, *overrides, store=store)
+    (tmp / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, tmp / ".hydra" / "config.yaml")
+    _, metrics = train(cfg)
+    return metrics
+
+
+def run_evaluate(run_dir: Path, out: Path, store: Path) -> dict:
+    _, metrics = evaluate(config(out, f"run_dir={run_dir}", "trainer.precision=32-true", name="eval", store=store))
+    return metrics
+
+
+def weave_args(backbone: str, sources: list[str], *extra: str) -> list[str]:
+    return [f"backbone={backbone}", "method=weaverec", "data.target=tools", f"data.sources=[{','.join(sources)}]",
+            *extra]
+
+
+# --------------------------------------------------------------------------------------------- end to end
+CASES = {  # id: (backbone, sources, extra overrides)
+    "encoder-1": ("tiny_encoder", ["toys"], ["method.module.export_dense=true"]),
+    "encoder-2-adamerging": ("tiny_encoder", ["toys", "sports"],
+                             ["merge.learn_weights=true", "merge.learn_steps=3", "merge.learn_batches=1"]),
+    "decoder-1-likelihood": ("tiny_decoder", ["toys"], ["method.module.scoring=likelihood"]),
+    "decoder-2-shared-head": ("tiny_decoder", ["toys", "sports"], ["method.module.head=shared"]),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One weaverec run a case, each with its own store: {id: (run dir, store, metrics)}."""
+    out = {}
+    for key, (backbone, sources, extra) in CASES.items():
+        tmp = tmp_path_factory.mktemp(key)
+        metrics = run_train(tmp / "run", *weave_args(backbone, sources, *extra), store=tmp / "store")
+        out[key] = (tmp / "run", tmp / "store", metrics)
+    return out
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_metrics_and_store(runs, key):
+    run_dir, store, metrics = runs[key]
+    backbone, sources, _ = CASES[key]
+    on_disk = json.loads((run_dir / "metrics.json").read_text())
+    assert on_disk == pytest.approx(metrics)
+    for split in ("val", "test"):
+        assert all(f"{split}/{k}" in metrics for k in ROWS)  # the merged model, as lora's keys
+    for i in range(len(sources) + 1):
+        assert all(f"branch{i}/val/{k}" in metrics for k in ROWS), i
+    assert f"branch{len(sources) + 1}/val/ndcg@10" not in metrics
+    assert metrics["params/trainable"] > 0 and metrics["params/branches_trained"] == len(sources) + 1
+    folder = AdapterStore(store).path(f"tiny:{backbone.split('_')[1]}", "")
+    names = {p.name for p in folder.iterdir()}
+    assert names == {weaverec_name("tools", sources)} | {hybrid_name("tools", s) for s in sources}
+    merged = folder / weaverec_name("tools", sources)
+    manifest = json.loads((merged / "manifest.json").read_text())
+    assert manifest["branches"] == ["target"] + [hybrid_name("tools", s) for s in sources]
+    assert sorted(p.name for p in (merged / "branches").iterdir()) == sorted(manifest["branches"])
+    hybrid = json.loads((folder / hybrid_name("tools", sources[0]) / "manifest.json").read_text())
+    assert hybrid["domains"] == sorted(["tools", sources[0]]) and "val/ndcg@10" in hybrid["metrics"]
+
+
+def test_checkpoint_holds_every_branch_and_no_merge(runs):
+    run_dir, _, _ = runs["encoder-2-adamerging"]
+    ckpt = torch.load(next((run_dir / "checkpoints").glob("epoch*.ckpt")), weights_only=False)
+    keys = list(ckpt["state_dict"])
+    for adapter in ["target", hybrid_name("tools", "toys"), hybrid_name("sports", "tools")]:
+        assert any(f".lora_A.{adapter}." in k for k in keys), adapter
+    assert not any(f".{MERGED}." in k for k in keys)
+    assert not any(".lora_" not in k and not k.startswith("heads.") for k in keys)  # no backbone weight
+    learned = ckpt["weaverec"]["learned_weights"]  # AdaMerging's lambdas, one list per adapted module
+    assert learned and all(len(v) == 3 for v in learned.values())
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_evaluate_run_dir_reproduces_test_metrics(runs, key, tmp_path):
+    run_dir, store, metrics = runs[key]
+    again = run_evaluate(run_dir, tmp_path / "eval", store)
+    for k in ROWS:
+        assert again[f"test/{k}"] == pytest.approx(metrics[f"test/{k}"], abs=1e-6), k
+
+
+def _run_module(run_dir: Path, store: Path):
+    """The run's module at its best checkpoint (as evaluate.py builds it), its config and a test batch."""
+    from recsys.run import build_backbone
+
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    backbone = build_backbone(cfg)
+    dm = build_datamodule(cfg, backbone)
+    module = build_module(cfg, backbone, dm, AdapterStore(store))
+    ckpt = torch.load(next((run_dir / "checkpoints").glob("epoch*.ckpt")), weights_only=False)
+    module.on_load_checkpoint(ckpt)
+    module.load_state_dict(ckpt["state_dict"], strict=False)
+    dm.setup("test")
+    module.eval()
+    return module, cfg, next(iter(dm.test_dataloader()))
+
+
+@pytest.mark.parametrize("key", ["encoder-1", "decoder-1-likelihood", "decoder-2-shared-head"])
+def test_exported_merge_loads_in_plain_peft_and_scores_the_same(runs, key):
+    run_dir, store, _ = runs[key]
+    module, cfg, batch = _run_module(run_dir, store)
+    with torch.no_grad():
+        expected = module.score(batch)
+    folder = AdapterStore(store).path(cfg.backbone.name, weaverec_name("tools", list(cfg.data.sources)))
+    fresh = load_backbone(cfg.backbone.name)
+    plain = PeftModel.from_pretrained(fresh.model, str(folder)).eval()
+    with torch.no_grad():
+        if module.scoring == "likelihood":
+            got = likelihood_scores(plain, batch)
+        else:
+            head = ScoringHead(fresh.hidden_size)
+            head.load_state_dict(load_file(str(folder / "head.safetensors")))
+            got = pair_scores(plain, head.eval(), batch, fresh.kind)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    # the merged adapter is the sum of lambda-scaled branch products, module by module
+    lam = 1.0 / len(module.branches)
+    deltas = [lora_delta(module.model, b.adapter) for b in module.branches]
+    for name, d in lora_delta(module.model, MERGED).items():
+        torch.testing.assert_close(d, sum(lam * x[name] for x in deltas), rtol=1e-4, atol=1e-6)
+    if (folder / "dense").is_dir():  # the dense export: the update folded into the weights
+        from transformers import AutoModel
+
+        dense = AutoModel.from_pretrained(str(folder / "dense")).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(pair_scores(dense, head.eval(), batch, fresh.kind), expected,
+                                       rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- weave step
+def _datamodule(sources, **kw) -> RecDataModule:
+    dm = RecDataModule(domains=SYNTH, target="tools", sources=sources, mix="hybrid", max_eval_users=4,
+                       batch_size=4, eval_batch_size=4, **kw)
+    return dm
+
+
+def _module(kind="encoder", sources=("toys", "sports"), **kw):
+    backbone = load_backbone(f"tiny:{kind}")
+    torch.manual_seed(0)
+    module = WeaveRecModule(backbone, "tools", list(sources), dropout=0.0, **kw)
+    with torch.no_grad():  # peft starts B at 0: make every branch a different, non-zero update
+        for n, p in module.model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.2)
+    dm = _datamodule(list(sources), likelihood=kw.get("scoring") == "likelihood")
+    dm.attach(backbone.tokenizer, backbone.kind, likelihood=kw.get("scoring") == "likelihood")
+    dm.setup("fit")
+    batch = {k: next(iter(v)) for k, v in dm.train_loaders().items()}
+    return module, batch
+
+
+def _grads(module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("head", ["per_branch", "shared"])
+def test_weave_step_gives_each_branch_its_own_gradient(head):
+    module, batch = _module(head=head)
+    flags = {n: p.requires_grad for n, p in module.named_parameters()}
+    module.training_step(batch, 0).backward()
+    woven = _grads(module)
+    assert {n: p.requires_grad for n, p in module.named_parameters()} == flags  # switching changed no flag
+    separate = {}
+    for i, b in enumerate(module.branches):  # each branch alone, on its own stream
+        module.zero_grad()
+        sub = batch[b.stream]
+        module.loss(module.branch_score(sub, i), sub["labels"]).backward()
+        got = _grads(module)
+        for n, g in got.items():
+            if ".lora_" in n:  # only this branch's adapter gets a gradient
+                assert f".{b.adapter}." in n, (b.adapter, n)
+            separate[n] = separate.get(n, 0) + g
+    assert set(woven) == set(separate)
+    for n in woven:
+        torch.testing.assert_close(woven[n], separate[n], rtol=1e-5, atol=1e-7)
+    for a in module.adapters:
+        assert any(f".{a}." in n for n in woven), a  # every branch trained in the one step
+
+
+def test_weave_clipping_is_per_branch():
+    module, batch = _module(head="per_branch")
+    module.training_step(batch, 0).backward()
+    module.configure_gradient_clipping(None, gradient_clip_val=1e-3, gradient_clip_algorithm="norm")
+    for b, h in zip(module.branches, module.heads):
+        params = module._branch_params[b.adapter] + list(h.parameters())
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        assert norm == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_merged_head_is_the_mean_of_branch_heads():
+    module, batch = _module(head="per_branch", merge={"weights": [0.5, 0.25, 0.25]})
+    with torch.no_grad():
+        for i, h in enumerate(module.heads):
+            for p in h.parameters():
+                p.fill_(float(i))
+    module.ensure_merged()
+    for p in module.merged_head.parameters():
+        torch.testing.assert_close(p, torch.full_like(p, 0.5 * 0 + 0.25 * 1 + 0.25 * 2))
+
+
+# --------------------------------------------------------------------------------------------- hybrid data
+def test_hybrid_mixture_proportions_cap_and_skipped_streams():
+    dm = _datamodule(["toys", "sports"], hybrid_cap=30)
+    dm.setup("fit")
+    assert set(dm.train_entries) == {"target", "hybrid/toys", "hybrid/sports"}
+    for s in ("toys", "sports"):
+        assert Counter(d for d, _ in dm.train_entries[f"hybrid/{s}"]) == {"tools": 30, s: 30}
+    full = _datamodule(["toys"], hybrid_cap=10**6)
+    full.setup("fit")
+    n_t = len(full.train_entries["target"])
+    n_s = len(full._domain_train("toys"))
+    assert Counter(d for d, _ in full.train_entries["hybrid/toys"]) == {"tools": n_t, "toys": min(n_t, n_s)}
+    skip = _datamodule(["toys", "sports"], hybrid_cap=30)
+    skip.skip_streams = {"hybrid/toys"}
+    skip.setup("fit")
+    assert set(skip.train_entries) == {"target", "hybrid/sports"}
+
+
+# --------------------------------------------------------------------------------------------- reuse
+def test_store_reuses_a_hybrid_in_either_order(runs, tmp_path, caplog):
+    _, store, _ = runs["encoder-1"]
+    store = Path(shutil.copytree(store, tmp_path / "store"))
+    stored = load_file(str(AdapterStore(store).path("tiny:encoder", hybrid_name("tools", "toys"))
+                           / "adapter_model.safetensors"))
+    # the hybrid of (tools, toys) trained with target tools serves target toys with source tools
+    cfg = config(tmp_path / "run", *TINY, "backbone=tiny_encoder", "method=weaverec", "data.target=toys",
+                 "data.sources=[tools]", store=store)
+    from recsys.run import build_backbone
+
+    backbone = build_backbone(cfg)
+    dm = build_datamodule(cfg, backbone)
+    module = build_module(cfg, backbone, dm, AdapterStore(store))
+    assert [b.trained for b in module.branches] == [True, False]
+    assert module.branches[1].adapter == hybrid_name("toys", "tools") == hybrid_name("tools", "toys")
+    assert dm.skip_streams == {"hybrid/tools"}
+    a = module.branches[1].adapter
+    state = {k.replace(f".{a}.", "."): v for k, v in module.model.state_dict().items() if f".{a}." in k}
+    assert set(state) == set(stored) and all(torch.equal(state[k], stored[k]) for k in stored)
+    assert not any(p.requires_grad for p in module._branch_params[module.branches[1].adapter])
+    # a full run with the reused hybrid trains only the target branch
+    metrics = run_train(tmp_path / "run2", "backbone=tiny_encoder", "method=weaverec", "data.target=toys",
+                        "data.sources=[tools]", store=store)
+    assert metrics["params/branches_trained"] == 1 and "branch1/val/ndcg@10" in metrics
+    # retrain on request, and when the stored one does not fit (another rank)
+    for extra in (["method.module.retrain_hybrids=true"], ["method.module.r=4"]):
+        cfg = config(tmp_path / "run3", *TINY, "backbone=tiny_encoder", "method=weaverec", "data.target=toys",
+                     "data.sources=[tools]", *extra, store=store)
+        backbone = build_backbone(cfg)
+        with caplog.at_level(logging.WARNING, logger="recsys.weaverec"):
+            module = build_module(cfg, backbone, build_datamodule(cfg, backbone), AdapterStore(store))
+        assert [b.trained for b in module.branches] == [True, True], extra
+    assert "r 8 != 4" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------- baselines
+@pytest.fixture(scope="module")
+def lora_store(tmp_path_factory):
+    """A store with random LoRA adapters (+ heads) of tools, toys and sports on the tiny encoder."""
+    tmp = tmp_path_factory.mktemp("lora_store")
+    store = AdapterStore(tmp / "store")
+    for i, d in enumerate(["tools", "toys", "sports"]):
+        module = LoRAModule(load_backbone("tiny:encoder"))
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(i)
+            for n, p in module.model.named_parameters():
+                if ".lora_B." in n:
+                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
+        module.export(store, {"domain": d, "method": "lora"})
+    return tmp / "store"
+
+
+@pytest.mark.parametrize("rule", MERGE_RULES)
+def test_merge_sources_each_rule(lora_store, rule, tmp_path):
+    metrics = run_train(tmp_path / "run", "backbone=tiny_encoder", "method=merge_sources",
+                        "data.sources=[toys,sports]", f"merge.rule={rule}", store=lora_store)
+    assert all(f"test/{k}" in metrics and f"val/{k}" in metrics for k in ROWS)
+    assert metrics["params/trainable"] == 0 and metrics["time/train_s"] < 1
+
+
+def test_merge_sources_evaluate_reproduces(lora_store, tmp_path):
+    metrics = run_train(tmp_path / "run", "backbone=tiny_encoder", "method=merge_sources",
+                        "data.sources=[toys]", "merge.rule=dare_ties", store=lora_store)
+    again = run_evaluate(tmp_path / "run", tmp_path / "eval", lora_store)  # no checkpoint: rebuilt from the store
+    for k in ROWS:
+        assert again[f"test/{k}"] == pytest.approx(metrics[f"test/{k}"], abs=1e-6), k
+
+
+def test_joint_trains_one_lora_on_pooled_data(tmp_path):
+    metrics = run_train(tmp_path / "run", "backbone=tiny_encoder", "method=joint", "data.sources=[toys]")
+    assert all(f"test/{k}" in metrics for k in ROWS)
+    assert metrics["data/train_examples"] == 128  # 64 a domain (data.max_train_examples), pooled
+    names = {p.name for p in (tmp_path / "run" / "store" / "tiny-encoder").iterdir()}
+    assert names == {"joint-tools-with-toys"}  # never the target's own LoRA slot
+
+
+# --------------------------------------------------------------------------------------------- errors
+def _merge_sources(store, tmp, *extra):
+    cfg = config(tmp, *TINY, "backbone=tiny_encoder", "method=merge_sources", "data.sources=[toys]", *extra,
+                 store=store)
+    from recsys.run import build_backbone
+
+    backbone = build_backbone(cfg)
+    return build_module(cfg, backbone, build_datamodule(cfg, backbone), AdapterStore(store))
+
+
+def test_missing_adapters_name_each_and_the_command(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        _merge_sources(tmp_path / "empty", tmp_path)
+    text = str(e.value)
+    for d in ("tools", "toys"):
+        assert f"python train.py method=lora data.target={d}" in text
+    assert "train_missing" in text
+
+
+def test_bad_merge_inputs_fail_clearly(lora_store, tmp_path):
+    with pytest.raises(ValueError, match="merge.rule='nope' is unknown"):
+        _merge_sources(lora_store, tmp_path, "merge.rule=nope")
+    with pytest.raises(ValueError, match="merge.weights has 3 values .* 2 adapters are merged"):
+        _merge_sources(lora_store, tmp_path, "merge.weights=[0.2,0.3,0.5]")
+    with pytest.raises(ValueError, match="merge.weights has 1 values .* 3 adapters"):
+        WeaveRecModule(load_backbone("tiny:encoder"), "tools", ["toys", "sports"], merge={"weights": [1.0]})
+    with pytest.raises(ValueError, match="merge.rule='nope' is unknown"):
+        WeaveRecModule(load_backbone("tiny:encoder"), "tools", ["toys"], merge={"rule": "nope"})
+
+
+def _replace_adapter(store: Path, domain: str, backbone_kw: dict, lora_kw: dict, backbone_name=None):
+    module = LoRAModule(load_backbone("tiny:encoder", **backbone_kw), **lora_kw)
+    module.export(AdapterStore(store), {"domain": domain})
+    if backbone_name:  # as if trained on another backbone
+        f = AdapterStore(store).path("tiny:encoder", domain) / "manifest.json"
+        m = json.loads(f.read_text())
+        f.write_text(json.dumps({**m, "backbone": backbone_name}))
+
+
+def test_adapters_of_other_backbones_or_modules_fail_clearly(lora_store, tmp_path):
+    cases = [
+        ({}, {"target_modules": ["query", "key"]}, None, "different target modules"),
+        ({"hidden_size": 48}, {}, None, "different shapes|different backbone"),
+        ({}, {}, "tiny:decoder", "trained on backbone 'tiny:decoder'"),
+    ]
+    for i, (backbone_kw, lora_kw, name, message) in enumerate(cases):
+        store = Path(shutil.copytree(lora_store, tmp_path / f"store{i}"))
+        _replace_adapter(store, "toys", backbone_kw, lora_kw, name)
+        with pytest.raises(ValueError, match=message):
+            _merge_sources(store, tmp_path)
+
+
+def test_weaverec_needs_hybrid_data_and_sources(tmp_path):
+    with pytest.raises(Exception, match="data.mix=hybrid needs data.sources"):
+        run_train(tmp_path / "run", "backbone=tiny_encoder", "method=weaverec", "data.sources=[]")
+    with pytest.raises(ValueError, match="head='both' is unknown"):
+        WeaveRecModule(load_backbone("tiny:encoder"), "tools", ["toys"], head="both")
