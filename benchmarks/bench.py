@@ -20,8 +20,9 @@ Parts (``--parts``, comma-separated; default all that apply to the backbone):
   WeaveRec module's own merged model) against one LoRA model.
 
 Timing: every comparison alternates blocks of its variants (``--rounds`` rounds, the order reversed every
-other round) after ``--warmup`` untimed steps per block, on the same pre-collated batches, so background
-load hits all variants alike; each block is timed as a whole with device synchronisation at its ends.
+other round), on the same pre-collated batches, so background load hits all variants alike; each block
+is timed as a whole with device synchronisation at its ends. ``--warmup`` untimed steps precede a variant's
+first block, ``--rewarm`` its later ones.
 Ratios are of mean times; the per-round range of the ratio is printed beside it as a noise estimate.
 
 Memory: the peak above the level at the start of a block (CPU: resident set size sampled every 5 ms;
@@ -76,8 +77,9 @@ SHAPES = {
                      num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
                      rope_theta=500_000.0, max_position_embeddings=131072, head_dim=64),
 }
-QKV_NAMES = {"query", "key", "value", "q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv",
-             "qkv", "q_lin", "k_lin", "v_lin"}
+Q_NAMES, K_NAMES, V_NAMES = {"query", "q_proj", "q_lin", "wq"}, {"key", "k_proj", "k_lin", "wk"}, {"value", "v_proj", "v_lin", "wv"}
+FUSED_QKV = {"qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv"}
+QKV_NAMES = Q_NAMES | K_NAMES | V_NAMES | FUSED_QKV  # the projections that read a block's input
 PARTS = ("lora", "likelihood", "xcross", "weaverec")
 
 
@@ -99,8 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="how the LoRA module is driven in part lora (the other parts call the modules directly)")
     p.add_argument("--steps", type=int, default=8, help="timed training steps per variant (over all rounds)")
     p.add_argument("--eval-steps", type=int, default=None, help="timed evaluation batches per variant (default: --steps)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of every block (>= 1)")
-    p.add_argument("--rounds", type=int, default=2, help="alternating blocks per variant")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before a variant's first block")
+    p.add_argument("--rewarm", type=int, default=0, help="untimed steps before each later block")
+    p.add_argument("--rounds", type=int, default=4, help="alternating blocks per variant")
     p.add_argument("--batch-size", type=int, default=16, help="training users a batch (1 + 4 candidates each)")
     p.add_argument("--eval-batch-size", type=int, default=8, help="evaluation users a batch (20 candidates each)")
     p.add_argument("--max-history", type=int, default=5, help="history titles in a prompt")
@@ -128,8 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = sorted(set(args.parts) - set(PARTS))
     if unknown:
         p.error(f"unknown parts {unknown}; known: {PARTS}")
-    if args.warmup < 1:
-        p.error("--warmup must be >= 1")
+    if args.warmup < 0 or args.rewarm < 0 or args.steps < 1 or args.rounds < 1:
+        p.error("--warmup and --rewarm must be >= 0, --steps and --rounds >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     if args.sources < 2:
@@ -229,24 +232,31 @@ def split_steps(total: int, rounds: int) -> list[int]:
     return [total // rounds + (1 if i < total % rounds else 0) for i in range(rounds)]
 
 
-def alternate(variants: dict, total: int, rounds: int, warmup: int, meter: Meter) -> dict[str, dict]:
+def alternate(variants: dict, total: int, rounds: int, warmup: int, rewarm: int, meter: Meter) -> dict[str, dict]:
     """Run every variant in blocks, alternating, the order reversed every other round.
 
-    ``variants``: name -> ``run(first_index, warmup, n, block) -> (seconds, steps, peak_bytes)``, which runs
-    ``warmup`` untimed then ``n`` timed steps on batches ``first_index, first_index + 1, ...`` and times them
-    with ``block``. Returns name -> {"seconds": [...], "steps": [...], "peak": max bytes}.
+    ``variants``: name -> ``run(first_index, w, n, block) -> (seconds, steps, peak_bytes)``, which runs
+    ``w`` untimed then ``n`` timed steps on batches ``first_index, first_index + 1, ...`` and times them
+    with ``block``; ``w`` is ``warmup`` in the first round, ``rewarm`` after. Returns
+    name -> {"seconds": [...], "steps": [...], "peak": max bytes}.
     """
     out = {name: {"seconds": [], "steps": [], "peak": 0} for name in variants}
     first = 0
     for r, n in enumerate(split_steps(total, rounds)):
+        w = warmup if r == 0 else rewarm
         names = list(variants) if r % 2 == 0 else list(reversed(variants))
         for name in names:
-            seconds, steps, peak = variants[name](first, warmup, n, Block(meter))
+            seconds, steps, peak = variants[name](first, w, n, Block(meter))
             out[name]["seconds"].append(seconds)
             out[name]["steps"].append(steps)
             out[name]["peak"] = max(out[name]["peak"], peak)
-        first += warmup + n
+        first += w + n
     return out
+
+
+def batches_needed(args, total: int) -> int:
+    """Batches one variant goes through in :func:`alternate` (warm-ups included)."""
+    return args.warmup + args.rewarm * (len(split_steps(total, args.rounds)) - 1) + total
 
 
 def direct(step, first: int, warmup: int, n: int, block: Block):
@@ -259,8 +269,20 @@ def direct(step, first: int, warmup: int, n: int, block: Block):
     return block.stop(n)
 
 
+def mem_ratio(a_mib: float, b_mib: float) -> float | None:
+    """a / b, or None when either is below 1 MiB (CPU RSS sampling resolution: not meaningful)."""
+    return a_mib / b_mib if min(a_mib, b_mib) >= 1 else None
+
+
 def per_step(res: dict) -> float:
     return sum(res["seconds"]) / max(1, sum(res["steps"]))
+
+
+def span(ratios: list[float]) -> tuple[float, float, float]:
+    """(min, max, median) of per-round ratios."""
+    r = sorted(ratios)
+    mid = len(r) // 2
+    return r[0], r[-1], (r[mid] if len(r) % 2 else 0.5 * (r[mid - 1] + r[mid]))
 
 
 def round_ratios(a: dict, b: dict, scale: float = 1.0) -> list[float]:
@@ -273,6 +295,8 @@ def round_ratios(a: dict, b: dict, scale: float = 1.0) -> list[float]:
 
 def quiet() -> None:
     warnings.filterwarnings("ignore")
+    import lightning.pytorch  # noqa: F401  (it sets its loggers' levels on import: import it first)
+
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers", "peft", "recsys"):
         logging.getLogger(name).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
@@ -336,8 +360,8 @@ def make_batches(args, models: Models, likelihood: bool = False) -> tuple[list[d
     """(training batches, test batches) of the synthetic ``tools`` domain, collated once on the CPU."""
     from recsys.data.datamodule import RecDataModule
 
-    need_train = args.warmup * args.rounds + args.steps
-    need_eval = args.warmup * args.rounds + args.eval_steps
+    need_train = batches_needed(args, args.steps)
+    need_eval = batches_needed(args, args.eval_steps)
     dm = RecDataModule(
         domains={"tools": {"source": "synthetic", "num_users": args.num_users, "num_items": 300, "seed": 0}},
         target="tools", max_history=args.max_history, batch_size=args.batch_size,
@@ -543,13 +567,15 @@ def lora_step_flops(model: nn.Module, kind: str, lora_targets, r: int, lengths: 
       weight gradients 2r(d_in + d_out), input gradients 2r d_out (B) + 2r d_in (A; not in block 0's q/k/v);
     - attention scores and the weighted sum, per block and sequence of length L: forward 4 L^2 d_attn
       (QK^T and PV over all heads, d_attn = heads * head_dim; the full L x L square, as the kernels with a
-      padding mask compute it), backward 8 L^2 d_attn (dQ, dK, dV, dP);
+      padding mask compute it), backward 2 L^2 d_attn for each of dP, dV, dQ, dK: 8 L^2 d_attn; in block 0
+      only those whose input needs a gradient (q/k/v need one only if they carry LoRA: an encoder with
+      LoRA on q and v skips dK there);
     - the head on the pooled token of each sequence: 6 (d^2 + d) (forward, weight and input gradients);
       a BERT pooler (computed by the model, unused by the loss): forward 2 d^2 per sequence;
     - no LM head (the head reads the body's hidden states) and no embedding FLOPs (lookups).
 
     In short: FLOPs = T (4 N_frozen + 6 N_lora) - (block 0's q/k/v input gradients)
-                      + 12 d_attn sum_s L_s^2 n_layers + 6 (d^2 + d) S
+                      + 12 d_attn sum_s L_s^2 n_layers (- block 0's unneeded attention gradients) + 6 (d^2 + d) S
     with T = sum_s L_s tokens and S sequences. Returns the total and its parts.
     """
     from recsys.models.backbone import body, transformer_layers
@@ -577,7 +603,13 @@ def lora_step_flops(model: nn.Module, kind: str, lora_targets, r: int, lengths: 
                 parts["frozen_input_grad"] += 2 * din * dout * T
             if leaf in targets:
                 parts["lora"] += (2 * r * (din + dout) * 2 + 2 * r * dout + (0 if reads_embeddings else 2 * r * din)) * T
-        parts["attention"] += 12 * d_attn * sq
+        if li == 0:  # which of q, k, v need a gradient: those with a LoRA (their input, the embeddings, needs none)
+            fused = bool(targets & FUSED_QKV)
+            need_q, need_k, need_v = (fused or bool(targets & names) for names in (Q_NAMES, K_NAMES, V_NAMES))
+            backward = 2 * (need_v + (need_q or need_k) + need_q + need_k)
+        else:
+            backward = 8
+        parts["attention"] += (4 + backward) * d_attn * sq
     parts["head"] = 6 * (d * d + d) * S
     pooler = getattr(body(model), "pooler", None)
     if pooler is not None and isinstance(getattr(pooler, "dense", None), nn.Linear):
@@ -655,7 +687,7 @@ class Bench:
         return to_device(self.batches()[1][i % len(self.batches()[1])], self.device)
 
     def total_steps(self) -> int:
-        return self.args.steps + self.args.warmup * self.args.rounds
+        return batches_needed(self.args, self.args.steps)
 
     def new_lora(self):
         from recsys.methods.lora import LoRAModule
@@ -711,8 +743,8 @@ class Bench:
                 return direct(lambda i: plain.eval_step(self.test_batch(i)), first, warmup, n, block)
 
         # same initial weights: the first losses agree (up to LoRA dropout's random draws)
-        tr = alternate({"module": module_train, "plain": plain_train}, a.steps, a.rounds, a.warmup, self.meter)
-        ev = alternate({"module": module_eval, "plain": plain_eval}, a.eval_steps, a.rounds, a.warmup, self.meter)
+        tr = alternate({"module": module_train, "plain": plain_train}, a.steps, a.rounds, a.warmup, a.rewarm, self.meter)
+        ev = alternate({"module": module_eval, "plain": plain_eval}, a.eval_steps, a.rounds, a.warmup, a.rewarm, self.meter)
         self._lora_trainer = None
         self.models.place(module)  # Lightning moves the module to the CPU after fit/test
 
@@ -724,7 +756,7 @@ class Bench:
         spread = round_ratios(tr["plain"], tr["module"])
         sec = f"1. LoRA training ({a.harness} vs plain loop)"
         self.add(sec, "examples/s", users_step / t_m, users_step / t_p, t_p / t_m, ">= 1.0x (CPU)",
-                 (t_p / t_m >= 1.0) if self.device.type == "cpu" else None, (min(spread), max(spread)),
+                 (t_p / t_m >= 1.0) if self.device.type == "cpu" else None, span(spread),
                  key="lora/train_throughput_ratio")
         self.figures["lora/train_examples_per_s"] = users_step / t_m
         self.figures["plain/train_examples_per_s"] = users_step / t_p
@@ -736,18 +768,18 @@ class Bench:
         self.add(sec, "step time (ms)", 1e3 * t_m, 1e3 * t_p)
         self.figures["lora/train_step_s"], self.figures["plain/train_step_s"] = t_m, t_p
         pm, pp = tr["module"]["peak"] / 2**20, tr["plain"]["peak"] / 2**20
-        self.add(sec, "peak memory above weights (MiB)", pm, pp, (pm / pp) if pp > 0 else None)
+        self.add(sec, "peak memory above weights (MiB)", pm, pp, mem_ratio(pm, pp))
         self.figures["lora/train_peak_mib"], self.figures["plain/train_peak_mib"] = pm, pp
 
         e_m, e_p = per_step(ev["module"]), per_step(ev["plain"])
         spread = round_ratios(ev["plain"], ev["module"])
         sec2 = "2. LoRA evaluation, 20 candidates"
         self.add(sec2, "users/s", eval_users / e_m, eval_users / e_p, e_p / e_m, ">= 1.0x (CPU)",
-                 (e_p / e_m >= 1.0) if self.device.type == "cpu" else None, (min(spread), max(spread)),
+                 (e_p / e_m >= 1.0) if self.device.type == "cpu" else None, span(spread),
                  key="lora/eval_throughput_ratio")
         self.figures["lora/eval_users_per_s"], self.figures["plain/eval_users_per_s"] = eval_users / e_m, eval_users / e_p
         pm, pp = ev["module"]["peak"] / 2**20, ev["plain"]["peak"] / 2**20
-        self.add(sec2, "peak memory above weights (MiB)", pm, pp, (pm / pp) if pp > 0 else None)
+        self.add(sec2, "peak memory above weights (MiB)", pm, pp, mem_ratio(pm, pp))
         self.figures["lora/eval_peak_mib"], self.figures["plain/eval_peak_mib"] = pm, pp
         self._mfu(module, train, t_m, t_p, plain)
         del plain
@@ -765,14 +797,23 @@ class Bench:
             def __init__(self, block, warmup, n):
                 self.block, self.warmup, self.n, self.result = block, warmup, n, None
 
-            def _end(self, i):
-                if i == self.warmup - 1:
+            # from the start of the first timed batch (on the device already) to the end of the last
+            def _start(self, i):
+                if i == self.warmup:
                     self.block.start()
-                elif i == self.warmup + self.n - 1:
+
+            def _end(self, i):
+                if i == self.warmup + self.n - 1:
                     self.result = self.block.stop(self.n)
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                self._start(batch_idx)
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 self._end(batch_idx)
+
+            def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+                self._start(batch_idx)
 
             def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
                 self._end(batch_idx)
@@ -817,21 +858,25 @@ class Bench:
             mfu_m, mfu_p = useful / t_m / (a.peak_tflops * 1e12), useful / t_p / (a.peak_tflops * 1e12)
             self.add(sec, f"MFU (of {a.peak_tflops:g} TFLOP/s)", mfu_m, mfu_p, mfu_m / mfu_p)
             self.figures["lora/mfu"], self.figures["plain/mfu"] = mfu_m, mfu_p
-        if a.check_flops:
+        if a.check_flops:  # count one plain step (eager attention: its matmuls are visible to the counter)
             from torch.utils.flop_counter import FlopCounterMode
 
             batch = self.train_batch(0)
-            with FlopCounterMode(display=False) as counter:
-                plain.train_step(batch)
+            configs = [m.config for m in plain.model.modules() if hasattr(m, "config")]
+            saved = [c._attn_implementation for c in configs]
+            try:
+                for c in configs:
+                    c._attn_implementation = "eager"
+                with FlopCounterMode(display=False) as counter:
+                    plain.train_step(batch)
+            finally:
+                for c, impl in zip(configs, saved):
+                    c._attn_implementation = impl
             counted = counter.get_total_flops()
-            parts = lora_step_flops(base, self.kind, targets, a.r, batch_lengths(batch, padded=True))
-            no_attn = parts["total"] - parts["attention"]
-            self.add(sec, "FlopCounterMode / formula (padded batch 0)", counted / 1e12, parts["total"] / 1e12,
-                     counted / parts["total"])
-            self.add(sec, "FlopCounterMode / formula without attention", counted / 1e12, no_attn / 1e12, counted / no_attn)
-            self.figures["flops/check_counted"] = counted
-            self.figures["flops/check_formula_padded"] = parts["total"]
-            self.figures["flops/check_formula_padded_no_attention"] = no_attn
+            formula = lora_step_flops(base, self.kind, targets, a.r, batch_lengths(batch, padded=True))["total"]
+            self.add(sec, "TFLOP: FlopCounterMode vs formula (one padded batch)", counted / 1e12, formula / 1e12,
+                     counted / formula, "1.0", abs(counted / formula - 1) < 0.01, key="flops/check_ratio")
+            self.figures["flops/check_counted"], self.figures["flops/check_formula_padded"] = counted, formula
 
     # ---------------------------------------------------------------- part 4: likelihood scoring
     def part_likelihood(self):
@@ -852,11 +897,11 @@ class Bench:
             return partial(direct, infer_step(lambda b: fn(model, b), a, batch_fn))
 
         variants = {"shared": run(likelihood_scores), "batched": run(likelihood_scores_batched)}
-        res = alternate(variants, a.eval_steps, a.rounds, a.warmup, self.meter)
+        res = alternate(variants, a.eval_steps, a.rounds, a.warmup, a.rewarm, self.meter)
         loop = None
         if a.naive_loop_batches > 0:
             loop = alternate({"loop": run(likelihood_scores_naive), "shared": run(likelihood_scores)},
-                             a.naive_loop_batches, 1, 1, self.meter)
+                             a.naive_loop_batches, 1, 1, 0, self.meter)
         # the three agree
         with torch.inference_mode(), autocast(a):
             b = batch_fn(0)
@@ -872,7 +917,7 @@ class Bench:
         target = ">= 3x (H100, 0.5B)"
         ok = (t_b / t_s >= 3) if (self.device.type == "cuda" and a.shape == "qwen2-0.5b") else None
         self.add(sec, "users/s: shared KV cache vs batched full prompts", users / t_s, users / t_b, t_b / t_s, target, ok,
-                 (min(spread), max(spread)), key="likelihood/speedup_vs_batched")
+                 span(spread), key="likelihood/speedup_vs_batched")
         self.figures["likelihood/shared_users_per_s"], self.figures["likelihood/batched_users_per_s"] = users / t_s, users / t_b
         if loop is not None:
             t_l, t_s2 = per_step(loop["loop"]), per_step(loop["shared"])
@@ -880,7 +925,7 @@ class Bench:
                      key="likelihood/speedup_vs_loop")
             self.figures["likelihood/loop_users_per_s"] = users / t_l
         ps, pb = res["shared"]["peak"] / 2**20, res["batched"]["peak"] / 2**20
-        self.add(sec, "peak memory above weights (MiB)", ps, pb, (ps / pb) if pb > 0 else None)
+        self.add(sec, "peak memory above weights (MiB)", ps, pb, mem_ratio(ps, pb))
         self.figures["likelihood/shared_peak_mib"], self.figures["likelihood/batched_peak_mib"] = ps, pb
         self.add(sec, "max |score difference| between the methods", diff)
         self.figures["likelihood/max_abs_diff"] = diff
@@ -923,7 +968,7 @@ class Bench:
         xt = DirectTrainer(module, a, self.device, self.total_steps(), self.train_batch)
         lt = self.lora_direct()
         tr = alternate({"xcross": partial(direct, xt.step), "lora": partial(direct, lt.step)},
-                       a.steps, a.rounds, a.warmup, self.meter)
+                       a.steps, a.rounds, a.warmup, a.rewarm, self.meter)
 
         def infer(m):
             def run(first, warmup, k, block):
@@ -931,20 +976,20 @@ class Bench:
                     return direct(infer_step(m.score, a, self.test_batch), first, warmup, k, block)
             return run
 
-        ev = alternate({"xcross": infer(module), "lora": infer(lora)}, a.eval_steps, a.rounds, a.warmup, self.meter)
+        ev = alternate({"xcross": infer(module), "lora": infer(lora)}, a.eval_steps, a.rounds, a.warmup, a.rewarm, self.meter)
         sec = f"5. X-Cross, n = {n} sources (direct calls)"
         t_x, t_l = per_step(tr["xcross"]), per_step(tr["lora"])
         r = t_x / (n * t_l)
         spread = round_ratios(tr["xcross"], tr["lora"], n)
         self.add(sec, f"training step (ms): X-Cross vs LoRA; ratio to {n} x LoRA", 1e3 * t_x, 1e3 * t_l, r,
-                 "<= 1.15", r <= 1.15, (min(spread), max(spread)), key="xcross/train_ratio_to_n_lora")
+                 "<= 1.15", r <= 1.15, span(spread), key="xcross/train_ratio_to_n_lora")
         e_x, e_l = per_step(ev["xcross"]), per_step(ev["lora"])
         r = e_x / (n * e_l)
         spread = round_ratios(ev["xcross"], ev["lora"], n)
         self.add(sec, f"inference batch (ms): X-Cross vs LoRA; ratio to {n} x LoRA", 1e3 * e_x, 1e3 * e_l, r,
-                 "<= 1.1", r <= 1.1, (min(spread), max(spread)), key="xcross/infer_ratio_to_n_lora")
+                 "<= 1.1", r <= 1.1, span(spread), key="xcross/infer_ratio_to_n_lora")
         px, pl = tr["xcross"]["peak"] / 2**20, tr["lora"]["peak"] / 2**20
-        self.add(sec, "training peak memory above weights (MiB)", px, pl, (px / pl) if pl > 0 else None)
+        self.add(sec, "training peak memory above weights (MiB)", px, pl, mem_ratio(px, pl))
         self.figures.update({"xcross/train_step_s": t_x, "xcross/lora_train_step_s": t_l,
                              "xcross/infer_batch_s": e_x, "xcross/lora_infer_batch_s": e_l,
                              "xcross/train_peak_mib": px, "xcross/lora_train_peak_mib": pl})
@@ -980,14 +1025,14 @@ class Bench:
         if weave:
             variants = {f"weave{N}": partial(direct, t.step) for N, (_, t) in weave.items()}
             variants["lora"] = partial(direct, lt.step)
-            tr = alternate(variants, a.steps, a.rounds, a.warmup, self.meter)
+            tr = alternate(variants, a.steps, a.rounds, a.warmup, a.rewarm, self.meter)
             t_l = per_step(tr["lora"])
             for N in weave:
                 t_w = per_step(tr[f"weave{N}"])
                 r = t_w / ((N + 1) * t_l)
                 spread = round_ratios(tr[f"weave{N}"], tr["lora"], N + 1)
                 self.add(sec, f"weave step, {N + 1} branches (ms) vs LoRA; ratio to {N + 1} x LoRA", 1e3 * t_w,
-                         1e3 * t_l, r, "<= 1.1", r <= 1.1, (min(spread), max(spread)),
+                         1e3 * t_l, r, "<= 1.1", r <= 1.1, span(spread),
                          key=f"weaverec/train_ratio_{N + 1}_branches")
                 self.figures[f"weaverec/train_step_s_{N + 1}_branches"] = t_w
             self.figures["weaverec/lora_train_step_s"] = t_l
@@ -1037,14 +1082,14 @@ class Bench:
             m.ensure_merged()
             variants[f"module{N}"] = infer(m.score, [m])
             labels[f"module{N}"] = f"WeaveRecModule.score, {N + 1} branches merged"
-        ev = alternate(variants, a.eval_steps, a.rounds, a.warmup, self.meter)
+        ev = alternate(variants, a.eval_steps, a.rounds, a.warmup, a.rewarm, self.meter)
         e_l = per_step(ev["lora"])
         self.figures["weaverec/lora_infer_batch_s"] = e_l
         for name, label in labels.items():
             e = per_step(ev[name])
             spread = round_ratios(ev[name], ev["lora"])
             self.add(sec, f"inference (ms): {label} vs LoRA", 1e3 * e, 1e3 * e_l, e / e_l, "1.0 within noise",
-                     None, (min(spread), max(spread)), key=f"weaverec/infer_ratio_{name}")
+                     None, span(spread), key=f"weaverec/infer_ratio_{name}")
             self.figures[f"weaverec/infer_batch_s_{name}"] = e
         self.free()
 
@@ -1099,11 +1144,12 @@ def fmt(x) -> str:
 
 
 def table(bench: Bench) -> str:
-    head = ["metric", "recsys", "baseline", "ratio", "round range", "target", "met"]
+    head = ["metric", "recsys", "baseline", "ratio", "per-round range", "target", "met"]
     lines, section = [], None
     rows = []
-    for row in bench.rows:
-        spread = f"{row['spread'][0]:.2f}-{row['spread'][1]:.2f}" if row["spread"] else ""
+    order = {sec: i for i, sec in enumerate(dict.fromkeys(r["section"] for r in bench.rows))}
+    for row in sorted(bench.rows, key=lambda r: (r["section"].split(".")[0], order[r["section"]])):
+        spread = f"{row['spread'][0]:.2f}-{row['spread'][1]:.2f} (med {row['spread'][2]:.2f})" if row["spread"] else ""
         ratio = f"{row['ratio']:.3f}x" if isinstance(row["ratio"], float) else fmt(row["ratio"])
         rows.append((row["section"], [row["metric"], fmt(row["value"]), fmt(row["baseline"]), ratio, spread,
                                       row["target"], fmt(row["ok"])]))
@@ -1132,7 +1178,8 @@ def main(argv=None) -> dict:
     print(f"# device: {info['device']}; torch {info['torch']}, {info['threads']} threads")
     print(f"# batches: {args.batch_size} users x 5 candidates (training), {args.eval_batch_size} users x 20 "
           f"candidates (evaluation); {args.steps} timed steps, {args.eval_steps} timed eval batches, "
-          f"{args.rounds} rounds, {args.warmup} warm-up step(s) a block")
+          f"{args.rounds} rounds; {args.warmup} warm-up step(s) before a variant's first block, {args.rewarm} before "
+          f"later ones; load average {os.getloadavg()[0]:.1f}")
     bench.run()
     print(table(bench))
     print(f"\n# {bench.figures['bench/seconds']:.0f}s. ratio: recsys vs baseline throughput in part 1-2 "

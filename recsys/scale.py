@@ -3,8 +3,9 @@
 - :func:`job_scope` wraps one train/evaluate job: DDP ranks started by Lightning run the *same job* in
   the *same folder* (also inside a multirun), and a local multirun can run one DDP job after another.
 - :func:`resume_checkpoint` finds the checkpoint a killed run restarts from (``auto_resume: true``).
-- :class:`RNGState` saves the random number generators in checkpoints, so dropout after a resume
-  draws what an uninterrupted run would have drawn.
+- :class:`ResumeState` puts the training loaders back at their mid-epoch position and restores the
+  random number generators: a resumed run trains on the batches, with the dropout masks, of an
+  uninterrupted one.
 - :func:`wandb_resume_kwargs`: a run restarted in its folder continues the same wandb run.
 """
 
@@ -95,12 +96,17 @@ def install_hydra_ddp_launcher() -> None:
 def job_scope():
     """One train/evaluate job: DDP ranks run this job in its folder, and the job leaves no process group
     and no DDP variables behind (Lightning sets them on launching), so the next job of a local multirun
-    starts its own ranks on a fresh port."""
+    starts its own ranks on a fresh port. A job stopped by SIGTERM exits with 143 (Lightning: 0)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     install_hydra_ddp_launcher()
     env = {k: os.environ.get(k) for k in _DDP_ENV}
     had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
     try:
         yield
+    except SIGTERMException:  # Lightning stops after the batch and exits 0: say it did not finish
+        log.warning("stopped by SIGTERM: the same command (same run folder) resumes from checkpoints/last.ckpt")
+        raise SystemExit(143) from None
     finally:
         if not had_group and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -144,17 +150,31 @@ def resume_checkpoint(run_dir: str | Path) -> str | None:
     return None
 
 
-class RNGState(Callback):
-    """Saves the torch/CUDA/numpy/python RNG states in each checkpoint and restores them on resume.
+class ResumeState(Callback):
+    """What an exact resume needs beyond Lightning's own restore: the training loaders' position and the
+    random number generators.
 
-    They are restored at the first training batch after the restart, not when the checkpoint is read,
-    so the draws Lightning makes in between (model and loader set-up) do not shift them: the dropout
-    masks of a resumed run are those of the uninterrupted one. Every rank restores rank 0's state,
-    which is also what it had (all ranks are seeded alike).
+    - Loaders: Lightning hands a stateful loader (``ResumableLoader``) its saved position only when it
+      builds the loaders after the restore; a ``configure_optimizers`` that reads
+      ``trainer.estimated_stepping_batches`` (the warm-up schedule) builds them before, so the epoch
+      would start again from its first batch. This hands the position over at ``on_train_start`` and
+      restarts the loaders' iterators.
+    - RNGs (torch, CUDA, numpy, python): saved in each checkpoint and restored at the first training
+      batch after the restart, so the draws made while setting up do not shift them: the dropout masks
+      of a resumed run are those of the uninterrupted one. Every rank restores rank 0's state, which is
+      also what it had (all ranks are seeded alike).
     """
 
     def __init__(self):
         self._pending: dict | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        loop = trainer.fit_loop
+        if not getattr(loop, "_combined_loader_states_to_load", None) or loop._combined_loader is None:
+            return
+        loop._load_combined_loader_states()  # no-op unless restarting mid-epoch
+        if loop._data_fetcher is not None:
+            iter(loop._data_fetcher)  # the loaders start again, at their restored positions
 
     def state_dict(self) -> dict:
         kind, keys, pos, has_gauss, gauss = np.random.get_state()

@@ -55,10 +55,6 @@ def overrides(job: Path) -> dict:
     return dict(o.split("=", 1) for o in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()))
 
 
-def store_folder(tmp: Path, backbone: str, domain: str = "tools") -> Path:
-    return tmp / "store" / backbone.replace(":", "-") / domain
-
-
 # --------------------------------------------------------------------------------------------- runs
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
@@ -268,32 +264,35 @@ BAD = {
 }
 
 
-@pytest.fixture(scope="module")
-def cli(sweep, tmp_path_factory):
-    """Every command that follows the sweep, two at a time (each is mostly single-threaded start-up):
-    evaluate.py on run folders and on an adapter, a resumed run, a max_epochs=0 run, bad configs."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    tmp = tmp_path_factory.mktemp("cli")
+def _commands(sweep) -> dict[str, tuple]:
     enc, dec = sweep["jobs"][("tiny_encoder", "head")], sweep["jobs"][("tiny_decoder", "likelihood")]
-    cmds = {
+    return {
         "eval_run_dir_encoder": ("evaluate.py", f"run_dir={enc}"),
-        "eval_run_dir_decoder": ("evaluate.py", f"run_dir={dec}"),
         "eval_adapter": ("evaluate.py", f"adapter={job_store(sweep, ('tiny_encoder', 'head'))}", "backbone=tiny_encoder",
                          "data=synthetic", "data.target=tools", f"data.max_eval_users={EVAL_USERS}",
                          "trainer.precision=32-true"),
+        "resume": ("train.py", "backbone=tiny_encoder", *TINY, "trainer.max_epochs=2", "zero_shot=false",
+                   f"ckpt_path={enc}/checkpoints/last.ckpt"),
+        "max_epochs_0": ("train.py", "backbone=tiny_encoder", "trainer.max_epochs=0",
+                         f"data.max_eval_users={EVAL_USERS}", "logger=none"),
+        **{f"bad_{k}": ("train.py", *args, "logger=none") for k, (args, _) in BAD.items()},
+        # slow (see cli_slow)
+        "eval_run_dir_decoder": ("evaluate.py", f"run_dir={dec}"),
         # scoring comes from the adapter's manifest: not given here
         "eval_adapter_decoder": ("evaluate.py", f"adapter={job_store(sweep, ('tiny_decoder', 'likelihood'))}",
                                  "backbone=tiny_decoder", "data.target=tools", f"data.max_eval_users={EVAL_USERS}",
                                  "trainer.precision=32-true"),
         "eval_adapter_wrong_backbone": ("evaluate.py", f"adapter={job_store(sweep, ('tiny_encoder', 'head'))}",
                                         "backbone=tiny_decoder", f"data.max_eval_users={EVAL_USERS}"),
-        "resume": ("train.py", "backbone=tiny_encoder", *TINY, "trainer.max_epochs=2", "zero_shot=false",
-                   f"ckpt_path={enc}/checkpoints/last.ckpt"),
-        "max_epochs_0": ("train.py", "backbone=tiny_encoder", "trainer.max_epochs=0",
-                         f"data.max_eval_users={EVAL_USERS}", "logger=none"),
-        **{f"bad_{k}": ("train.py", *args, "logger=none") for k, (args, _) in BAD.items()},
     }
+
+
+SLOW_COMMANDS = ("eval_run_dir_decoder", "eval_adapter_decoder", "eval_adapter_wrong_backbone")
+
+
+def _run_all(cmds: dict, tmp: Path) -> dict:
+    """Run commands two at a time (each is mostly single-threaded start-up): name -> (process, run folder, s)."""
+    from concurrent.futures import ThreadPoolExecutor
 
     def one(item):
         name, (script, *args) = item
@@ -304,6 +303,21 @@ def cli(sweep, tmp_path_factory):
 
     with ThreadPoolExecutor(2) as pool:
         return dict(pool.map(one, cmds.items()))
+
+
+@pytest.fixture(scope="module")
+def cli(sweep, tmp_path_factory):
+    """The commands that follow the sweep: evaluate.py on a run folder and on an adapter, a resumed
+    run, a max_epochs=0 run, bad config values."""
+    cmds = {k: v for k, v in _commands(sweep).items() if k not in SLOW_COMMANDS}
+    return _run_all(cmds, tmp_path_factory.mktemp("cli"))
+
+
+@pytest.fixture(scope="module")
+def cli_slow(sweep, tmp_path_factory):
+    """evaluate.py on the decoder (likelihood) run and adapter, and on an adapter with the wrong backbone."""
+    cmds = {k: v for k, v in _commands(sweep).items() if k in SLOW_COMMANDS}
+    return _run_all(cmds, tmp_path_factory.mktemp("cli_slow"))
 
 
 def ok(cli, name) -> Path:
@@ -322,24 +336,27 @@ def _same_test_metrics(a: dict, b: dict) -> None:
             assert b[k] == a[k], k
 
 
-@pytest.mark.parametrize("name,key", [("eval_run_dir_encoder", ("tiny_encoder", "head")),
-                                      ("eval_run_dir_decoder", ("tiny_decoder", "likelihood"))],
-                         ids=["encoder-head", "decoder-likelihood"])
-def test_evaluate_run_dir_reproduces_train(sweep, cli, name, key):
-    out = ok(cli, name)
-    _same_test_metrics(load(sweep["jobs"][key]), load(out))
+def test_evaluate_run_dir_reproduces_train(sweep, cli):
+    out = ok(cli, "eval_run_dir_encoder")
+    _same_test_metrics(load(sweep["jobs"][("tiny_encoder", "head")]), load(out))
     assert "popularity" in (out / "results.txt").read_text()
 
 
-@pytest.mark.parametrize("name,key", [("eval_adapter", ("tiny_encoder", "head")),
-                                      ("eval_adapter_decoder", ("tiny_decoder", "likelihood"))],
-                         ids=["encoder-head", "decoder-likelihood"])
-def test_evaluate_adapter_reproduces_train(sweep, cli, name, key):
-    _same_test_metrics(load(sweep["jobs"][key]), load(ok(cli, name)))
+def test_evaluate_adapter_reproduces_train(sweep, cli):
+    _same_test_metrics(load(sweep["jobs"][("tiny_encoder", "head")]), load(ok(cli, "eval_adapter")))
 
 
-def test_evaluate_adapter_on_the_wrong_backbone(cli):
-    p, out, _ = cli["eval_adapter_wrong_backbone"]
+@pytest.mark.slow
+def test_evaluate_decoder_likelihood_reproduces_train(sweep, cli_slow):
+    """Run folder and adapter (whose manifest supplies scoring=likelihood) of the likelihood decoder."""
+    m = load(sweep["jobs"][("tiny_decoder", "likelihood")])
+    _same_test_metrics(m, load(ok(cli_slow, "eval_run_dir_decoder")))
+    _same_test_metrics(m, load(ok(cli_slow, "eval_adapter_decoder")))
+
+
+@pytest.mark.slow
+def test_evaluate_adapter_on_the_wrong_backbone(cli_slow):
+    p, out, _ = cli_slow["eval_adapter_wrong_backbone"]
     assert p.returncode != 0
     text = p.stdout + p.stderr
     assert "tiny:encoder" in text and "backbone.name" in text, text[-3000:]

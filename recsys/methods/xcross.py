@@ -232,12 +232,13 @@ def warn_text_settings(cfg, folders: dict[str, Path]) -> None:
 
 # command-line overrides that a source's command must not copy: they describe the X-Cross target run
 _NOT_FOR_SOURCES = ("data.target", "data.sources", "data.target_fraction")
+_PATHS_FOR_SOURCES = ("paths.root_dir", "paths.adapter_store", "paths.cache_dir")
 
 
 def train_command(cfg, source: str) -> str:
     """The ``python train.py ...`` command that trains the source adapter ``source`` with this run's
     settings: ``method.source_experiment`` (the LoRA preset the sources come from, if any), backbone,
-    data config, the ``data.*`` overrides of this run's command line and its seed."""
+    data config, the ``data.*`` and store/cache ``paths.*`` overrides of this run's command line, and its seed."""
     if cfg is None:
         return f"python train.py method=lora data.target={source}"
     from hydra.core.hydra_config import HydraConfig
@@ -257,9 +258,11 @@ def train_command(cfg, source: str) -> str:
             parts.append(f"{group}={choices[group]}")
     if cfg.data.get("root"):
         parts.append(f"data.root={cfg.data.root}")
-    for o in task:
+    for o in task:  # this run's data settings, and where its adapter store (and caches) are
         key = o.lstrip("+~").split("=", 1)[0]
         if key.startswith("data.") and key not in _NOT_FOR_SOURCES and not key.startswith("data.root"):
+            parts.append(o)
+        elif key in _PATHS_FOR_SOURCES:
             parts.append(o)
     parts += [f"data.target={source}", f"seed={cfg.seed}"]
     return " ".join(shlex.quote(p) for p in parts)

@@ -48,7 +48,7 @@ def likelihood_scores(model, batch: dict) -> torch.Tensor:
     left_ids = torch.where(ar.unsqueeze(0) >= shift.unsqueeze(1), p_ids.gather(1, src), torch.zeros_like(p_ids))
     left_mask = (ar.unsqueeze(0) >= shift.unsqueeze(1)).long()
     pos = (left_mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=left_ids, attention_mask=left_mask, position_ids=pos, use_cache=True)
+    out = model(input_ids=left_ids, attention_mask=left_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): predicts token 1
     cache.batch_repeat_interleave(c)

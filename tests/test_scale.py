@@ -1,0 +1,330 @@
+"""Running at scale: DDP and FSDP trainer configs, the SLURM launcher config, Optuna searches, speed
+switches, and exact resume after a kill.
+
+Fast: configs compose (and their objects build), the FSDP policy makes all-frozen or all-trainable
+units, speed switches on a tiny module, the resumable loader, and an Optuna search of 3 trials.
+Slow (``-m slow``): DDP with 2 CPU processes (gloo) against 1 process, a DDP multirun, and a run
+killed with SIGKILL / SIGTERM and started again, against an uninterrupted run.
+The sweep through submitit's local executor is in test_report.py (the report reads it).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+TINY = ["backbone=tiny_encoder", "logger=none", "callbacks.rich_progress_bar=null", "export_adapter=false"]
+
+
+def compose_train(*overrides, hydra_cfg=False):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=["paths.output_dir=/tmp/recsys-test-scale", *overrides],
+                       return_hydra_config=hydra_cfg)
+
+
+def env() -> dict:
+    e = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline",
+         "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    e.pop("PYTHONHASHSEED", None)
+    return e
+
+
+def run(*args: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env(), capture_output=True, text=True,
+                       timeout=timeout)
+    if check:
+        assert p.returncode == 0, f"train.py {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return p
+
+
+def metrics(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def same_results(a: dict, b: dict) -> None:
+    keys = sorted(k for k in a if k.startswith(("test/", "val/", "zero_shot/", "random/", "popularity/", "params/")))
+    assert len(keys) > 10
+    assert {k: b.get(k) for k in keys} == {k: a[k] for k in keys}  # exactly
+
+
+# ---------------------------------------------------------------------------------------------- configs
+def test_ddp_config_builds_a_ddp_trainer():
+    c = compose_train("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
+    assert c.trainer.use_distributed_sampler is False  # the DataModule shards by itself
+    trainer = hydra.utils.instantiate(c.trainer, logger=False, callbacks=[])
+    assert type(trainer.strategy).__name__ == "DDPStrategy" and trainer.num_devices == 2
+    assert trainer.strategy._process_group_backend in (None, "gloo")  # chosen at set-up: gloo on CPUs
+
+
+def test_fsdp_config_and_lora_wrap_policy():
+    """Every FSDP unit the policy makes holds only frozen or only trainable weights (the LoRA pitfall)."""
+    from recsys.methods.lora import LoRAModule
+    from recsys.models.backbone import build_tiny
+
+    c = compose_train("trainer=fsdp")
+    strategy = hydra.utils.instantiate(c.trainer.strategy)
+    assert type(strategy).__name__ == "FSDPStrategy" and strategy.kwargs["use_orig_params"] is True
+    assert c.trainer.precision == "bf16-true"
+    policy = hydra.utils.instantiate(c.trainer.strategy.auto_wrap_policy)
+    module = LoRAModule(build_tiny("tiny:encoder"), r=4)
+    units = policy._run_policy(module, set(), {})
+    blocks = [m for m in units if type(m).__name__ == "BertLayer"]
+    assert len(blocks) == 2
+    leaves = [m for m in units if type(m).__name__ != "BertLayer"]
+    assert leaves and all(not list(m.children()) for m in leaves)  # LoRA A/B and head layers, as leaves
+    assert all(p.requires_grad for m in leaves for p in m.parameters())
+    assert {id(p) for m in leaves for p in m.parameters()} == {id(p) for p in module.parameters() if p.requires_grad}
+    # what stays in a block unit once its trainable leaves are units of their own: frozen weights only
+    for block in blocks:
+        inner = {id(p) for m in block.modules() if m in units and m is not block for p in m.parameters()}
+        rest = [p for p in block.parameters() if id(p) not in inner]
+        assert rest and not any(p.requires_grad for p in rest)
+    # named blocks work too
+    named = hydra.utils.instantiate(c.trainer.strategy.auto_wrap_policy, blocks=["BertLayer"])
+    assert sum(type(m).__name__ == "BertLayer" for m in named._run_policy(module, set(), {})) == 2
+
+
+def test_slurm_launcher_composes(tmp_path):
+    """Cluster shape follows the trainer (one task a GPU); site settings from conf/local/slurm.yaml
+    (here through a search path), the command line over both."""
+    c = compose_train("hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+                      "hydra.launcher.partition=gpu", "hydra.launcher.account=proj", hydra_cfg=True)
+    launcher = OmegaConf.to_container(c.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert (launcher["nodes"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == (2, 4, 4)
+    assert (launcher["partition"], launcher["account"]) == ("gpu", "proj")
+    assert launcher["max_num_timeout"] > 0 and c.auto_resume is True  # requeued jobs resume
+    obj = hydra.utils.instantiate(c.hydra.launcher)
+    assert obj.params["tasks_per_node"] == 4 and obj.params["partition"] == "gpu"
+
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "slurm.yaml").write_text("partition: site-gpu\naccount: site-account\ntimeout_min: 30\n")
+    c = compose_train("hydra/launcher=slurm", f"hydra.searchpath=[file://{tmp_path}]", "hydra.launcher.account=mine",
+                      hydra_cfg=True)
+    launcher = OmegaConf.to_container(c.hydra.launcher, resolve=True)
+    assert (launcher["partition"], launcher["account"], launcher["timeout_min"]) == ("site-gpu", "mine", 30)
+    assert (launcher["nodes"], launcher["tasks_per_node"]) == (1, 1)  # trainer=cpu: one process
+
+    c = compose_train("hydra/launcher=local", hydra_cfg=True)
+    assert c.hydra.launcher._target_.endswith("LocalLauncher")
+
+
+@pytest.mark.parametrize("search,method,keys", [
+    ("optuna", "lora", ["method.module.optimizer.lr", "method.module.r"]),
+    ("optuna_xcross", "xcross", ["method.module.optimizer.lr", "method.module.beta", "method.module.gamma"]),
+])
+def test_hparams_search_composes(search, method, keys):
+    if not (CONF / "method" / f"{method}.yaml").is_file():
+        pytest.skip(f"conf/method/{method}.yaml is not there")
+    c = compose_train(f"hparams_search={search}", hydra_cfg=True)
+    sweeper = c.hydra.sweeper
+    assert sweeper._target_ == "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    assert sweeper.direction == "maximize" and c.optimized_metric == "val/ndcg@10"
+    assert str(c.hydra.mode).endswith("MULTIRUN") and c.method.name == method
+    assert sorted(sweeper.params) == sorted(keys)
+    for key in keys:  # each searched key exists in the method's config: the trials' overrides apply
+        assert OmegaConf.select(c, key) is not None, key
+
+
+def test_ddp_child_command():
+    from recsys.scale import _config_flags, _quote
+
+    argv = ["-m", "--config-name", "train", "seed=0,1", "-cp=conf", "x=1"]
+    assert _config_flags(argv) == ["--config-name", "train", "-cp=conf"]
+    assert _quote("/a/b c=d") == "'/a/b c=d'" and _quote("it's") == '"it\'s"'
+
+
+# ---------------------------------------------------------------------------------------------- speed
+def _tiny_lora(seed=0):
+    from recsys.methods.lora import LoRAModule
+    from recsys.models.backbone import build_tiny
+
+    torch.manual_seed(seed)
+    return LoRAModule(build_tiny("tiny:encoder"), r=4, dropout=0.0)
+
+
+def _loss_and_grads(module):
+    torch.manual_seed(1)
+    ids = torch.randint(5, 100, (4, 12))
+    out = module.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    loss = module.head(out[:, 0]).float().pow(2).mean()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in module.parameters() if p.requires_grad]
+
+
+def test_speed_switches_on_cpu():
+    from recsys import speed
+
+    c = compose_train()
+    assert {"compile", "activation_checkpointing", "matmul_precision"} <= set(c.speed)
+    assert "fused" in c.method.module.optimizer
+    plain = _tiny_lora().train()
+    checkpointed = speed.apply(_tiny_lora().train(), {"activation_checkpointing": True})
+    assert any(getattr(m, "gradient_checkpointing", False) for m in checkpointed.modules())
+    (l1, g1), (l2, g2) = _loss_and_grads(plain), _loss_and_grads(checkpointed)
+    torch.testing.assert_close(l1, l2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+    # compile: in place, block by block (compiles lazily on the first call: not run here)
+    compiled = speed.apply(_tiny_lora(), {"compile": True, "compile_mode": "default"})
+    from recsys.models.backbone import transformer_layers
+
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in transformer_layers(compiled.model))
+    assert set(compiled.state_dict()) == set(plain.state_dict())  # names unchanged: checkpoints load
+    # fused AdamW from the method config
+    opt = hydra.utils.instantiate(c.method.module.optimizer, fused=True)(plain.trainable_parameters())
+    opt.step()
+
+
+# ---------------------------------------------------------------------------------------------- resume units
+def test_resumable_loader_goes_on_mid_epoch():
+    from recsys.data.datamodule import EpochBatchSampler, ResumableLoader
+
+    class Keys(torch.utils.data.Dataset):  # returns the (index, epoch) key the sampler asks for
+        def __len__(self):
+            return 50
+
+        def __getitem__(self, key):
+            return key
+
+    def loader():
+        return ResumableLoader(Keys(), batch_sampler=EpochBatchSampler(50, 4, shuffle=True, seed=3, pad=True),
+                               collate_fn=lambda b: [i for i, _ in b])
+
+    a = loader()
+    a.batch_sampler.set_epoch(2)
+    it = iter(a)
+    seen = [next(it) for _ in range(5)]
+    state = a.state_dict()
+    assert state == {"epoch": 2, "batches": 5}
+    rest = list(it)
+    b = loader()
+    b.load_state_dict(state)
+    assert list(b) == rest and seen + rest == list(a)  # the restored pass goes on; the next pass is whole
+    c = loader()
+    c.load_state_dict({"epoch": 2, "batches": len(c)})  # saved at the end of epoch 2: epoch 3 starts afresh
+    c.batch_sampler.set_epoch(3)
+    assert len(list(c)) == len(c)
+
+
+def test_rng_state_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    from recsys.scale import ResumeState
+
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    torch.save({"s": ResumeState().state_dict()}, tmp_path / "x.ckpt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    cb = ResumeState()
+    cb.load_state_dict(torch.load(tmp_path / "x.ckpt", weights_only=True)["s"])  # plain tensors and values
+    torch.rand(7), np.random.rand(7), random.random()  # draws between restore and the first batch
+    cb.on_train_batch_start(None, None, None, 0)
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+# ---------------------------------------------------------------------------------------------- Optuna
+def test_optuna_three_trials(tmp_path):
+    """optuna 2.10.1 (the newest hydra-optuna-sweeper 1.3 accepts) runs here: numpy 2, in-memory study."""
+    t0 = time.time()
+    run("hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2", *TINY,
+        "trainer.limit_train_batches=2", "data.max_eval_users=8", "data.max_train_examples=64",
+        f"hydra.sweep.dir={tmp_path}/sweep", f"paths.adapter_store={tmp_path}/store")
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if (p / ".hydra").is_dir())
+    assert len(jobs) == 3 and all((j / "metrics.json").is_file() for j in jobs)
+    result = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml")
+    assert set(result.best_params) == {"method.module.optimizer.lr", "method.module.r"}
+    assert 1e-4 <= result.best_params["method.module.optimizer.lr"] <= 1e-2
+    values = [metrics(j)["val/ndcg@10"] for j in jobs]
+    assert result.best_value == max(values)
+    lrs = {str(OmegaConf.load(j / ".hydra" / "overrides.yaml")) for j in jobs}
+    assert len(lrs) == 3  # three different proposals
+    print(f"optuna 3 trials: {time.time() - t0:.0f}s")
+
+
+# ---------------------------------------------------------------------------------------------- DDP (slow)
+EVAL = [*TINY, "data.max_eval_users=40", "data.eval_batch_size=8"]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path):
+    """The command as written, evaluation only: the same test metrics (summed over ranks) as 1 process,
+    one run folder, only rank 0 writing; then a 2-process multirun that trains: a folder a job."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(*EVAL, "trainer.max_epochs=0", "seed=1", f"hydra.run.dir={one}")
+    run("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *EVAL, "trainer.max_epochs=0", "seed=1",
+        f"hydra.run.dir={two}")
+    same_results(metrics(one), metrics(two))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no folder for rank 1
+    assert (two / "train_rank1.log").is_file()  # rank 1 logged into rank 0's folder
+    assert OmegaConf.load(two / ".hydra" / "hydra.yaml").hydra.job.name == "train"  # and left .hydra/ alone
+
+    sweep = tmp_path / "sweep"
+    run("-m", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *EVAL, "trainer.limit_train_batches=3",
+        "seed=0,1", f"hydra.sweep.dir={sweep}", f"paths.adapter_store={tmp_path}/st")
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [j.name for j in jobs] == ["0", "1"]
+    for j in jobs:
+        m = metrics(j)
+        assert m["data/train_examples"] > 0 and (j / "checkpoints" / "last.ckpt").is_file()
+        assert (j / "train_rank1.log").is_file()  # rank 1 ran this job, in this folder
+    # job 1's rank 1 ran job 1 (seed 1): the synchronised zero-shot metrics are the 1-process seed-1 ones
+    for prefix in ("zero_shot/", "random/", "popularity/"):
+        assert {k: v for k, v in metrics(jobs[1]).items() if k.startswith(prefix)} == \
+            {k: v for k, v in metrics(one).items() if k.startswith(prefix)}
+
+
+# ---------------------------------------------------------------------------------------------- resume (slow)
+RESUME = [*TINY, "data.max_eval_users=8", "zero_shot=false", "trainer.max_epochs=2", "trainer.limit_train_batches=12",
+          "callbacks.resume_checkpoint.every_n_train_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("resume") / "uninterrupted"
+    run(*RESUME, f"hydra.run.dir={folder}")
+    return metrics(folder)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_resume_after_a_kill(tmp_path, uninterrupted, sig):
+    """Killed mid-epoch once a checkpoint exists, started again with the same command: the same metrics."""
+    folder = tmp_path / "run"
+    args = [sys.executable, "train.py", *RESUME, f"hydra.run.dir={folder}"]
+    proc = subprocess.Popen(args, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    last = folder / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before a checkpoint:\n{proc.stderr.read()[-3000:]}"
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and not (folder / "metrics.json").exists(), err[-3000:]
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143
+    from recsys.scale import resume_checkpoint
+
+    state = torch.load(resume_checkpoint(folder), map_location="cpu", weights_only=True)
+    assert 0 < state["global_step"] < 24  # killed before the end of training
+    p = run(*RESUME, f"hydra.run.dir={folder}")
+    assert "auto_resume: continuing from" in p.stderr + p.stdout
+    same_results(uninterrupted, metrics(folder))
