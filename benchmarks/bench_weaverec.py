@@ -6,7 +6,7 @@
    with the adapter kept separate (the merged adapter has rank (N+1) r) and folded into the
    weights (``merge_and_unload``: the same dense architecture).
 
-    python benchmarks/bench_weaverec.py [--backbone embedded:minilm-l6] [--sources 2] [--reps 20]
+    PYTHONPATH=. python benchmarks/bench_weaverec.py [--backbone embedded:minilm-l6] [--sources 2] [--reps 20]
 
 Prints a JSON line of medians (seconds) and ratios. Timings are medians over interleaved
 repetitions (the two sides alternate, so drifting machine load hits both alike).

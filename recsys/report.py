@@ -206,7 +206,8 @@ def markdown_table(df: pd.DataFrame) -> str:
             cells.append(cell)
         params = r.get("params_trainable", math.nan)
         cells.append("" if pd.isna(params) else f"{int(params):,}")
-        cells.append("" if r["kind"] != "method" else _fmt(r.get("train_s_mean", math.nan), r.get("train_s_std", math.nan), 1))
+        train_s = _fmt(r.get("train_s_mean", math.nan), r.get("train_s_std", math.nan), 1)
+        cells.append(train_s if r["kind"] == "method" else "")
         cells.append(str(r["failed"]) if r["failed"] else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -218,35 +219,42 @@ def _slug(text: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- plots
 def efficiency_plots(df: pd.DataFrame, out: Path, metric: str) -> list[Path]:
-    """Metric vs target fraction, a line a method (with its variant), per target and sources."""
+    """Metric vs target fraction, a line a method (with its variant), per target and sources. A method
+    run without sources on the same target (LoRA trained on its own) is drawn in the plots of that
+    target's sourced settings too, dashed, when the setting has no run of it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    df = df.assign(label=df.apply(_label, axis=1) if len(df) else [])
     paths = []
     for (target, sources, backbone), sub in df.groupby(["target", "sources", "backbone"], sort=True):
-        if sub["target_fraction"].nunique() < 2:
+        lines = [(label, line, "-") for label, line in sub[sub.kind == "method"].groupby("label", sort=True)]
+        if sources:
+            alone = df[(df.target == target) & (df.backbone == backbone) & (df.sources == "") & (df.kind == "method")]
+            lines += [(f"{label} (no sources)", line, "--") for label, line in alone.groupby("label", sort=True)
+                      if label not in set(sub.label)]
+        if len({f for _, line, _ in lines for f in line["target_fraction"]}) < 2:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
-        for label, line in sub[sub.kind == "method"].groupby(sub.apply(_label, axis=1), sort=True):
+        for label, line, style in lines:
             line = line.sort_values("target_fraction")
             y, e = line[f"{metric}_mean"].to_numpy(float), np.nan_to_num(line[f"{metric}_std"].to_numpy(float))
-            ax.errorbar(line["target_fraction"], y, yerr=e, marker="o", capsize=3, label=label)
+            ax.errorbar(line["target_fraction"], y, yerr=e, marker="o", capsize=3, linestyle=style, label=label)
         for ref in REFERENCES:
             ref_rows = sub[sub.row == ref]
             if len(ref_rows):
-                ax.axhline(ref_rows[f"{metric}_mean"].mean(), linestyle="--", linewidth=1, color="grey")
+                ax.axhline(ref_rows[f"{metric}_mean"].mean(), linestyle=":", linewidth=1, color="grey")
                 ax.text(sub["target_fraction"].min(), ref_rows[f"{metric}_mean"].mean(), f" {ref}", va="bottom",
                         fontsize=8, color="grey")
         ax.set_xlabel("target fraction (share of the target's training users)")
         ax.set_ylabel(f"test {metric.upper()}")
         ax.set_title(f"{target} (sources {sources or '-'}, {backbone})", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
         path = out / f"efficiency_{_slug(target)}_{_slug(sources or 'none')}_{_slug(backbone)}.png"
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths
@@ -277,10 +285,9 @@ def bar_plots(df: pd.DataFrame, out: Path, metric: str) -> list[Path]:
         ax.set_ylabel(f"test {metric.upper()}")
         ax.set_title(f"target {target}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
         path = out / f"bars_{_slug(target)}.png"
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths
@@ -305,8 +312,10 @@ def log_to_wandb(out: Path, df: pd.DataFrame, jobs: pd.DataFrame, plots: list[Pa
         "online" if os.environ.get("WANDB_OFFLINE", "true").lower() in ("0", "false") else "offline")
     run = wandb.init(project=project, job_type="report", name=f"report-{out.name}", dir=str(out), mode=mode,
                      config={"folders": sorted({str(Path(d).parent) for d in jobs["dir"]})})
-    run.log({"results": wandb.Table(dataframe=df.fillna("")), "jobs": wandb.Table(dataframe=jobs.fillna("")),
-             **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
+    def table(frame: pd.DataFrame):  # missing values as None (wandb types a column once)
+        return wandb.Table(dataframe=frame.astype(object).where(frame.notna(), None))
+
+    run.log({"results": table(df), "jobs": table(jobs), **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
     folder = run.dir
     run.finish()
     return folder
@@ -344,7 +353,8 @@ def write_report(folders: list[str | Path], out: str | Path, metric: str = "ndcg
     if bad:
         md += ["| job folder | status | method | target | setting | seed | error |", "|---|---|---|---|---|---|---|"]
         for j in bad:
-            err = (j.error.splitlines()[0] if j.error else "no metrics.json (killed, or still running)").replace("|", "\\|")
+            err = j.error.splitlines()[0] if j.error else "no metrics.json (killed, or still running)"
+            err = err.replace("|", "\\|")
             md.append(f"| `{j.dir}` | {j.status} | {_label({'row': j.method, 'variant': j.variant})} | {j.target} "
                       f"| {setting_name(j.sources, j.fraction, j.backbone)} | {j.seed} | {err[:200]} |")
     else:

@@ -117,7 +117,9 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
 
     trained = cfg.trainer.max_epochs != 0 and not module.skip_training
     # a run restarted in its folder (fixed hydra.run.dir, a requeued SLURM job) goes on from its last checkpoint
-    ckpt = cfg.get("ckpt_path") or (scale.resume_checkpoint(out_dir) if cfg.get("auto_resume") else None)
+    ckpt = cfg.get("ckpt_path")
+    if not ckpt and cfg.get("auto_resume") and trained:
+        ckpt = scale.resume_checkpoint(out_dir, cfg)
     t0 = time.time()
     if trained:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
@@ -159,14 +161,17 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
 
 def guarded(fn, cfg: DictConfig):
     """Run ``fn(cfg)``; in a multirun a failed job writes ``failed.json`` and returns NaN instead of
-    taking the other jobs down."""
+    taking the other jobs down. Under a search sweeper (Optuna) it raises after writing failed.json:
+    the sweeper marks the trial failed and goes on (a NaN would stop the search: optuna 2.10 refuses it)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     try:
-        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN
+        search = not str(hc.sweeper.get("_target_", "")).endswith("BasicSweeper")
     except ValueError:
-        multirun = False
+        multirun = search = False
     try:
         with scale.job_scope():  # DDP ranks run this job in its folder; no process group outlives it
             return fn(cfg)
@@ -176,6 +181,8 @@ def guarded(fn, cfg: DictConfig):
         log.exception("job failed")
         write_json(Path(cfg.paths.output_dir) / "failed.json",
                    {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+        if search:
+            raise
         return math.nan, {}
     finally:
         try:

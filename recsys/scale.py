@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -125,11 +127,51 @@ def global_rank() -> int:
 
 
 # ---------------------------------------------------------------------------------------------- resume
-def resume_checkpoint(run_dir: str | Path) -> str | None:
+# keys that may change between a run and its restart: where files go, what logs, how it is launched
+_RESUME_FREE = re.compile(
+    r"^(paths|logger|hydra|auto_resume|ckpt_path|speed|callbacks\.rich_progress_bar|callbacks\.[^.]+\.dirpath"
+    r"|trainer\.(devices|num_nodes|accelerator|strategy|enable_progress_bar|default_root_dir)"
+    r"|data\.(num_workers|cache_dir))(\.|$)"
+)
+
+
+def _flat(d, prefix: str = "") -> dict:
+    if isinstance(d, dict):
+        return {k: v for key, value in d.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: d}
+
+
+def training_config(cfg) -> dict:
+    """The settings a checkpoint depends on, as flat ``key: value`` (resolved)."""
+    from omegaconf import OmegaConf
+
+    flat = _flat(OmegaConf.to_container(cfg, resolve=True))
+    return {k: v for k, v in flat.items() if not _RESUME_FREE.match(k)}
+
+
+def resume_checkpoint(run_dir: str | Path, cfg=None) -> str | None:
     """The checkpoint a restarted run continues from: ``checkpoints/last.ckpt`` (written every
     ``callbacks.resume_checkpoint.every_n_train_steps`` steps and after each validation), else the newest
-    other checkpoint; one that cannot be read (a kill while writing) is skipped. None: start afresh."""
+    other checkpoint; one that cannot be read (a kill while writing) is skipped. None: start afresh.
+
+    With ``cfg``, the training settings are kept in ``checkpoints/config.json`` on the first start, and a
+    restart under other settings (the same folder reused for another run) is refused."""
     folder = Path(run_dir) / "checkpoints"
+    if cfg is not None:
+        saved, now = folder / "config.json", json.loads(json.dumps(training_config(cfg), default=str))
+        if saved.is_file() and any(folder.glob("*.ckpt")):
+            before = json.loads(saved.read_text())
+            changed = sorted(k for k in set(before) | set(now) if before.get(k, "<unset>") != now.get(k, "<unset>"))
+            if changed:
+                diff = ", ".join(f"{k}: {before.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in changed[:8])
+                raise ValueError(
+                    f"auto_resume: {folder} holds checkpoints of another configuration ({diff}). Use a new "
+                    "hydra.run.dir; or auto_resume=false to train from scratch in this folder; or "
+                    f"ckpt_path={folder}/last.ckpt to go on from it under the new settings on purpose."
+                )
+        elif global_rank() == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps(now, indent=1, sort_keys=True))
     if not folder.is_dir():
         return None
     others = sorted((p for p in folder.glob("*.ckpt") if p.name != "last.ckpt"), key=lambda p: p.stat().st_mtime,
@@ -209,9 +251,9 @@ def wandb_resume_kwargs(run_dir: str | Path) -> dict:
     if path.is_file():
         run_id = path.read_text().strip()
     else:
-        import wandb
+        import uuid
 
-        run_id = wandb.util.generate_id()
+        run_id = uuid.uuid4().hex[:12]  # wandb's run ids: letters and digits
         if global_rank() == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(run_id + "\n")

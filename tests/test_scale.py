@@ -109,6 +109,10 @@ def test_slurm_launcher_composes(tmp_path):
     assert launcher["max_num_timeout"] > 0 and c.auto_resume is True  # requeued jobs resume
     obj = hydra.utils.instantiate(c.hydra.launcher)
     assert obj.params["tasks_per_node"] == 4 and obj.params["partition"] == "gpu"
+    script = sbatch_script(obj.params, tmp_path)
+    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu", "--account=proj",
+                 "--time=240", "--signal=USR2@120"):
+        assert f"#SBATCH {line}\n" in script, (line, script)
 
     (tmp_path / "local").mkdir()
     (tmp_path / "local" / "slurm.yaml").write_text("partition: site-gpu\naccount: site-account\ntimeout_min: 30\n")
@@ -120,6 +124,33 @@ def test_slurm_launcher_composes(tmp_path):
 
     c = compose_train("hydra/launcher=local", hydra_cfg=True)
     assert c.hydra.launcher._target_.endswith("LocalLauncher")
+
+
+def sbatch_script(params: dict, tmp_path: Path) -> str:
+    """The sbatch file submitit writes for these launcher params (as the plugin passes them), off a
+    cluster: a stand-in ``srun`` on PATH lets submitit build its SLURM executor."""
+    import shutil
+
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "srun").chmod(0o755)
+    old = os.environ["PATH"]
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{old}"
+    try:
+        assert shutil.which("srun")
+        params = dict(params)
+        executor = submitit.AutoExecutor(cluster="slurm", folder=str(tmp_path / "submitit"),
+                                         slurm_max_num_timeout=params.pop("max_num_timeout"))
+        params.pop("submitit_folder")
+        base = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+        return executor._executor._make_submission_file_text("python -u -m submitit.core._submit x", "uid")
+    finally:
+        os.environ["PATH"] = old
 
 
 @pytest.mark.parametrize("search,method,keys", [
@@ -240,21 +271,42 @@ def test_rng_state_round_trip(tmp_path):
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
 
 
+def test_auto_resume_refuses_another_configuration(tmp_path):
+    """A run folder reused for another run does not silently continue the old checkpoint."""
+    from recsys.scale import resume_checkpoint
+
+    cfg = compose_train(f"paths.output_dir={tmp_path}", "logger=csv")
+    assert resume_checkpoint(tmp_path, cfg) is None  # first start: keeps the settings
+    assert (tmp_path / "checkpoints" / "config.json").is_file()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")  # e.g. killed while writing
+    moved = compose_train(f"paths.output_dir={tmp_path}/moved", "logger=wandb", "trainer.devices=1",
+                          "speed.compile=true")
+    assert resume_checkpoint(tmp_path, moved) is None  # same training settings; the unreadable file is skipped
+    other = compose_train(f"paths.output_dir={tmp_path}", "method.module.r=16", "seed=3")
+    with pytest.raises(ValueError, match=r"another configuration \(method.module.r: 8 -> 16, seed: 0 -> 3\)"):
+        resume_checkpoint(tmp_path, other)
+
+
 # ---------------------------------------------------------------------------------------------- Optuna
 def test_optuna_three_trials(tmp_path):
-    """optuna 2.10.1 (the newest hydra-optuna-sweeper 1.3 accepts) runs here: numpy 2, in-memory study."""
+    """optuna 2.10.1 (the newest hydra-optuna-sweeper 1.3 accepts) runs here (numpy 2, in-memory study).
+    The rank may be 0 here: those trials fail (failed.json), optuna marks them failed, the search goes on."""
     t0 = time.time()
-    run("hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2", *TINY,
-        "trainer.limit_train_batches=2", "data.max_eval_users=8", "data.max_train_examples=64",
-        f"hydra.sweep.dir={tmp_path}/sweep", f"paths.adapter_store={tmp_path}/store")
+    run("hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2",
+        'hydra.sweeper.params={method.module.r:"choice(0,4)"}', *TINY, "trainer.limit_train_batches=2",
+        "data.max_eval_users=8", "data.max_train_examples=64", f"hydra.sweep.dir={tmp_path}/sweep",
+        f"paths.adapter_store={tmp_path}/store")
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if (p / ".hydra").is_dir())
-    assert len(jobs) == 3 and all((j / "metrics.json").is_file() for j in jobs)
+    assert len(jobs) == 3
+    rank = {j: OmegaConf.load(j / ".hydra" / "config.yaml").method.module.r for j in jobs}
+    ok = [j for j in jobs if (j / "metrics.json").is_file()]
+    failed = [j for j in jobs if (j / "failed.json").is_file()]
+    assert ok and failed and sorted(ok + failed) == jobs
+    assert all(rank[j] == 0 for j in failed) and all(rank[j] == 4 for j in ok)
     result = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml")
-    assert set(result.best_params) == {"method.module.optimizer.lr", "method.module.r"}
-    assert 1e-4 <= result.best_params["method.module.optimizer.lr"] <= 1e-2
-    values = [metrics(j)["val/ndcg@10"] for j in jobs]
-    assert result.best_value == max(values)
-    lrs = {str(OmegaConf.load(j / ".hydra" / "overrides.yaml")) for j in jobs}
+    assert result.best_params["method.module.r"] == 4 and 1e-4 <= result.best_params["method.module.optimizer.lr"] <= 1e-2
+    assert result.best_value == max(metrics(j)["val/ndcg@10"] for j in ok)
+    lrs = {OmegaConf.load(j / ".hydra" / "config.yaml").method.module.optimizer.lr for j in jobs}
     assert len(lrs) == 3  # three different proposals
     print(f"optuna 3 trials: {time.time() - t0:.0f}s")
 
@@ -266,15 +318,32 @@ EVAL = [*TINY, "data.max_eval_users=40", "data.eval_batch_size=8"]
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path):
     """The command as written, evaluation only: the same test metrics (summed over ranks) as 1 process,
-    one run folder, only rank 0 writing; then a 2-process multirun that trains: a folder a job."""
+    one run folder, only rank 0 writing; the same with ranks set by SLURM's variables (srun); then a
+    2-process multirun that trains: a folder a job, each job's ranks running that job."""
     one, two = tmp_path / "one", tmp_path / "two"
+    elsewhere = set(REPO.glob("outputs/**/*rank*.log"))
     run(*EVAL, "trainer.max_epochs=0", "seed=1", f"hydra.run.dir={one}")
     run("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *EVAL, "trainer.max_epochs=0", "seed=1",
         f"hydra.run.dir={two}")
     same_results(metrics(one), metrics(two))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no folder for rank 1
+    assert set(REPO.glob("outputs/**/*rank*.log")) == elsewhere
     assert (two / "train_rank1.log").is_file()  # rank 1 logged into rank 0's folder
     assert OmegaConf.load(two / ".hydra" / "hydra.yaml").hydra.job.name == "train"  # and left .hydra/ alone
+
+    # as in a SLURM job: srun starts one task a device, Lightning's SLURMEnvironment reads their ranks
+    slurm = tmp_path / "slurm"
+    procs = [subprocess.Popen(
+        [sys.executable, "train.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *EVAL,
+         "trainer.max_epochs=0", "seed=1", f"hydra.run.dir={slurm}"], cwd=REPO, text=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**env(), "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": str(r),
+             "SLURM_LOCALID": str(r), "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost", "SLURM_JOB_NAME": "train",
+             "SLURM_JOB_ID": "4242"}) for r in (0, 1)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in errs[0]
+    same_results(metrics(one), metrics(slurm))
 
     sweep = tmp_path / "sweep"
     run("-m", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *EVAL, "trainer.limit_train_batches=3",
@@ -304,11 +373,14 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_resume_after_a_kill(tmp_path, uninterrupted, sig):
-    """Killed mid-epoch once a checkpoint exists, started again with the same command: the same metrics."""
+@pytest.mark.parametrize("sig,logger", [(signal.SIGKILL, "none"), (signal.SIGTERM, "wandb")],
+                         ids=["SIGKILL", "SIGTERM-wandb"])
+def test_resume_after_a_kill(tmp_path, uninterrupted, sig, logger):
+    """Killed mid-epoch once a checkpoint exists, started again with the same command: the same metrics,
+    and the same wandb run (offline here)."""
     folder = tmp_path / "run"
-    args = [sys.executable, "train.py", *RESUME, f"hydra.run.dir={folder}"]
+    command = [*RESUME, f"logger={logger}", f"hydra.run.dir={folder}"]
+    args = [sys.executable, "train.py", *command]
     proc = subprocess.Popen(args, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     last = folder / "checkpoints" / "last.ckpt"
@@ -325,6 +397,10 @@ def test_resume_after_a_kill(tmp_path, uninterrupted, sig):
 
     state = torch.load(resume_checkpoint(folder), map_location="cpu", weights_only=True)
     assert 0 < state["global_step"] < 24  # killed before the end of training
-    p = run(*RESUME, f"hydra.run.dir={folder}")
+    p = run(*command)
     assert "auto_resume: continuing from" in p.stderr + p.stdout
     same_results(uninterrupted, metrics(folder))
+    if logger == "wandb":  # both starts logged to the run whose id the folder keeps
+        run_id = (folder / "wandb_id.txt").read_text().strip()
+        runs = sorted((folder / "wandb").glob("offline-run-*"))
+        assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs), runs
