@@ -78,7 +78,9 @@ SHAPES = {
                      num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
                      rope_theta=500_000.0, max_position_embeddings=131072, head_dim=64),
 }
-Q_NAMES, K_NAMES, V_NAMES = {"query", "q_proj", "q_lin", "wq"}, {"key", "k_proj", "k_lin", "wk"}, {"value", "v_proj", "v_lin", "wv"}
+Q_NAMES = {"query", "q_proj", "q_lin", "wq"}
+K_NAMES = {"key", "k_proj", "k_lin", "wk"}
+V_NAMES = {"value", "v_proj", "v_lin", "wv"}
 FUSED_QKV = {"qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv"}
 QKV_NAMES = Q_NAMES | K_NAMES | V_NAMES | FUSED_QKV  # the projections that read a block's input
 PARTS = ("lora", "likelihood", "xcross", "weaverec")
@@ -101,7 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--harness", choices=("trainer", "direct"), default="trainer",
                    help="how the LoRA module is driven in part lora (the other parts call the modules directly)")
     p.add_argument("--steps", type=int, default=8, help="timed training steps per variant (over all rounds)")
-    p.add_argument("--eval-steps", type=int, default=None, help="timed evaluation batches per variant (default: --steps)")
+    p.add_argument("--eval-steps", type=int, default=None,
+                   help="timed evaluation batches per variant (default: --steps)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before a variant's first block")
     p.add_argument("--rewarm", type=int, default=1,
                    help="untimed steps before each later block (so that no timed step follows another variant's)")
@@ -419,7 +422,12 @@ def tokens(batch: dict) -> int:
 def warmup_cosine_lambda(total: int, warmup_ratio: float = 0.05):
     """The plain loop's LR multiplier: linear warm-up then cosine (what the module's scheduler does)."""
     warm = max(1, round(warmup_ratio * total))
-    return lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total - warm))))
+    def f(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total - warm))))
+
+    return f
 
 
 def copy_modes(src: nn.Module, dst: nn.Module) -> None:
@@ -617,7 +625,8 @@ def lora_step_flops(model: nn.Module, kind: str, lora_targets, r: int, lengths: 
             if not reads_embeddings:
                 parts["frozen_input_grad"] += 2 * din * dout * T
             if leaf in targets:
-                parts["lora"] += (2 * r * (din + dout) * 2 + 2 * r * dout + (0 if reads_embeddings else 2 * r * din)) * T
+                input_grads = 2 * r * dout + (0 if reads_embeddings else 2 * r * din)
+                parts["lora"] += (2 * r * (din + dout) * 2 + input_grads) * T
         if li == 0:  # which of q, k, v need a gradient: those with a LoRA (their input, the embeddings, needs none)
             fused = bool(targets & FUSED_QKV)
             need_q, need_k, need_v = (fused or bool(targets & names) for names in (Q_NAMES, K_NAMES, V_NAMES))
@@ -735,7 +744,8 @@ class Bench:
 
     def lora_direct(self) -> DirectTrainer:
         if self._lora_trainer is None:
-            self._lora_trainer = DirectTrainer(self.lora(), self.args, self.device, self.total_steps(), self.train_batch)
+            self._lora_trainer = DirectTrainer(self.lora(), self.args, self.device, self.total_steps(),
+                                               self.train_batch)
         return self._lora_trainer
 
     def add(self, section: str, metric: str, value, baseline=None, ratio=None, target: str = "", ok=None,
@@ -755,7 +765,7 @@ class Bench:
         module = self.lora()
         plain = PlainLoRA(self.models.fresh(), module.lora, a, self.total_steps(), a.seed)
         plain.to(self.device, self.models.weights_dtype)
-        copy_modes(module.model, plain.model)  # the module's train/eval flags (frozen backbone in eval, LoRA dropout on)
+        copy_modes(module.model, plain.model)  # the module's flags: frozen backbone in eval, LoRA dropout on
         if a.harness == "trainer":
             module_train, module_eval = self._trainer_runs(module)
         else:
@@ -764,7 +774,8 @@ class Bench:
 
             def module_eval(first, warmup, n, block):
                 with eval_mode(module):
-                    return direct(infer_step(lambda b: module.test_step(b, 0), a, self.test_batch), first, warmup, n, block)
+                    step = infer_step(lambda b: module.test_step(b, 0), a, self.test_batch)
+                    return direct(step, first, warmup, n, block)
 
         def plain_train(first, warmup, n, block):
             return direct(lambda i: plain.train_step(self.train_batch(i)), first, warmup, n, block)
@@ -774,8 +785,10 @@ class Bench:
                 return direct(lambda i: plain.eval_step(self.test_batch(i)), first, warmup, n, block)
 
         # same initial weights: the first losses agree (up to LoRA dropout's random draws)
-        tr = alternate({"module": module_train, "plain": plain_train}, a.steps, a.rounds, a.warmup, a.rewarm, self.meter)
-        ev = alternate({"module": module_eval, "plain": plain_eval}, a.eval_steps, a.rounds, a.warmup, a.rewarm, self.meter)
+        tr = alternate({"module": module_train, "plain": plain_train}, a.steps, a.rounds, a.warmup, a.rewarm,
+                       self.meter)
+        ev = alternate({"module": module_eval, "plain": plain_eval}, a.eval_steps, a.rounds, a.warmup, a.rewarm,
+                       self.meter)
         self._lora_trainer = None
         self.models.place(module)  # Lightning moves the module to the CPU after fit/test
 
@@ -808,7 +821,8 @@ class Bench:
         self.add(sec2, "users/s", eval_users / e_m, eval_users / e_p, e_p / e_m, ">= 1.0x (CPU)",
                  verdict(e_p / e_m, ">=", 1.0, spread) if self.device.type == "cpu" else None, span(spread),
                  key="lora/eval_throughput_ratio")
-        self.figures["lora/eval_users_per_s"], self.figures["plain/eval_users_per_s"] = eval_users / e_m, eval_users / e_p
+        self.figures["lora/eval_users_per_s"] = eval_users / e_m
+        self.figures["plain/eval_users_per_s"] = eval_users / e_p
         pm, pp = ev["module"]["peak"] / 2**20, ev["plain"]["peak"] / 2**20
         self.add(sec2, "peak memory above weights (MiB)", pm, pp, mem_ratio(pm, pp))
         self.figures["lora/eval_peak_mib"], self.figures["plain/eval_peak_mib"] = pm, pp
@@ -861,7 +875,8 @@ class Bench:
 
         def fit(first, warmup, n, block):
             timer = Timer(block, warmup, n)
-            trainer(timer, max_steps=warmup + n, max_epochs=1).fit(module, train_dataloaders=loader(self.batches()[0], first, warmup + n))
+            batches = loader(self.batches()[0], first, warmup + n)
+            trainer(timer, max_steps=warmup + n, max_epochs=1).fit(module, train_dataloaders=batches)
             return timer.result
 
         def test(first, warmup, n, block):
@@ -875,7 +890,8 @@ class Bench:
         a = self.args
         base = self.models.pristine.model  # the same weights, without peft's wrappers
         targets = sorted(module.lora.target_modules)
-        useful = sum(lora_step_flops(base, self.kind, targets, a.r, batch_lengths(b))["total"] for b in train) / len(train)
+        useful = sum(lora_step_flops(base, self.kind, targets, a.r, batch_lengths(b))["total"] for b in train)
+        useful /= len(train)
         padded = [lora_step_flops(base, self.kind, targets, a.r, batch_lengths(b, padded=True)) for b in train]
         padded_total = sum(p["total"] for p in padded) / len(train)
         sec = "7. Model FLOPs (LoRA step, formula in the README)"
@@ -949,9 +965,10 @@ class Bench:
         sec = f"4. Decoder likelihood scoring, {c} candidates"
         target = ">= 3x (H100, 0.5B)"
         ok = verdict(t_b / t_s, ">=", 3.0, spread) if (self.device.type == "cuda" and a.shape == "qwen2-0.5b") else None
-        self.add(sec, "users/s: shared KV cache vs batched full prompts", users / t_s, users / t_b, t_b / t_s, target, ok,
-                 span(spread), key="likelihood/speedup_vs_batched")
-        self.figures["likelihood/shared_users_per_s"], self.figures["likelihood/batched_users_per_s"] = users / t_s, users / t_b
+        self.add(sec, "users/s: shared KV cache vs batched full prompts", users / t_s, users / t_b, t_b / t_s, target,
+                 ok, span(spread), key="likelihood/speedup_vs_batched")
+        self.figures["likelihood/shared_users_per_s"] = users / t_s
+        self.figures["likelihood/batched_users_per_s"] = users / t_b
         t_last = per_step(res["last"])
         spread = round_ratios(res["shared"], res["last"])
         self.add(sec, "users/s: shared, prompt logits at the last position only (proposed) vs as is",
@@ -1000,7 +1017,8 @@ class Bench:
         with tempfile.TemporaryDirectory() as tmp:
             adapters = self.source_adapters(n, tmp)
             torch.manual_seed(a.seed)
-            module = XCrossModule(self.models.fresh(), adapters, optimizer=partial(make_optimizer, args=a, device=self.device))
+            module = XCrossModule(self.models.fresh(), adapters,
+                                  optimizer=partial(make_optimizer, args=a, device=self.device))
         self.models.place(module)
         lora = self.lora()
         xt = DirectTrainer(module, a, self.device, self.total_steps(), self.train_batch)
@@ -1014,7 +1032,8 @@ class Bench:
                     return direct(infer_step(m.score, a, self.test_batch), first, warmup, k, block)
             return run
 
-        ev = alternate({"xcross": infer(module), "lora": infer(lora)}, a.eval_steps, a.rounds, a.warmup, a.rewarm, self.meter)
+        ev = alternate({"xcross": infer(module), "lora": infer(lora)}, a.eval_steps, a.rounds, a.warmup, a.rewarm,
+                       self.meter)
         sec = f"5. X-Cross, n = {n} sources (direct calls)"
         t_x, t_l = per_step(tr["xcross"]), per_step(tr["lora"])
         r = t_x / (n * t_l)
@@ -1146,6 +1165,7 @@ class Bench:
             if part in a.parts:
                 getattr(self, f"part_{part}")()
         self.figures["bench/seconds"] = time.perf_counter() - t0
+        self.figures["bench/load_average_at_end"] = os.getloadavg()[0]
         return self
 
 
@@ -1153,7 +1173,8 @@ class Bench:
 
 
 def device_info(args) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_average_at_start": os.getloadavg()[0]}
     if args.device == "cuda":
         info["device"] = torch.cuda.get_device_name()
     else:
@@ -1213,16 +1234,17 @@ def main(argv=None) -> dict:
     info = device_info(args)
     name = f"shape:{args.shape}" + (f" ({args.layers} layers)" if args.layers else "") if args.shape else args.backbone
     params = sum(p.numel() for p in bench.models.pristine.model.parameters())
-    print(f"# recsys benchmark: {name} ({bench.kind}, {params / 1e6:.1f}M parameters), {args.device}, {args.precision}, "
-          f"harness={args.harness}")
+    print(f"# recsys benchmark: {name} ({bench.kind}, {params / 1e6:.1f}M parameters), {args.device}, "
+          f"{args.precision}, harness={args.harness}")
     print(f"# device: {info['device']}; torch {info['torch']}, {info['threads']} threads")
     print(f"# batches: {args.batch_size} users x 5 candidates (training), {args.eval_batch_size} users x 20 "
           f"candidates (evaluation); {args.steps} timed steps, {args.eval_steps} timed eval batches, "
           f"{args.rounds} rounds; {args.warmup} warm-up step(s) before a variant's first block, {args.rewarm} before "
-          f"later ones; load average {os.getloadavg()[0]:.1f}")
+          f"later ones; load average {info['load_average_at_start']:.1f}")
     bench.run()
     print(table(bench))
-    print(f"\n# {bench.figures['bench/seconds']:.0f}s. ratio: recsys vs baseline throughput in part 1-2 "
+    print(f"\n# {bench.figures['bench/seconds']:.0f}s, load average at the end "
+          f"{bench.figures['bench/load_average_at_end']:.1f}. ratio: recsys vs baseline throughput in part 1-2 "
           "(>1: recsys faster); time ratios in parts 4-6 as labelled; per-round range: the lowest and highest "
           "ratio of one round of alternating blocks, and their median.")
     out = {"config": {k: v for k, v in vars(args).items()}, "device": info, "figures": bench.figures,

@@ -68,8 +68,9 @@ def sweep(tmp_path):
     return tmp_path
 
 
-def row(df, target, fraction, name):
-    r = df[(df.target == target) & (df.target_fraction == fraction) & (df.row == name)]
+def row(df, target, fraction, name, sources=""):
+    r = df[(df.target == target) & (df.target_fraction == fraction) & (df.row == name)
+           & (df.sources.fillna("") == sources)]
     assert len(r) == 1, (target, fraction, name, df[["target", "target_fraction", "row"]])
     return r.iloc[0]
 
@@ -105,7 +106,7 @@ def test_report_tables_and_plots(sweep):
     jobs = pd.read_csv(out / "jobs.csv")
     assert len(jobs) == 18 and sorted(jobs.status.value_counts().items()) == [("failed", 1), ("incomplete", 1),
                                                                               ("ok", 16)]
-    assert row(df[df.sources == "toys+beauty"], "tools", 0.25, "xcross").n == 1
+    assert row(df, "tools", 0.25, "xcross", "toys+beauty").n == 1
     assert "## tools: sources toys+beauty, target fraction 0.25, tiny:encoder" in md
     assert len(result["tables"]) == 5 and all(p.with_suffix(".md").is_file() for p in result["tables"])
     names = sorted(p.name for p in result["plots"])

@@ -312,7 +312,7 @@ def test_optuna_three_trials(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- DDP (slow)
-EVAL = [*TINY, "data.max_eval_users=40", "data.eval_batch_size=8"]
+EVAL = [*TINY, "data.max_eval_users=37", "data.eval_batch_size=8"]  # odd: ranks get 19 and 18
 
 
 @pytest.mark.slow

@@ -185,7 +185,6 @@ class EpochBatchSampler:
         return len(self._batches())
 
 
-
 class ResumableLoader(DataLoader):
     """A training DataLoader that Lightning resumes mid-epoch (its ``_Stateful`` protocol).
 
@@ -210,6 +209,7 @@ class ResumableLoader(DataLoader):
         if batches >= len(self.batch_sampler):  # saved at the end of the epoch: the next one starts afresh
             epoch, batches = epoch + 1, 0
         self.batch_sampler.resume(epoch, batches)
+
 
 class RecDataModule(L.LightningDataModule):
     """One DataModule over Amazon-like domains for every method (see the module docstring).
