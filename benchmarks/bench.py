@@ -682,20 +682,6 @@ def likelihood_scores_batched(model, batch: dict) -> torch.Tensor:
     return ((tok_lp * c_mask).sum(1) / c_mask.sum(1).clamp(min=1)).view(b, c)
 
 
-class PromptLastLogits(nn.Module):
-    """A causal LM whose forward without a cache (``likelihood_scores``' prompt pass) computes the LM head
-    at the last position only (``logits_to_keep=1``): ``likelihood_scores`` reads no other prompt logit."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, **kwargs):
-        if kwargs.get("past_key_values") is None:
-            kwargs["logits_to_keep"] = 1
-        return self.model(**kwargs)
-
-
 # ============================================================================================ the parts
 
 
@@ -943,9 +929,7 @@ class Bench:
         def run(fn):
             return partial(direct, infer_step(lambda b: fn(model, b), a, batch_fn))
 
-        last_only = PromptLastLogits(model)
-        variants = {"shared": run(likelihood_scores), "batched": run(likelihood_scores_batched),
-                    "last": partial(direct, infer_step(lambda b: likelihood_scores(last_only, b), a, batch_fn))}
+        variants = {"shared": run(likelihood_scores), "batched": run(likelihood_scores_batched)}
         res = alternate(variants, a.eval_steps, a.rounds, a.warmup, a.rewarm, self.meter)
         loop = None
         if a.naive_loop_batches > 0:
@@ -955,7 +939,7 @@ class Bench:
         with torch.inference_mode(), autocast(a):
             b = batch_fn(0)
             s, nb = likelihood_scores(model, b), likelihood_scores_batched(model, b)
-            diff = max(float((s - nb).abs().max()), float((s - likelihood_scores(last_only, b)).abs().max()))
+            diff = float((s - nb).abs().max())
             if loop is not None:
                 diff = max(diff, float((s - likelihood_scores_naive(model, b)).abs().max()))
         users = batches[0]["prompt_ids"].size(0)
@@ -969,11 +953,6 @@ class Bench:
                  ok, span(spread), key="likelihood/speedup_vs_batched")
         self.figures["likelihood/shared_users_per_s"] = users / t_s
         self.figures["likelihood/batched_users_per_s"] = users / t_b
-        t_last = per_step(res["last"])
-        spread = round_ratios(res["shared"], res["last"])
-        self.add(sec, "users/s: shared, prompt logits at the last position only (proposed) vs as is",
-                 users / t_last, users / t_s, t_s / t_last, "", None, span(spread),
-                 key="likelihood/speedup_last_logits_vs_shared")
         if loop is not None:
             t_l, t_s2 = per_step(loop["loop"]), per_step(loop["shared"])
             self.add(sec, "users/s: shared KV cache vs one-at-a-time", users / t_s2, users / t_l, t_l / t_s2,
