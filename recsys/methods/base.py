@@ -134,8 +134,12 @@ class RecModule(L.LightningModule):
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())
 
+    def param_groups(self) -> list:
+        """What the optimizer gets: the trainable parameters, or groups with their own settings."""
+        return self.trainable_parameters()
+
     def configure_optimizers(self):
-        opt = self.optimizer_factory(self.trainable_parameters())
+        opt = self.optimizer_factory(self.param_groups())
         if self.scheduler == "constant" and self.warmup_ratio <= 0:
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))

@@ -75,7 +75,8 @@ class XCrossModule(RecModule):
 
     def __init__(self, backbone: Backbone, adapters: dict[str, str], beta: float = 1.0, gamma: float = 1.0,
                  mode: str = "token", init: str = "zero", w_init: list[float] | None = None,
-                 combine: str = "after_norm", head_init: str = "mean", head_dropout: float = 0.0, **kwargs):
+                 combine: str = "after_norm", head_init: str = "mean", head_dropout: float = 0.0,
+                 integrator_lr: float | None = None, **kwargs):
         if kwargs.get("scoring", "head") != "head":
             raise ValueError("method.module.scoring: X-Cross scores with its head; use scoring=head")
         super().__init__(backbone, **kwargs)
@@ -92,6 +93,7 @@ class XCrossModule(RecModule):
         heads = {n: AdapterStore.load_head(folders[n]) for n in names}
         head_state = self._initial_head(heads, head_init)
         self.source_names = names
+        self.integrator_lr = integrator_lr
         self.source_folders = {n: str(folders[n]) for n in names}
         self.source_fingerprints = {n: fingerprint(folders[n]) for n in names}
         self.xcross = XCrossModel(peft_model, names, backbone.kind, beta=beta, gamma=gamma, mode=mode, init=init,
@@ -199,6 +201,17 @@ class XCrossModule(RecModule):
                 f"(retrained or replaced since?): {detail}. Restore them, point paths.adapter_store (or "
                 "method.module.adapters) at the originals, or train X-Cross again"
             )
+
+    def param_groups(self) -> list:
+        """The integrators at ``integrator_lr`` **[ours]**: W_concat multiplies whole hidden states (n*d
+        inputs of magnitude ~1), so a head-sized learning rate swings z far in one Adam step and
+        wrecks the streams; w and the head at the optimizer's lr."""
+        if self.integrator_lr is None:
+            return self.trainable_parameters()
+        integ = list(self.xcross.integrators.parameters())
+        ids = {id(p) for p in integ}
+        rest = [p for p in self.trainable_parameters() if id(p) not in ids]
+        return [{"params": integ, "lr": self.integrator_lr}, {"params": rest}]
 
     def score(self, batch: dict) -> torch.Tensor:
         scores = self.xcross(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
