@@ -271,14 +271,17 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
 
 
 def train_source_adapters(cfg: DictConfig, sources: list[str]) -> None:
-    """Train ``method=lora`` on each source domain first (X-Cross with ``method.module.train_missing``),
-    with this run's backbone, data and trainer; each run's folder is ``<run>/sources/<source>``."""
+    """Train ``method=lora`` on each missing store adapter first (``method.module.train_missing`` of X-Cross
+    and merge_sources), with this run's backbone, data and trainer, on all of the domain's data
+    (``data.target_fraction`` is the calling run's target share only); each run's folder is
+    ``<run>/sources/<source>``. Reseeds afterwards, so the caller starts as it would with stored adapters."""
     lora = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "method" / "lora.yaml")
     for s in sources:
         sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
         sub.method = lora
-        sub.data.target, sub.data.sources = s, []
+        sub.data.target, sub.data.sources, sub.data.target_fraction = s, [], 1.0
         sub.paths.output_dir = str(Path(cfg.paths.output_dir) / "sources" / s)
         sub.zero_shot, sub.export_adapter, sub.ckpt_path = False, True, None
         log.info("training the missing source adapter %s", s)
         train(sub)
+    L.seed_everything(cfg.seed, workers=True)

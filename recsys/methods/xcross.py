@@ -18,7 +18,6 @@ import logging
 import shlex
 from pathlib import Path
 
-import lightning as L
 import torch
 from peft import PeftModel
 
@@ -154,17 +153,9 @@ class XCrossModule(RecModule):
             folders = {s: store.path(backbone.name, s) for s in sources}
             missing = [s for s in sources if not store.exists(backbone.name, s)]
             if missing and train_missing:
-                import copy
-
-                from omegaconf import open_dict
-
                 from recsys.run import train_source_adapters
 
-                src_cfg = copy.deepcopy(cfg)  # a source adapter is trained on all of its domain's data:
-                with open_dict(src_cfg):  # data.target_fraction is the X-Cross target's share only
-                    src_cfg.data.target_fraction = 1.0
-                train_source_adapters(src_cfg, missing)
-                L.seed_everything(cfg.seed, workers=True)  # X-Cross starts as it would with stored sources
+                train_source_adapters(cfg, missing)  # on all of each source's data, then reseeds
                 missing = [s for s in sources if not store.exists(backbone.name, s)]
             if missing:
                 cmds = "\n".join(f"  {train_command(cfg, s)}" for s in missing)
