@@ -94,3 +94,44 @@ def reference_metrics(
         m.update(torch.as_tensor(scores), tgt)
         out[name] = {k: float(v) for k, v in m.compute().items()}
     return out
+
+
+class GenerationMetrics(Metric):
+    """The paper protocol's metrics from generated answers: NDCG@k and HR@k for k in ``ks`` and MRR.
+
+    ``update(rank (B,), matched, segments)`` with ``rank`` the 1-based position of the true title in
+    the generated answer (0: not generated, which scores 0 on every metric, as in the released
+    evaluation); ``compute()`` adds ``valid``, the share of generated titles that are candidates.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, ks: tuple[int, ...] = (1, 3, 5), **kwargs):
+        super().__init__(**kwargs)
+        self.ks = tuple(ks)
+        for name in [f"hr_{k}" for k in self.ks] + [f"ndcg_{k}" for k in self.ks] + ["mrr", "matched", "segments"]:
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, rank: torch.Tensor, matched: int = 0, segments: int = 0) -> None:
+        rank = rank.to(self.mrr.device).double()
+        found = rank > 0
+        for k in self.ks:
+            hit = found & (rank <= k)
+            setattr(self, f"hr_{k}", getattr(self, f"hr_{k}") + hit.sum())
+            setattr(self, f"ndcg_{k}", getattr(self, f"ndcg_{k}") + torch.where(hit, 1.0 / torch.log2(rank + 1.0), 0.0).sum())
+        self.mrr = self.mrr + torch.where(found, 1.0 / rank.clamp(min=1), 0.0).sum()
+        self.matched = self.matched + matched
+        self.segments = self.segments + segments
+        self.count = self.count + rank.numel()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        n = self.count.clamp(min=1).double()
+        out = {}
+        for k in self.ks:
+            out[f"hr@{k}"] = (getattr(self, f"hr_{k}") / n).float()
+            out[f"ndcg@{k}"] = (getattr(self, f"ndcg_{k}") / n).float()
+        out["mrr"] = (self.mrr / n).float()
+        out["valid"] = (self.matched / self.segments.clamp(min=1)).float()
+        return out

@@ -29,6 +29,7 @@ from recsys.models.backbone import load_backbone
 log = logging.getLogger("recsys")
 
 REPORT_KEYS = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr")
+PAPER_KEYS = ("ndcg@1", "ndcg@3", "ndcg@5", "mrr")  # the paper protocol's table (WeaveRec's metrics)
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -48,7 +49,18 @@ def build_module(cfg: DictConfig, backbone, dm: RecDataModule, store: AdapterSto
     factory = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")
     if not isinstance(factory, partial):  # pragma: no cover
         raise ValueError("method.module must name a RecModule class in _target_")
+    if dm.protocol == "paper" and not getattr(factory.func, "one_language_model", True):
+        from recsys.methods.base import paper_protocol_error
+
+        raise ValueError(paper_protocol_error(factory.func))  # before it trains missing source adapters
     return factory.func.from_config(backbone=backbone, datamodule=dm, store=store, cfg=cfg, **factory.keywords)
+
+
+def apply_protocol(module, dm: RecDataModule):
+    """``data.protocol=paper``: the module trains on and generates the released prompt's answers."""
+    if dm.protocol == "paper":
+        module.enable_paper_protocol(dm.paper_prompt())
+    return module
 
 
 def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
@@ -92,6 +104,16 @@ def results_table(metrics: dict, title: str, split: str = "test") -> str:
             table.add_row(name, *[f"{metrics.get(prefix + k, math.nan):.4f}" for k in REPORT_KEYS])
     console = Console(width=130, record=True)
     console.print(table)
+    if f"{split}/gen/mrr" in metrics:  # the paper protocol: generated answers beside the likelihood ranking
+        paper = Table(title="paper protocol (same candidates)")
+        paper.add_column("row")
+        for k in PAPER_KEYS:
+            paper.add_column(f"{split} {k}", justify="right")
+        for name, prefix in [("likelihood", f"{split}/"), ("generated", f"{split}/gen/"),
+                             ("zero_shot likelihood", f"zero_shot/{split}/"), ("zero_shot generated", f"zero_shot/{split}/gen/")]:
+            if f"{prefix}mrr" in metrics:
+                paper.add_row(name, *[f"{metrics.get(prefix + k, math.nan):.4f}" for k in PAPER_KEYS])
+        console.print(paper)
     return console.export_text()
 
 
@@ -103,7 +125,7 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
     backbone = build_backbone(cfg)
     dm = build_datamodule(cfg, backbone)
     store = AdapterStore(cfg.paths.adapter_store)
-    module = speed.apply(build_module(cfg, backbone, dm, store), cfg.get("speed"))
+    module = speed.apply(apply_protocol(build_module(cfg, backbone, dm, store), dm), cfg.get("speed"))
     trainer = build_trainer(cfg)
     dm.prepare_data()
     dm.setup("fit")
@@ -226,6 +248,9 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
         trained = json.loads(info.read_text()).get("trained", True) if info.is_file() else True
         if ckpt is None and trained:  # a run with nothing trained (merge_sources) is rebuilt from its config
             raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint to evaluate")
+    if cfg.get("protocol") == "paper" and run_cfg is not cfg:  # evaluate.py protocol=paper on a run folder
+        run_cfg.data.protocol, run_cfg.data.num_negatives = "paper", cfg.data.num_negatives
+        run_cfg.data.paper = cfg.data.paper
     out_dir = Path(cfg.paths.output_dir)
     L.seed_everything(run_cfg.seed, workers=True)
     backbone = build_backbone(run_cfg)
@@ -255,7 +280,7 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
         module.load_head(head)
     else:
         module = build_module(run_cfg, backbone, dm, store)
-    speed.apply(module, cfg.get("speed"))
+    speed.apply(apply_protocol(module, dm), cfg.get("speed"))
     trainer = hydra.utils.instantiate(run_cfg.trainer, callbacks=[], logger=False, max_epochs=0)
     dm.prepare_data()
     dm.setup("test")

@@ -29,12 +29,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from recsys.data.candidates import NegativeSampler, eval_candidates, stable_seed
 from recsys.data.domain import DataError, Domain, Example
+from recsys.data.paper_prompt import PaperCollator, PaperPrompt, PaperTemplate
 from recsys.data.text import Collator, PromptTemplate, TextEncoder
 from recsys.metrics import reference_metrics
 
 log = logging.getLogger("recsys.data")
 
 MIXES = ("target", "joint", "hybrid")
+PROTOCOLS = ("ranking", "paper")  # our candidate ranking | WeaveRec's released prompt (recsys/data/paper_prompt.py)
 SOURCES = ("synthetic", "plain", "raw")
 
 
@@ -228,6 +230,8 @@ class RecDataModule(L.LightningDataModule):
         prompt: PromptTemplate fields. ``bucket_by_length``: length-bucketed training batches.
         tokenizer, kind: set by ``train.py`` from the backbone (``attach``); ``likelihood``:
             batches for the decoder likelihood mode.
+        protocol: ``ranking`` (pairs or likelihood batches) | ``paper`` (WeaveRec's released prompt,
+            decoders; ``paper``: its ``PaperTemplate`` settings).
         root, year, k_core: data-config settings that the domain specs interpolate
             (``conf/data/raw.yaml``); the domains' own specs are what is read.
     """
@@ -259,6 +263,8 @@ class RecDataModule(L.LightningDataModule):
         root: str | None = None,
         year: int | None = None,
         k_core: int | None = None,
+        protocol: str = "ranking",
+        paper: dict | None = None,
     ):
         super().__init__()
         self.domain_specs = {k: dict(v or {}) for k, v in dict(domains).items()}
@@ -270,6 +276,10 @@ class RecDataModule(L.LightningDataModule):
         self.seed, self.batch_size, self.eval_batch_size = int(seed), int(batch_size), int(eval_batch_size)
         self.num_workers, self.bucket_by_length = int(num_workers), bool(bucket_by_length)
         self.template = PromptTemplate(**dict(prompt or {}))
+        unknown = sorted(set(dict(paper or {})) - set(PaperTemplate.__dataclass_fields__))
+        if unknown:
+            raise DataError(f"data.paper has unknown keys {unknown}: known are {sorted(PaperTemplate.__dataclass_fields__)}")
+        self.protocol, self.paper_template = protocol, PaperTemplate(**dict(paper or {}))
         self.cache_dir, self.root = cache_dir, root
         self.kind, self.likelihood = kind, likelihood
         self.tokenizer = tokenizer
@@ -296,6 +306,8 @@ class RecDataModule(L.LightningDataModule):
             raise DataError(f"data.mix={self.mix!r} is unknown: use one of {MIXES}")
         if self.mix in ("joint", "hybrid") and not self.sources:
             raise DataError(f"data.mix={self.mix} needs data.sources (e.g. 'data.sources=[toys]')")
+        if self.protocol not in PROTOCOLS:
+            raise DataError(f"data.protocol={self.protocol!r} is unknown: use one of {PROTOCOLS}")
         if self.num_negatives < 1 or self.num_train_negatives < 1:
             raise DataError("data.num_negatives and data.num_train_negatives must be >= 1")
 
@@ -338,8 +350,8 @@ class RecDataModule(L.LightningDataModule):
             raise RuntimeError("RecDataModule.attach(tokenizer, kind) must be called before loaders are built")
         if getattr(self, "text", None) is None:
             self.text = TextEncoder(self.tokenizer, self.kind, self.template)
-            for name, d in self.domains.items():
-                self.text.add_titles(name, d.titles)
+        for name, d in self.domains.items():  # domains loaded since (the text can be built before setup)
+            self.text.add_titles(name, d.titles)
         return self.text
 
     # ------------------------------------------------------------------ example selection
@@ -393,6 +405,17 @@ class RecDataModule(L.LightningDataModule):
         return streams
 
     # ------------------------------------------------------------------ loaders
+    def paper_prompt(self) -> PaperPrompt:
+        """The paper protocol's prompt builder (``data.protocol=paper``, decoders)."""
+        if getattr(self, "_paper", None) is None:
+            self._paper = PaperPrompt(self._text(), self.tokenizer, self.paper_template)
+        return self._paper
+
+    def _collator(self):
+        if self.protocol == "paper":
+            return PaperCollator(self.paper_prompt())
+        return Collator(self._text(), self.likelihood)
+
     def _loader(self, ds: Dataset, batch_size: int, train: bool, lengths=None, seed_key: str = "") -> DataLoader:
         sampler = EpochBatchSampler(
             len(ds), batch_size, shuffle=train, seed=stable_seed(self.seed, seed_key), pad=train, lengths=lengths,
@@ -401,7 +424,7 @@ class RecDataModule(L.LightningDataModule):
         # global RNG, so dropout does not depend on when loaders start (e.g. after a resume)
         generator = torch.Generator().manual_seed(stable_seed("loader", self.seed, seed_key))
         return (ResumableLoader if train else DataLoader)(
-            ds, batch_sampler=sampler, collate_fn=Collator(self._text(), self.likelihood),
+            ds, batch_sampler=sampler, collate_fn=self._collator(),
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0, generator=generator,
         )
 

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.metrics import RankingMetrics
+from recsys.metrics import GenerationMetrics, RankingMetrics
 from recsys.models.backbone import Backbone
+from recsys.models.generation import answer_loss, greedy_generate, match_ranks
 
 
 def warmup_cosine(total_steps: int, warmup_ratio: float, min_ratio: float = 0.0) -> Callable[[int], float]:
@@ -32,6 +33,11 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, min_ratio: float = 0.0)
     return f
 
 
+def paper_protocol_error(cls) -> str:
+    return (f"protocol=paper needs a method that runs one language model (lora, joint, weaverec, merge_sources); "
+            f"{cls.__name__} does not: use protocol=ranking")
+
+
 class RecModule(L.LightningModule):
     """Base LightningModule of every method.
 
@@ -43,6 +49,8 @@ class RecModule(L.LightningModule):
             or constant (``scheduler=constant``).
         scoring: ``head`` (default, pooled token -> head) or ``likelihood`` (decoders only).
     """
+
+    one_language_model = True  # the paper protocol generates with ``self.model`` (X-Cross runs n streams: False)
 
     def __init__(self, backbone: Backbone, optimizer: Callable | None = None, scheduler: str = "cosine",
                  warmup_ratio: float = 0.05, scoring: str = "head"):
@@ -65,6 +73,20 @@ class RecModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self.val_history: dict[int, dict[str, float]] = {}  # epoch -> validation metrics
         self.skip_training = False  # a method with nothing to train (e.g. a merge of stored adapters)
+        self.paper = None  # the paper protocol's prompt builder, when enabled (enable_paper_protocol)
+
+    def enable_paper_protocol(self, prompt) -> None:
+        """WeaveRec's released protocol (``protocol=paper``): train on the answer tokens, and test by
+        greedy generation + exact title match (``<split>/gen/...``) beside the likelihood ranking of the
+        same candidates (the usual keys). Needs a decoder with ``scoring=likelihood`` and a method
+        that runs one causal LM (``self.model``)."""
+        if not self.one_language_model or not isinstance(getattr(self, "model", None), nn.Module):
+            raise ValueError(paper_protocol_error(type(self)))
+        if self.scoring != "likelihood":
+            raise ValueError("protocol=paper ranks by likelihood and generates: set method.module.scoring=likelihood "
+                             "(and a decoder backbone)")
+        self.paper = prompt
+        self.gen_metrics = nn.ModuleDict({"val": GenerationMetrics(), "test": GenerationMetrics()})
 
     @classmethod
     def from_config(cls, backbone: Backbone, datamodule=None, store=None, cfg=None, **kwargs) -> "RecModule":
@@ -100,13 +122,32 @@ class RecModule(L.LightningModule):
     def loss(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(scores.float(), labels)
 
+    def objective(self, batch: dict, score_fn: Callable[[dict], torch.Tensor]) -> torch.Tensor:
+        """The training loss of one batch: softmax CE over the candidates' scores, or under the paper
+        protocol the language-model loss of the answer (``score_fn`` unused)."""
+        if self.paper is not None:
+            return answer_loss(self.model, batch)
+        return self.loss(score_fn(batch), batch["labels"])
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(self.score(batch), batch["labels"])
+        loss = self.objective(batch, self.score)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].numel())
         return loss
 
     def _eval_step(self, stage: str, batch: dict) -> None:
         self.metrics[stage].update(self.score(batch).float(), batch["labels"])
+        if self.paper is not None and (stage == "test" or self.paper.t.generate_val):
+            self._generate_step(stage, batch)
+
+    def _generate_step(self, stage: str, batch: dict) -> None:
+        """Greedy answer with the model as ``score`` left it (e.g. WeaveRec's merged adapter active)."""
+        tok = self.backbone.tokenizer
+        eos = self.paper.text.eos[0] if self.paper.text.eos else None
+        out = greedy_generate(self.model, batch["prompt_ids"], batch["prompt_mask"], self.paper.max_new_tokens,
+                              eos, self.paper.text.pad_id)
+        ranks, matched, segments = match_ranks(out, batch["cand_ids"], batch["labels"], self.paper.sep, eos,
+                                               lambda ids: tok.decode(ids, skip_special_tokens=True))
+        self.gen_metrics[stage].update(ranks, matched, segments)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -116,6 +157,9 @@ class RecModule(L.LightningModule):
 
     def _log_metrics(self, stage: str) -> None:
         values = {f"{self.prefix[stage]}/{k}": v for k, v in self.metrics[stage].compute().items()}
+        if self.paper is not None and self.gen_metrics[stage].update_count:
+            values.update({f"{self.prefix[stage]}/gen/{k}": v for k, v in self.gen_metrics[stage].compute().items()})
+            self.gen_metrics[stage].reset()
         self.log_dict(values, prog_bar=stage == "val", sync_dist=False)  # already synchronised by torchmetrics
         self.metrics[stage].reset()
         if stage == "val" and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:

@@ -380,7 +380,8 @@ class WeaveRecModule(RecModule):
             if b.stream not in batch:
                 raise KeyError(f"no training batch for stream {b.stream!r}; got {sorted(batch)}: is data.mix=hybrid?")
             sub = batch[b.stream]
-            loss = self.loss(self.branch_score(sub, i), sub["labels"])
+            self._activate(self.branches[i].adapter)
+            loss = self.objective(sub, lambda x: self._score(x, self.head_of(i)))
             self.log(f"branch{i}/train/loss", loss, batch_size=sub["labels"].numel())
             total, n = total + loss, n + 1
         self.log("train/loss", total / max(n, 1), prog_bar=True, batch_size=batch[self.branches[0].stream]["labels"].numel())

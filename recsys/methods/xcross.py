@@ -72,6 +72,8 @@ class XCrossModule(RecModule):
         **kwargs: ``RecModule`` arguments (optimizer, scheduler, warmup_ratio); scoring is ``head``.
     """
 
+    one_language_model = False  # n streams, not one causal LM: no paper protocol (generation)
+
     def __init__(self, backbone: Backbone, adapters: dict[str, str], beta: float = 1.0, gamma: float = 1.0,
                  mode: str = "token", init: str = "zero", w_init: list[float] | None = None,
                  combine: str = "after_norm", head_init: str = "mean", head_dropout: float = 0.0,

@@ -29,6 +29,19 @@ def pair_scores(model, head: ScoringHead, batch: dict, kind: str) -> torch.Tenso
     return scores.view(-1, batch["num_candidates"])
 
 
+def left_pack(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) ids and mask -> left-padded ids, mask and position ids (0 at each first token)."""
+    lens = mask.sum(1)
+    width = ids.size(1)
+    shift = width - lens
+    ar = torch.arange(width, device=ids.device)
+    src = (ar.unsqueeze(0) - shift.unsqueeze(1)).clamp(min=0)
+    keep = ar.unsqueeze(0) >= shift.unsqueeze(1)
+    left_ids = torch.where(keep, ids.gather(1, src), torch.zeros_like(ids))
+    left_mask = keep.long()
+    return left_ids, left_mask, (left_mask.cumsum(1) - 1).clamp(min=0)
+
+
 def likelihood_scores(model, batch: dict) -> torch.Tensor:
     """Length-normalised log-likelihood of each candidate title after its user's prompt: (B, C).
 
@@ -40,14 +53,7 @@ def likelihood_scores(model, batch: dict) -> torch.Tensor:
     c_ids, c_mask = batch["cont_ids"], batch["cont_mask"]
     b, c = p_ids.size(0), batch["num_candidates"]
     lens = p_mask.sum(1)
-    width = p_ids.size(1)
-    # right -> left padding
-    shift = width - lens
-    ar = torch.arange(width, device=p_ids.device)
-    src = (ar.unsqueeze(0) - shift.unsqueeze(1)).clamp(min=0)
-    left_ids = torch.where(ar.unsqueeze(0) >= shift.unsqueeze(1), p_ids.gather(1, src), torch.zeros_like(p_ids))
-    left_mask = (ar.unsqueeze(0) >= shift.unsqueeze(1)).long()
-    pos = (left_mask.cumsum(1) - 1).clamp(min=0)
+    left_ids, left_mask, pos = left_pack(p_ids, p_mask)
     out = model(input_ids=left_ids, attention_mask=left_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): predicts token 1

@@ -1,0 +1,99 @@
+"""The paper protocol's model side (decoders): the answer loss, greedy generation, exact title match.
+
+- ``answer_loss``: causal-LM cross-entropy on the answer tokens only (the model learns to emit the
+  true title first, then four other candidates); only the answer positions' logits are computed.
+- ``greedy_generate``: greedy decoding with a KV cache, left-padded prompts, stops at EOS.
+- ``match_ranks``: cuts each generated answer at EOS, splits it at the separator, and matches every
+  segment exactly against the candidates' titles: the target's 1-based position in the answer
+  (0: not generated), as the released evaluation does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from recsys.models.scoring import left_pack
+
+
+def answer_loss(model, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens (``sft_*`` of a paper batch, left-padded)."""
+    ids, mask, labels = batch["sft_ids"], batch["sft_mask"], batch["sft_labels"]
+    keep = int(batch["answer_len"]) + 1  # the logits at the last A+1 positions predict the A answer tokens
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
+    target = labels[:, -(keep - 1):]
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100)
+
+
+@torch.no_grad()
+def greedy_generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+                    eos_id: int | None, pad_id: int = 0) -> torch.Tensor:
+    """Greedy continuation of right-padded prompts: (B, <= max_new_tokens) ids, ``pad_id`` after EOS."""
+    ids, mask, pos = left_pack(prompt_ids, prompt_mask)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache, nxt_pos = out.past_key_values, pos[:, -1:] + 1
+    done = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
+    steps = []
+    for _ in range(max_new_tokens):
+        tok = out.logits[:, -1].argmax(-1)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        steps.append(tok)
+        if eos_id is not None:
+            done |= tok == eos_id
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=tok.unsqueeze(1), attention_mask=mask, position_ids=nxt_pos,
+                    past_key_values=cache, use_cache=True)
+        cache, nxt_pos = out.past_key_values, nxt_pos + 1
+    return torch.stack(steps, dim=1) if steps else ids[:, :0]
+
+
+def _split(ids: list[int], sep: list[int]) -> list[list[int]]:
+    parts, cur, i, n = [], [], 0, len(sep)
+    while i < len(ids):
+        if n and ids[i:i + n] == sep:
+            parts.append(cur)
+            cur, i = [], i + n
+        else:
+            cur.append(ids[i])
+            i += 1
+    parts.append(cur)
+    return parts
+
+
+def match_ranks(generated: torch.Tensor, cand_ids: list[list[list[int]]], target: torch.Tensor, sep: list[int],
+                eos_id: int | None, decode) -> tuple[torch.Tensor, int, int]:
+    """Target positions in the generated answers by exact title match.
+
+    Args:
+        generated: (B, N) generated ids. cand_ids: per user, the candidates' title ids.
+        target: (B,) the true candidate's position. sep: the separator's ids.
+        decode: ids -> text (the tokenizer's ``decode`` without special tokens); titles match when
+            their whitespace-normalised texts are equal.
+    Returns:
+        (B,) long 1-based rank of the true item among the distinct matched candidates in answer order
+        (0: not generated), the number of matched segments, and the number of segments.
+    """
+    norm = lambda x: " ".join(decode(x).split())  # noqa: E731
+    ranks, matched, segments = [], 0, 0
+    for row, cands, t in zip(generated.tolist(), cand_ids, target.tolist()):
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id)]
+        lookup: dict[str, int] = {}
+        for j, c in enumerate(cands):
+            lookup.setdefault(norm(c), j)
+        order: list[int] = []
+        for seg in _split(row, sep):
+            text = norm(seg)
+            if not text:
+                continue
+            segments += 1
+            j = lookup.get(text)
+            if j is not None:
+                matched += 1
+                if j not in order:
+                    order.append(j)
+        ranks.append(order.index(t) + 1 if t in order else 0)
+    return torch.tensor(ranks, dtype=torch.long), matched, segments
