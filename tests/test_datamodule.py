@@ -210,6 +210,17 @@ def test_max_train_examples():
     assert len(dm.train_entries["train"]) == 25
 
 
+def test_cap_scales_with_fraction_for_the_target_only():
+    """Data-efficiency under a budget: f of the capped examples, from f of the users; sources keep the cap."""
+    for f, n in [(0.25, 6), (0.5, 12), (1.0, 24)]:
+        dm = make(max_train_examples=24, cap_scales_with_fraction=True, target_fraction=f)
+        assert len(dm.train_entries["train"]) == n
+        assert _users(dm.train_entries["train"]) <= _users(make(target_fraction=f).train_entries["train"])
+    joint = make(sources=["toys"], mix="joint", max_train_examples=24, cap_scales_with_fraction=True, target_fraction=0.25)
+    doms = [d for d, _ in joint.train_entries["train"]]
+    assert doms.count("tools") == 6 and doms.count("toys") == 24
+
+
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("kwargs,pattern", [
     ({"target": "garden"}, r"data.target.*garden"),

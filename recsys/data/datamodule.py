@@ -227,6 +227,8 @@ class RecDataModule(L.LightningDataModule):
         max_eval_users: evaluate on a seeded subset of this many users (None: all), the same
             subset for every method.
         max_train_examples: cap on training examples per domain (seeded subset; None: all).
+        cap_scales_with_fraction: the target's cap is ``target_fraction * max_train_examples`` (a
+            data-efficiency sweep under a budget: 25% of the data is 25% of the capped examples).
         prompt: PromptTemplate fields. ``bucket_by_length``: length-bucketed training batches.
         tokenizer, kind: set by ``train.py`` from the backbone (``attach``); ``likelihood``:
             batches for the decoder likelihood mode.
@@ -250,6 +252,7 @@ class RecDataModule(L.LightningDataModule):
         candidate_sampling: str = "uniform",
         max_eval_users: int | None = None,
         max_train_examples: int | None = None,
+        cap_scales_with_fraction: bool = False,
         seed: int = 0,
         batch_size: int = 16,
         eval_batch_size: int = 8,
@@ -273,6 +276,7 @@ class RecDataModule(L.LightningDataModule):
         self.max_history, self.num_negatives = int(max_history), int(num_negatives)
         self.num_train_negatives, self.candidate_sampling = int(num_train_negatives), candidate_sampling
         self.max_eval_users, self.max_train_examples = max_eval_users, max_train_examples
+        self.cap_scales_with_fraction = bool(cap_scales_with_fraction)
         self.seed, self.batch_size, self.eval_batch_size = int(seed), int(batch_size), int(eval_batch_size)
         self.num_workers, self.bucket_by_length = int(num_workers), bool(bucket_by_length)
         self.template = PromptTemplate(**dict(prompt or {}))
@@ -370,9 +374,12 @@ class RecDataModule(L.LightningDataModule):
             n_keep = max(1, round(self.target_fraction * d.num_users))
             keep = set(rng.permutation(d.num_users)[:n_keep].tolist())
             exs = [e for e in exs if e.user in keep]
-        if self.max_train_examples and len(exs) > self.max_train_examples:
+        cap = self.max_train_examples
+        if cap and name == self.target and self.cap_scales_with_fraction:
+            cap = max(1, round(self.target_fraction * cap))  # the share of a capped budget (data-efficiency sweeps)
+        if cap and len(exs) > cap:
             rng = np.random.default_rng(stable_seed("train_cap", name, self.seed))
-            sel = sorted(rng.choice(len(exs), size=self.max_train_examples, replace=False).tolist())
+            sel = sorted(rng.choice(len(exs), size=cap, replace=False).tolist())
             exs = [exs[i] for i in sel]
         if not exs:
             raise DataError(f"domain {name!r} has no training example (users need >= 4 items)")
