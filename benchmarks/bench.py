@@ -1005,14 +1005,20 @@ class Bench:
         tr = alternate({"xcross": partial(direct, xt.step), "lora": partial(direct, lt.step)},
                        a.steps, a.rounds, a.warmup, a.rewarm, self.meter)
 
-        def infer(m):
+        def infer(m, routing=None):
             def run(first, warmup, k, block):
-                with eval_mode(m):
-                    return direct(infer_step(m.score, a, self.test_batch), first, warmup, k, block)
+                default = module.xcross.routing
+                if routing:  # the same X-Cross module with the other adapter routing
+                    module.xcross.routing = routing
+                try:
+                    with eval_mode(m):
+                        return direct(infer_step(m.score, a, self.test_batch), first, warmup, k, block)
+                finally:
+                    module.xcross.routing = default
             return run
 
-        ev = alternate({"xcross": infer(module), "lora": infer(lora)}, a.eval_steps, a.rounds, a.warmup, a.rewarm,
-                       self.meter)
+        ev = alternate({"xcross": infer(module), "xcross_peft": infer(module, "peft"), "lora": infer(lora)},
+                       a.eval_steps, a.rounds, a.warmup, a.rewarm, self.meter)
         sec = f"5. X-Cross, n = {n} sources (direct calls)"
         t_x, t_l = per_step(tr["xcross"]), per_step(tr["lora"])
         r = t_x / (n * t_l)
@@ -1024,10 +1030,16 @@ class Bench:
         spread = round_ratios(ev["xcross"], ev["lora"], n)
         self.add(sec, f"inference batch (ms): X-Cross vs LoRA; ratio to {n} x LoRA", 1e3 * e_x, 1e3 * e_l, r,
                  "<= 1.1", verdict(r, "<=", 1.1, spread), span(spread), key="xcross/infer_ratio_to_n_lora")
+        e_p = per_step(ev["xcross_peft"])
+        spread = round_ratios(ev["xcross"], ev["xcross_peft"], 1)
+        self.add(sec, "inference batch (ms): slice routing (default) vs peft's mixed-adapter batch", 1e3 * e_x,
+                 1e3 * e_p, e_x / e_p, "<= 1.0", verdict(e_x / e_p, "<=", 1.0, spread), span(spread),
+                 key="xcross/infer_slice_over_peft_routing")
         px, pl = tr["xcross"]["peak"] / 2**20, tr["lora"]["peak"] / 2**20
         self.add(sec, "training peak memory above weights (MiB)", px, pl, mem_ratio(px, pl))
         self.figures.update({"xcross/train_step_s": t_x, "xcross/lora_train_step_s": t_l,
                              "xcross/infer_batch_s": e_x, "xcross/lora_infer_batch_s": e_l,
+                             "xcross/infer_batch_peft_routing_s": e_p,
                              "xcross/train_peak_mib": px, "xcross/lora_train_peak_mib": pl})
         del module, xt
         self.free()

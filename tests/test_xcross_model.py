@@ -332,3 +332,27 @@ def test_bf16_backbone_trains_float32_integrators():
     assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
     scores.sum().backward()
     assert all(i.W_concat.weight.grad.dtype == torch.float32 for i in xc.integrators)
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_slice_routing_equals_peft_routing(name):
+    """The default slice-wise adapter routing computes what peft's mixed-adapter batch computes:
+    the same scores and the same integrator gradients, with non-zero integrators."""
+    bb, pm, names = make_sources(name, 2)
+    ids, mask = batch(bb.kind)
+    torch.manual_seed(3)
+    xc = XCrossModel(pm, names, bb.kind, init="normal")
+    assert xc.routing == "slice"
+    grads = {}
+    for routing in ("slice", "peft"):
+        xc.routing = routing
+        xc.zero_grad()
+        scores = xc(ids, mask)
+        scores.sum().backward()
+        grads[routing] = (scores.detach(), [i.W_concat.weight.grad.clone() for i in xc.integrators])
+    torch.testing.assert_close(grads["slice"][0], grads["peft"][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads["slice"][1], grads["peft"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert not any(getattr(m, "_disable_adapters", False) for m in pm.modules())  # flags restored
+    with pytest.raises(ValueError, match="routing"):
+        XCrossModel(pm, names, bb.kind, routing="gather")

@@ -67,6 +67,8 @@ class XCrossModule(RecModule):
         init: W_concat init, ``zero`` (X-Cross starts as the n source models, default) | ``normal`` **[ours]**.
         w_init: initial w (n values); None: 1/n each **[ours]**.
         combine: decoders: ``after_norm`` (default) | ``before_norm`` **[ours]**.
+        routing: ``slice`` (default) | ``peft``: how each stream gets its adapter (both exact; see
+            ``XCrossModel``) **[ours]**.
         head_init: ``mean`` (average of the source adapters' heads, default) | ``fresh`` | a source
             name (that source's head) **[ours]**.
         **kwargs: ``RecModule`` arguments (optimizer, scheduler, warmup_ratio); scoring is ``head``.
@@ -77,6 +79,7 @@ class XCrossModule(RecModule):
     def __init__(self, backbone: Backbone, adapters: dict[str, str], beta: float = 1.0, gamma: float = 1.0,
                  mode: str = "token", init: str = "zero", w_init: list[float] | None = None,
                  combine: str = "after_norm", head_init: str = "mean", head_dropout: float = 0.0,
+                 routing: str = "slice",
                  integrator_lr: float | None = None, **kwargs):
         if kwargs.get("scoring", "head") != "head":
             raise ValueError("method.module.scoring: X-Cross scores with its head; use scoring=head")
@@ -98,7 +101,8 @@ class XCrossModule(RecModule):
         self.source_folders = {n: str(folders[n]) for n in names}
         self.source_fingerprints = {n: fingerprint(folders[n]) for n in names}
         self.xcross = XCrossModel(peft_model, names, backbone.kind, beta=beta, gamma=gamma, mode=mode, init=init,
-                                  w_init=w_init, head_state=head_state, head_dropout=head_dropout, combine=combine)
+                                  w_init=w_init, head_state=head_state, head_dropout=head_dropout, combine=combine,
+                                  routing=routing)
         self.lora_reference = sum(
             p.numel() for k, p in peft_model.named_parameters() if f".{names[0]}." in k and "lora_" in k
         )

@@ -42,6 +42,30 @@ def _route_rows(module, args, kwargs, adapter_names):
     return args, kwargs
 
 
+def _add_block_updates(module, args, output, adapter_names):
+    """Forward hook on a peft LoRA ``Linear`` whose adapters are disabled (its output is the frozen
+    base layer's): add adapter m's low-rank update to row block m, as a slice (no row gather).
+    The same arithmetic as peft's forward: ``base(x) + B(A(dropout(x))) * scaling``."""
+    x = args[0]
+    n = len(adapter_names)
+    rows = x.size(0) // n
+    out = output  # in place: a linear layer's backward does not need its output
+    for m, name in enumerate(adapter_names):
+        a = module.lora_A[name]
+        xm = module._cast_input_dtype(x[m * rows:(m + 1) * rows], a.weight.dtype)
+        delta = module.lora_B[name](a(module.lora_dropout[name](xm))) * module.scaling[name]
+        out[m * rows:(m + 1) * rows] += delta.to(out.dtype)
+    return out
+
+
+def _sliceable(module, adapter_names) -> bool:
+    """A plain peft LoRA ``Linear`` holding every stream's adapter as vanilla LoRA (no DoRA-like variant)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    return (isinstance(module, LoraLinear) and not module.merged
+            and all(a in module.lora_A and a not in module.lora_variant for a in adapter_names))
+
+
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")  # Llama/Qwen, GPT-2, Phi, OPT
 
 
@@ -152,6 +176,10 @@ class XCrossModel(nn.Module):
         w_init: initial w, n values; ``None`` -> 1/n each **[ours]**.
         head_state: a ``ScoringHead`` state dict to start the head from (e.g. the target LoRA's head).
         head_dropout: the head's dropout.
+        routing: how each stream gets its own adapter **[ours]**: ``"slice"`` (default; every LoRA
+            layer runs its frozen base on all rows, then adds adapter m's update to row block m as
+            a slice) | ``"peft"`` (peft's mixed-adapter batch, which gathers each adapter's rows; the
+            fallback for adapters that are not plain LoRA ``Linear`` layers). Both are exact.
         combine: decoders with a final norm after the last layer **[ours]**:
             ``"after_norm"`` (default): ``h_final = sum_m w_m norm(h~_m)`` -- each stream goes
             through the model's final norm as its own source model would, so with a one-hot w
@@ -174,8 +202,11 @@ class XCrossModel(nn.Module):
         head_state: dict | None = None,
         head_dropout: float = 0.0,
         combine: str = "after_norm",
+        routing: str = "slice",
     ):
         super().__init__()
+        if routing not in ("slice", "peft"):
+            raise ValueError(f"routing must be 'slice' or 'peft', got {routing!r}")
         if kind not in ("encoder", "decoder"):
             raise ValueError(f"kind must be 'encoder' or 'decoder', got {kind!r}")
         if combine not in ("after_norm", "before_norm"):
@@ -199,6 +230,9 @@ class XCrossModel(nn.Module):
         from peft.utils.other import AuxiliaryTrainingWrapper
 
         self._peft_layers = [m for m in peft_model.modules() if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
+        self.routing = routing
+        if routing == "slice" and not all(_sliceable(m, self.adapter_names) for m in self._peft_layers):
+            self.routing = "peft"  # an adapter type the slice path does not know: peft's own routing
 
         self.integrators = nn.ModuleList(
             Integrator(self.n, d, beta=beta, gamma=gamma, mode=mode, init=init, kind=kind)
@@ -245,9 +279,11 @@ class XCrossModel(nn.Module):
     def _integration_hooks(self, attention_mask: torch.Tensor, rows: list[str]):
         """Hooks that exist only inside the block, removed on exit even after an error.
 
-        - on every peft LoRA layer: route row i through adapter ``rows[i]`` (peft's mixed-adapter
-          batch, ``LoraLayer._mixed_batch_forward``: the base layer on all rows, then each adapter's
-          low-rank update added to its own rows; differentiable with respect to the input);
+        - on every peft LoRA layer, ``routing="slice"``: its adapters disabled (the base layer on
+          all rows), and a hook adding adapter m's low-rank update to row block m;
+          ``routing="peft"``: route row i through adapter ``rows[i]`` (peft's mixed-adapter batch,
+          ``LoraLayer._mixed_batch_forward``, which gathers and scatters each adapter's rows);
+          both differentiable with respect to the input;
         - on every transformer layer: the integrator, on the layer's output;
         - ``combine="before_norm"``: on the final norm, the w-combination of the streams.
 
@@ -275,9 +311,16 @@ class XCrossModel(nn.Module):
             return (combined, *args[1:])
 
         with ExitStack() as stack:
-            route = partial(_route_rows, adapter_names=rows)
-            for module in self._peft_layers:
-                stack.callback(module.register_forward_pre_hook(route, with_kwargs=True).remove)
+            if self.routing == "slice":  # rows are stream-major blocks: adapter m on block m
+                add = partial(_add_block_updates, adapter_names=self.adapter_names)
+                for module in self._peft_layers:
+                    stack.callback(setattr, module, "_disable_adapters", module._disable_adapters)
+                    module._disable_adapters = True
+                    stack.callback(module.register_forward_hook(add).remove)
+            else:
+                route = partial(_route_rows, adapter_names=rows)
+                for module in self._peft_layers:
+                    stack.callback(module.register_forward_pre_hook(route, with_kwargs=True).remove)
             for layer, integrator in zip(self._layers[0], self.integrators):
                 stack.callback(layer.register_forward_hook(refine(integrator)).remove)
             if self.combine == "before_norm" and self._final_norm[0] is not None:
