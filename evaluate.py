@@ -1,7 +1,7 @@
 """Score a trained model on a domain's validation or test split with the same fixed candidates.
 
     python evaluate.py run_dir=outputs/train/<date>          # the run's config and best checkpoint
-    python evaluate.py adapter=artifacts/adapters/embedded-minilm-l6/tools data.target=tools
+    python evaluate.py adapter=artifacts/adapters/synthetic/embedded-minilm-l6/tools data.target=tools
     python evaluate.py run_dir=... split=val
 """
 

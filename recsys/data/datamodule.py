@@ -234,6 +234,8 @@ class RecDataModule(L.LightningDataModule):
             batches for the decoder likelihood mode.
         protocol: ``ranking`` (pairs or likelihood batches) | ``paper`` (WeaveRec's released prompt,
             decoders; ``paper``: its ``PaperTemplate`` settings).
+        collection: the name of this set of domains (synthetic, amazon, raw2014-k5...): the default
+            adapter store is one folder a collection, so same-named domains never share adapters.
         root, year, k_core: data-config settings that the domain specs interpolate
             (``conf/data/raw.yaml``); the domains' own specs are what is read.
     """
@@ -268,6 +270,7 @@ class RecDataModule(L.LightningDataModule):
         k_core: int | None = None,
         protocol: str = "ranking",
         paper: dict | None = None,
+        collection: str | None = None,
     ):
         super().__init__()
         self.domain_specs = {k: dict(v or {}) for k, v in dict(domains).items()}
@@ -284,6 +287,7 @@ class RecDataModule(L.LightningDataModule):
         if unknown:
             raise DataError(f"data.paper has unknown keys {unknown}: known are {sorted(PaperTemplate.__dataclass_fields__)}")
         self.protocol, self.paper_template = protocol, PaperTemplate(**dict(paper or {}))
+        self.collection = collection  # the name of this set of domains (it names the adapter store)
         self.cache_dir, self.root = cache_dir, root
         self.kind, self.likelihood = kind, likelihood
         self.tokenizer = tokenizer
