@@ -404,3 +404,14 @@ def test_weaverec_needs_hybrid_data_and_sources(tmp_path):
         run_train(tmp_path / "run", "backbone=tiny_encoder", "method=weaverec", "data.sources=[]")
     with pytest.raises(ValueError, match="head='both' is unknown"):
         WeaveRecModule(load_backbone("tiny:encoder"), "tools", ["toys"], head="both")
+
+
+def test_heads_start_from_the_same_weights_whatever_the_branches():
+    """A hybrid reused from another run was trained from the same initial head as this run's
+    branches: the initial head does not depend on how many adapters were created before it."""
+    one, _ = _module(sources=("toys",))
+    torch.manual_seed(123)  # another random state, more branches
+    two, _ = _module(sources=("toys", "sports"))
+    for h in list(one.heads) + list(two.heads):
+        for a, b in zip(h.state_dict().values(), one.heads[0].state_dict().values()):
+            torch.testing.assert_close(a, b)

@@ -80,6 +80,9 @@ MERGE_DEFAULTS = {
 HYBRID_DATA_KEYS = ("hybrid_cap", "max_train_examples", "max_history", "target_fraction", "prompt")
 
 
+HEAD_SEED = 0  # [ours] the initial weights of WeaveRec's heads, the same in every run (see _build_heads)
+
+
 def weaverec_name(target: str, sources) -> str:
     """Store name of a WeaveRec merge: ``weaverec-games-from-beauty+toys`` (sources sorted)."""
     return f"weaverec-{target}-from-" + "+".join(sorted(sources))
@@ -254,10 +257,18 @@ class WeaveRecModule(RecModule):
         return ""
 
     def _build_heads(self, reuse: dict[str, str]) -> nn.ModuleList | None:
-        """None (likelihood), one shared head, or one head a branch, all from the same initial weights."""
+        """None (likelihood), one shared head, or one head a branch, all from the same initial weights.
+
+        The initial weights come from a fixed seed (``HEAD_SEED`` **[ours]**), not from the run's
+        random state, so that every WeaveRec run starts its heads from the same point: a hybrid
+        reused from the store (trained in another run, with other branches) then has a head that
+        was trained from this run's initial head too, and the merged head (their mean) averages
+        aligned units, as it does for branches trained together."""
         if self.scoring != "head":
             return None
-        first = ScoringHead(self.backbone.hidden_size)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(HEAD_SEED)
+            first = ScoringHead(self.backbone.hidden_size)
         if self.head_mode == "shared":
             return nn.ModuleList([first])
         heads = nn.ModuleList([copy.deepcopy(first) for _ in self.branches])
