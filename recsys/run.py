@@ -243,6 +243,8 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
             raise FileNotFoundError(f"run_dir={run_dir} has no .hydra/config.yaml: is it a train.py run folder?")
         run_cfg = OmegaConf.load(saved)
         run_cfg.paths = cfg.paths  # this evaluation's own output folder
+        if "collection" not in run_cfg.data:  # a run from before data.collection: its store had no collection level
+            run_cfg.data.collection = ""
         ckpt = ckpt or best_checkpoint(run_dir)
         info = run_dir / "run.json"
         trained = json.loads(info.read_text()).get("trained", True) if info.is_file() else True
