@@ -50,7 +50,10 @@ class RankingMetrics(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, scores: torch.Tensor, target: torch.Tensor) -> None:
-        rank = target_rank(scores, target).double()
+        self._accumulate(target_rank(scores, target).double())
+
+    def _accumulate(self, rank: torch.Tensor) -> None:
+        """Add (B,) 0-based float ranks; ``inf`` (the true item not ranked at all) scores 0 everywhere."""
         gain = 1.0 / torch.log2(rank + 2.0)
         for k in self.ks:
             hit = rank < k
@@ -96,7 +99,7 @@ def reference_metrics(
     return out
 
 
-class GenerationMetrics(Metric):
+class GenerationMetrics(RankingMetrics):
     """The paper protocol's metrics from generated answers: NDCG@k and HR@k for k in ``ks`` and MRR.
 
     ``update(rank (B,), matched, segments)`` with ``rank`` the 1-based position of the true title in
@@ -104,34 +107,18 @@ class GenerationMetrics(Metric):
     evaluation); ``compute()`` adds ``valid``, the share of generated titles that are candidates.
     """
 
-    full_state_update = False
-    higher_is_better = True
-
     def __init__(self, ks: tuple[int, ...] = (1, 3, 5), **kwargs):
-        super().__init__(**kwargs)
-        self.ks = tuple(ks)
-        for name in [f"hr_{k}" for k in self.ks] + [f"ndcg_{k}" for k in self.ks] + ["mrr", "matched", "segments"]:
+        super().__init__(ks, **kwargs)
+        for name in ("matched", "segments"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, rank: torch.Tensor, matched: int = 0, segments: int = 0) -> None:
         rank = rank.to(self.mrr.device).double()
-        found = rank > 0
-        for k in self.ks:
-            hit = found & (rank <= k)
-            setattr(self, f"hr_{k}", getattr(self, f"hr_{k}") + hit.sum())
-            setattr(self, f"ndcg_{k}", getattr(self, f"ndcg_{k}") + torch.where(hit, 1.0 / torch.log2(rank + 1.0), 0.0).sum())
-        self.mrr = self.mrr + torch.where(found, 1.0 / rank.clamp(min=1), 0.0).sum()
+        self._accumulate(torch.where(rank > 0, rank - 1.0, torch.inf))  # 0-based; not generated: never ranked
         self.matched = self.matched + matched
         self.segments = self.segments + segments
-        self.count = self.count + rank.numel()
 
     def compute(self) -> dict[str, torch.Tensor]:
-        n = self.count.clamp(min=1).double()
-        out = {}
-        for k in self.ks:
-            out[f"hr@{k}"] = (getattr(self, f"hr_{k}") / n).float()
-            out[f"ndcg@{k}"] = (getattr(self, f"ndcg_{k}") / n).float()
-        out["mrr"] = (self.mrr / n).float()
+        out = super().compute()
         out["valid"] = (self.matched / self.segments.clamp(min=1)).float()
         return out
