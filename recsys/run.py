@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys import scale, speed
 from recsys.data.datamodule import RecDataModule
+from recsys.files import write_json
 from recsys.models.adapter_store import AdapterStore
 from recsys.models.backbone import load_backbone
 
@@ -77,14 +78,6 @@ def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def write_json(path: Path, obj: dict) -> None:
-    """Atomic JSON write (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def _floats(d: dict) -> dict:
     return {k: float(v) for k, v in d.items() if isinstance(v, (int, float, torch.Tensor))}
 

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from recsys.files import write_json, write_text
+
 log = logging.getLogger("recsys")
 
 # ---------------------------------------------------------------------------------------------- DDP + Hydra
@@ -170,8 +172,7 @@ def resume_checkpoint(run_dir: str | Path, cfg=None) -> str | None:
                     f"ckpt_path={folder}/last.ckpt to go on from it under the new settings on purpose."
                 )
         elif global_rank() == 0:
-            folder.mkdir(parents=True, exist_ok=True)
-            saved.write_text(json.dumps(now, indent=1, sort_keys=True))
+            write_json(saved, now)
     if not folder.is_dir():
         return None
     others = sorted((p for p in folder.glob("*.ckpt") if p.name != "last.ckpt"), key=lambda p: p.stat().st_mtime,
@@ -255,6 +256,5 @@ def wandb_resume_kwargs(run_dir: str | Path) -> dict:
 
         run_id = uuid.uuid4().hex[:12]  # wandb's run ids: letters and digits
         if global_rank() == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(run_id + "\n")
+            write_text(path, run_id + "\n")
     return {"id": run_id, "resume": "allow"}
