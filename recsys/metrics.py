@@ -100,7 +100,7 @@ def reference_metrics(
 
 
 class GenerationMetrics(RankingMetrics):
-    """The paper protocol's metrics from generated answers: NDCG@k and HR@k for k in ``ks`` and MRR.
+    """The paper protocol's metrics from generated answers: NDCG@k and HR@k for k in ``ks`` and MRR@max(ks).
 
     ``update(rank (B,), matched, segments)`` with ``rank`` the 1-based position of the true title in
     the generated answer (0: not generated, which scores 0 on every metric, as in the released
@@ -114,7 +114,8 @@ class GenerationMetrics(RankingMetrics):
 
     def update(self, rank: torch.Tensor, matched: int = 0, segments: int = 0) -> None:
         rank = rank.to(self.mrr.device).double()
-        self._accumulate(torch.where(rank > 0, rank - 1.0, torch.inf))  # 0-based; not generated: never ranked
+        # 0-based; not generated, or beyond the largest k: never ranked (so MRR is MRR@5, as released)
+        self._accumulate(torch.where((rank > 0) & (rank <= max(self.ks)), rank - 1.0, torch.inf))
         self.matched = self.matched + matched
         self.segments = self.segments + segments
 
