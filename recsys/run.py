@@ -152,6 +152,8 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
     for row, values in dm.reference_metrics("test").items():
         metrics.update({f"{row}/test/{k}": v for k, v in values.items()})
     metrics.update(module.extra_metrics())
+    if trained:
+        metrics.update(module.training_health())
 
     if trainer.is_global_zero:
         write_json(out_dir / "metrics.json", metrics)

@@ -392,7 +392,7 @@ class WeaveRecModule(RecModule):
                 raise KeyError(f"no training batch for stream {b.stream!r}; got {sorted(batch)}: is data.mix=hybrid?")
             sub = batch[b.stream]
             self._activate(self.branches[i].adapter)
-            loss = self.objective(sub, lambda x: self._score(x, self.head_of(i)))
+            loss = self.objective(sub, lambda x: self._score(x, self.head_of(i)), stream=f"branch{i}/train")
             self.log(f"branch{i}/train/loss", loss, batch_size=sub["labels"].numel())
             total, n = total + loss, n + 1
         self.log("train/loss", total / max(n, 1), prog_bar=True, batch_size=batch[self.branches[0].stream]["labels"].numel())
