@@ -61,7 +61,7 @@ class RecModule(L.LightningModule):
     one_language_model = True  # the paper protocol generates with ``self.model`` (X-Cross runs n streams: False)
 
     def __init__(self, backbone: Backbone, optimizer: Callable | None = None, scheduler: str = "cosine",
-                 warmup_ratio: float = 0.05, scoring: str = "head"):
+                 warmup_ratio: float = 0.1, scoring: str = "head"):
         super().__init__()
         if scoring not in ("head", "likelihood"):
             raise ValueError(f"method.scoring={scoring!r} is unknown: use head or likelihood")
