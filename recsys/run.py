@@ -54,7 +54,9 @@ def build_module(cfg: DictConfig, backbone, dm: RecDataModule, store: AdapterSto
         from recsys.methods.base import paper_protocol_error
 
         raise ValueError(paper_protocol_error(factory.func))  # before it trains missing source adapters
-    return factory.func.from_config(backbone=backbone, datamodule=dm, store=store, cfg=cfg, **factory.keywords)
+    module = factory.func.from_config(backbone=backbone, datamodule=dm, store=store, cfg=cfg, **factory.keywords)
+    module.monitor = cfg.get("optimized_metric") or module.monitor  # model selection's metric
+    return module
 
 
 def apply_protocol(module, dm: RecDataModule):

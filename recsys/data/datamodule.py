@@ -390,12 +390,13 @@ class RecDataModule(L.LightningDataModule):
         return [(name, e) for e in exs]
 
     def hybrid_entries(self, source: str) -> list[tuple[str, Example]]:
-        """WeaveRec's hybrid mixture: min(cap, |T|) target examples and as many of ``source``."""
+        """WeaveRec's hybrid mixture as released: min(cap, |T|) target examples and, independently,
+        min(cap, |S|) of ``source`` (50/50 when both domains have at least ``hybrid_cap``)."""
         tgt, src = self._domain_train(self.target), self._domain_train(source)
-        n = min(self.hybrid_cap, len(tgt))
-        n_src = min(n, len(src))
-        if n_src < n:
-            log.warning("hybrid %s+%s: source has only %d examples for %d target ones", self.target, source, n_src, n)
+        n, n_src = min(self.hybrid_cap, len(tgt)), min(self.hybrid_cap, len(src))
+        if n_src != n:
+            log.warning("hybrid %s+%s is not 50/50: %d target and %d source examples (hybrid_cap %d)",
+                        self.target, source, n, n_src, self.hybrid_cap)
         rng = np.random.default_rng(stable_seed("hybrid", self.target, source, self.seed))
         pick = lambda xs, k: [xs[i] for i in sorted(rng.choice(len(xs), size=k, replace=False).tolist())]  # noqa: E731
         return pick(tgt, n) + pick(src, n_src)
@@ -455,8 +456,16 @@ class RecDataModule(L.LightningDataModule):
         return out
 
     def train_dataloader(self):
+        """One loader, or for several streams (WeaveRec's branches) a ``CombinedLoader`` in
+        ``max_size`` mode: an epoch is one pass over the longest stream, and a stream that is
+        exhausted yields None (its branch skips the step) instead of restarting, so each branch sees
+        each of its examples once an epoch, as the release trains each adapter on its own data."""
         loaders = self.train_loaders()
-        return loaders["train"] if list(loaders) == ["train"] else loaders
+        if list(loaders) == ["train"]:
+            return loaders["train"]
+        from lightning.pytorch.utilities import CombinedLoader
+
+        return CombinedLoader(loaders, mode="max_size")
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.eval_sets["val"], self.eval_batch_size, False)

@@ -80,6 +80,7 @@ class RecModule(L.LightningModule):
         self.prefix = {"val": "val", "test": "test"}  # train.py sets "zero_shot/test" for the zero-shot row
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self.val_history: dict[int, dict[str, float]] = {}  # epoch -> validation metrics
+        self.monitor = "val/ndcg@10"  # model selection's metric (from_config: the run's optimized_metric)
         self.skip_training = False  # a method with nothing to train (e.g. a merge of stored adapters)
         self.paper = None  # the paper protocol's prompt builder, when enabled (enable_paper_protocol)
         self.chance = ChanceCheck()  # training losses after warm-up: a run that stays at ln C is flagged
@@ -130,12 +131,17 @@ class RecModule(L.LightningModule):
         """Write what was trained to the adapter store; returns the folder (None: nothing to export)."""
         return None
 
+    def best_epoch(self, monitor: str | None = None) -> int | None:
+        """The epoch with the best validation ``monitor`` (default ``self.monitor``; the first, on ties)."""
+        if not self.val_history:
+            return None
+        monitor = monitor or self.monitor
+        return max(sorted(self.val_history), key=lambda e: self.val_history[e].get(monitor, -math.inf))
+
     def best_val_metrics(self, monitor: str) -> dict[str, float]:
         """Validation metrics of the epoch with the best ``monitor`` (the first, on ties)."""
-        if not self.val_history:
-            return {}
-        best = max(sorted(self.val_history), key=lambda e: self.val_history[e].get(monitor, -math.inf))
-        return dict(self.val_history[best])
+        best = self.best_epoch(monitor)
+        return {} if best is None else dict(self.val_history[best])
 
     # ------------------------------------------------------------------ to implement
     def score(self, batch: dict) -> torch.Tensor:
