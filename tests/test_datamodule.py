@@ -371,3 +371,21 @@ def test_shared_amazon_beauty():
     assert ref["random"]["hr@1"] == pytest.approx(0.05, abs=0.01)
     assert ref["popularity"]["hr@1"] > ref["random"]["hr@1"]
     assert took < 60, took
+
+
+def test_train_on_val_holds_out_a_selection_split():
+    """data.train_on_val (the release trains on validation examples): every validation example trains
+    except those of a seeded 2% of the users, which alone select the model; test is unchanged."""
+    base = make()
+    dm = make(train_on_val=True)
+    d = dm.domains["tools"]
+    sel = dm.selection_users
+    assert len(sel) == max(1, round(0.02 * d.num_users)) and sel == make(train_on_val=True).selection_users
+    assert {e.user for e in dm.eval_sets["val"].examples} == sel
+    val = {e for e in d.examples("val", dm.max_history)}
+    trained = {e for _, e in dm.train_entries["train"]}
+    assert trained - {e for _, e in base.train_entries["train"]} == {e for e in val if e.user not in sel}
+    assert not trained & {e for e in val if e.user in sel}
+    assert dm.eval_sets["test"].examples == base.eval_sets["test"].examples
+    with pytest.raises(DataError, match="selection_share"):
+        make(train_on_val=True, selection_share=0.0)

@@ -229,6 +229,9 @@ class RecDataModule(L.LightningDataModule):
         max_train_examples: cap on training examples per domain (seeded subset; None: all).
         cap_scales_with_fraction: the target's cap is ``target_fraction * max_train_examples`` (a
             data-efficiency sweep under a budget: 25% of the data is 25% of the capped examples).
+        train_on_val: train on the target's validation examples too, as WeaveRec's release does;
+            model selection then uses the validation examples of a held-out ``selection_share`` of
+            the users (seeded), which never train. Off by default (docs/methods.md, differences).
         prompt: PromptTemplate fields. ``bucket_by_length``: length-bucketed training batches.
         tokenizer, kind: set by ``train.py`` from the backbone (``attach``); ``likelihood``:
             batches for the decoder likelihood mode.
@@ -255,6 +258,8 @@ class RecDataModule(L.LightningDataModule):
         max_eval_users: int | None = None,
         max_train_examples: int | None = None,
         cap_scales_with_fraction: bool = False,
+        train_on_val: bool = False,
+        selection_share: float = 0.02,
         seed: int = 0,
         batch_size: int = 16,
         eval_batch_size: int = 8,
@@ -280,6 +285,7 @@ class RecDataModule(L.LightningDataModule):
         self.num_train_negatives, self.candidate_sampling = int(num_train_negatives), candidate_sampling
         self.max_eval_users, self.max_train_examples = max_eval_users, max_train_examples
         self.cap_scales_with_fraction = bool(cap_scales_with_fraction)
+        self.train_on_val, self.selection_share = bool(train_on_val), float(selection_share)
         self.seed, self.batch_size, self.eval_batch_size = int(seed), int(batch_size), int(eval_batch_size)
         self.num_workers, self.bucket_by_length = int(num_workers), bool(bucket_by_length)
         self.template = PromptTemplate(**dict(prompt or {}))
@@ -318,6 +324,8 @@ class RecDataModule(L.LightningDataModule):
             raise DataError(f"data.protocol={self.protocol!r} is unknown: use one of {PROTOCOLS}")
         if self.num_negatives < 1 or self.num_train_negatives < 1:
             raise DataError("data.num_negatives and data.num_train_negatives must be >= 1")
+        if self.train_on_val and not (0.0 < self.selection_share < 1.0):
+            raise DataError(f"data.selection_share={self.selection_share} must be in (0, 1) with data.train_on_val=true")
 
     def attach(self, tokenizer, kind: str, likelihood: bool = False) -> "RecDataModule":
         """Give the DataModule the backbone's tokenizer (the text layout depends on it)."""
@@ -344,9 +352,11 @@ class RecDataModule(L.LightningDataModule):
         self.samplers = {n: NegativeSampler(d, self.candidate_sampling) for n, d in self.domains.items()}
         tgt = self.domains[self.target]
         self.eval_users = self._eval_users(tgt)
+        self.selection_users = self._selection_users(tgt) if self.train_on_val else None
         self.eval_sets: dict[str, EvalDataset] = {}
         for split in ("val", "test"):
-            exs = [e for e in tgt.examples(split, self.max_history) if e.user in self.eval_users]
+            users = self.selection_users if split == "val" and self.train_on_val else self.eval_users
+            exs = [e for e in tgt.examples(split, self.max_history) if e.user in users]
             cands, pos = eval_candidates(tgt, exs, split, self.num_negatives, self.seed, self.candidate_sampling)
             self.eval_sets[split] = EvalDataset(self.target, exs, cands, pos)
         self.train_entries = self._train_entries()
@@ -370,9 +380,20 @@ class RecDataModule(L.LightningDataModule):
             users = rng.choice(len(users), size=self.max_eval_users, replace=False).tolist()
         return set(users)
 
+    def _selection_users(self, d: Domain) -> set[int]:
+        """``train_on_val``: the held-out users whose validation examples select the model (seeded,
+        ``selection_share`` of the users, at most ``max_eval_users``); their validation never trains."""
+        n = max(1, round(self.selection_share * d.num_users))
+        if self.max_eval_users:
+            n = min(n, self.max_eval_users)
+        rng = np.random.default_rng(stable_seed("selection_users", d.name, self.seed))
+        return set(rng.choice(d.num_users, size=n, replace=False).tolist())
+
     def _domain_train(self, name: str) -> list[tuple[str, Example]]:
         d = self.domains[name]
         exs = d.examples("train", self.max_history)
+        if name == self.target and self.train_on_val:  # the release trains on validation examples too
+            exs = exs + [e for e in d.examples("val", self.max_history) if e.user not in self.selection_users]
         if name == self.target and self.target_fraction < 1.0:
             rng = np.random.default_rng(stable_seed("fraction", name, self.seed))
             n_keep = max(1, round(self.target_fraction * d.num_users))

@@ -2,7 +2,7 @@
 
 One prompt per user lists the history titles joined by ``||`` and the shuffled candidates (30 in
 the paper: ``data.num_negatives=29``) and asks for the top 5; the model is trained to answer
-with the true title first, followed by four other candidates drawn at random (METHODS.md, WeaveRec, "Released
+with the true title first, followed by four other candidates drawn at random (docs/methods.md, WeaveRec, "Released
 setup"). Layout (``{...}`` are ``data.paper.*`` strings)::
 
     [BOS] {instruction} h_1 || ... || h_n {candidates_intro} c_1 || ... || c_30 {answer_intro}

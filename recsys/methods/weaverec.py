@@ -1,4 +1,4 @@
-"""WeaveRec (Hou et al. 2025; METHODS.md, "WeaveRec"): weave-training of LoRA adapters, merged into one.
+"""WeaveRec (Hou et al. 2025; docs/methods.md, "WeaveRec"): weave-training of LoRA adapters, merged into one.
 
 For a target domain T and sources S_1..S_N, on one frozen backbone (one peft ``PeftModel``):
 

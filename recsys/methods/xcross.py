@@ -3,7 +3,7 @@
 The frozen backbone with n frozen source LoRA adapters runs as n streams; after every layer an
 integrator refines each stream with the others; learnable w_m combine the last layer's streams;
 the shared scoring head scores (history, candidate) pairs. Only the integrators, w and the head
-train, on the target domain (METHODS.md, "X-Cross"; the model is ``recsys.models.integrator``).
+train, on the target domain (docs/methods.md, "X-Cross"; the model is ``recsys.models.integrator``).
 
 Source adapters come from the adapter store (``<store>/<backbone>/<source>/``, written by
 ``python train.py method=lora data.target=<source>``) or from any peft adapter folders

@@ -1,4 +1,4 @@
-"""The scoring head shared by every method (X-Cross's head, METHODS.md step 5).
+"""The scoring head shared by every method (X-Cross's head; docs/methods.md, "Per-domain LoRA fine-tuning").
 
 pooled token -> dense -> GELU -> linear -> one score per (history, candidate) pair.
 The pooled token is the first token for encoders ([CLS]) and the last non-pad token for decoders.

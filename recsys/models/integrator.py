@@ -2,7 +2,7 @@
 
 Each source model m is the frozen backbone with LoRA source adapter m active. The n models run
 side by side; after every transformer layer l an :class:`Integrator` refines each stream with
-the others (METHODS.md, X-Cross steps 1-3)::
+the others (docs/methods.md, X-Cross steps 1-3)::
 
     z      = W_concat [h_1; ...; h_n]                                  (2n(n-1) signed scalars)
     h~_m   = h_m + sum_{m' != m} ( beta * a_{m,m'} * h_{m'} + gamma * b_{m,m'} * (h_m - h_{m'}) )
