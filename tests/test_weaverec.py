@@ -24,6 +24,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from recsys.data.datamodule import RecDataModule
+from recsys.errors import UserError
 from recsys.methods.lora import LoRAModule
 from recsys.methods.weaverec import MERGED, WeaveRecModule, weaverec_name
 from recsys.models.adapter_store import AdapterStore, hybrid_name
@@ -358,7 +359,7 @@ def _merge_sources(store, tmp, *extra):
 
 
 def test_missing_adapters_name_each_and_the_command(tmp_path):
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(UserError) as e:
         _merge_sources(tmp_path / "empty", tmp_path)
     text = str(e.value)
     for d in ("tools", "toys"):
