@@ -216,6 +216,13 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
     return float(metrics.get(cfg.optimized_metric, math.nan)), metrics
 
 
+def user_error(e: BaseException) -> UserError | None:
+    """The UserError behind ``e`` (hydra's ``instantiate`` wraps it in an InstantiationException), if any."""
+    while e is not None and not isinstance(e, UserError):
+        e = e.__cause__
+    return e
+
+
 def guarded(fn, cfg: DictConfig):
     """Run ``fn(cfg)``; in a multirun a failed job writes ``failed.json`` and returns NaN instead of
     taking the other jobs down. Under a search sweeper (Optuna) it raises after writing failed.json:
@@ -234,8 +241,9 @@ def guarded(fn, cfg: DictConfig):
             return fn(cfg)
     except Exception as e:
         if not multirun:
-            if isinstance(e, UserError) and os.environ.get("HYDRA_FULL_ERROR") != "1":
-                log.error("error: %s", e)  # one line naming the key or file and the fix; no traceback
+            user = user_error(e)
+            if user is not None and os.environ.get("HYDRA_FULL_ERROR") != "1":
+                log.error("error: %s", user)  # one line naming the key or file and the fix; no traceback
                 raise SystemExit(1) from None
             raise
         log.exception("job failed")

@@ -155,13 +155,17 @@ class AdapterStore:
 
     def problem(self, backbone: str, name: str) -> str:
         """Why adapter ``name`` cannot be used ('' if it is complete): absent, or which files it lacks."""
-        folder = self.path(backbone, name)
-        if not folder.is_dir():
-            return f"no adapter at {folder}"
-        missing = self.missing_files(folder)
-        if missing:
-            return f"{folder} is incomplete (lacks {', '.join(missing)})"
-        return ""
+        for _ in range(5):  # the version just resolved may be removed by two exports since: look again
+            folder = self.path(backbone, name)
+            try:
+                missing = self.missing_files(folder) if folder.is_dir() else None
+                if missing is not None and folder.is_dir():  # still there: the answer is about one version
+                    return f"{folder} is incomplete (lacks {', '.join(missing)})" if missing else ""
+            except FileNotFoundError:
+                pass
+            if not self._link(backbone, name).is_symlink():
+                break
+        return f"no adapter at {folder}"
 
     def exists(self, backbone: str, name: str) -> bool:
         """A complete adapter ``name`` of this seed is stored."""
