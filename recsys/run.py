@@ -141,9 +141,9 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
         return float(done.get(cfg.optimized_metric, math.nan)), done
     if cfg.get("auto_resume") and not cfg.get("ckpt_path") and (out_dir / "checkpoints" / "config.json").is_file():
         scale.check_config(out_dir, cfg)  # this folder's checkpoints are of other settings: say so now
-    L.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg)  # bad data settings and files fail here, before the backbone loads
     dm.load_domains()
+    L.seed_everything(cfg.seed, workers=True)
     backbone = build_backbone(cfg)
     attach_backbone(cfg, dm, backbone)
     store = AdapterStore(cfg.paths.adapter_store, seed=cfg.seed)
@@ -308,9 +308,9 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
     out_dir = Path(cfg.paths.output_dir)
     if ckpt:
         scale.load_checkpoint(ckpt)  # a clear error for a cut-short or unsafe file, before anything heavy
-    L.seed_everything(run_cfg.seed, workers=True)
     dm = build_datamodule(run_cfg)  # bad data settings and files fail here, before the backbone loads
     dm.load_domains()
+    L.seed_everything(run_cfg.seed, workers=True)
     store = AdapterStore(run_cfg.paths.adapter_store, seed=run_cfg.seed)
     adapter = AdapterStore.resolve(cfg.adapter, run_cfg.seed) if cfg.get("adapter") else None
     if adapter is not None:
