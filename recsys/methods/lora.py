@@ -55,7 +55,7 @@ class LoRAModule(RecModule):
             self.head.load_state_dict(state)
 
     def export(self, store, manifest: dict):
-        """Save the adapter (peft format), the head and the manifest as ``<store>/<backbone>/<domain>/``."""
+        """Save the adapter (peft format), the head and the manifest as ``<store>/<backbone>/<domain>/seed-<seed>/``."""
         manifest = {**manifest, "r": self.lora.r, "alpha": self.lora.lora_alpha,
                     "target_modules": sorted(self.lora.target_modules), "scoring": self.scoring}
         return store.save(self.backbone.name, manifest["domain"], self.model, "default", self.head, manifest)

@@ -1,7 +1,7 @@
 """The naive merge baseline WeaveRec argues against (METHODS.md, "WeaveRec"): independent per-domain
 LoRA adapters from the store, the target's and each source's, merged into one by a merge rule.
 
-Nothing trains (``skip_training``): the adapters come from ``<store>/<backbone>/<domain>/``, written by
+Nothing trains (``skip_training``): the adapters come from ``<store>/<backbone>/<domain>/seed-<seed>/``, written by
 ``python train.py method=lora data.target=<domain>``; the merge is ``merging.merge_adapters`` with
 ``merge.rule`` (weaverec | task_arithmetic | ties | dare_linear | dare_ties); the merged model is
 scored on the target's validation and test splits with the same fixed candidates as every method.
