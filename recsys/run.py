@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 import traceback
 from functools import partial
@@ -243,7 +244,7 @@ def guarded(fn, cfg: DictConfig):
         if not multirun:
             user = user_error(e)
             if user is not None and os.environ.get("HYDRA_FULL_ERROR") != "1":
-                log.error("error: %s", user)  # one line naming the key or file and the fix; no traceback
+                print(f"error: {user}", file=sys.stderr)  # one line naming the key or file and the fix; no traceback
                 raise SystemExit(1) from None
             raise
         log.exception("job failed")
