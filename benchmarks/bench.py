@@ -984,7 +984,10 @@ class Bench:
         for name in names[1:]:
             pm.add_adapter(name, copy.deepcopy(lora_cfg))
         random_lora_b(pm, seed=self.args.seed + 1)
-        out = {name: str(store.save(bb.name, name, pm, name, None, {"domain": name})) for name in names}
+        from recsys.models.head import ScoringHead
+
+        head = ScoringHead(bb.hidden_size)  # a stored adapter is complete: with the head it was scored with
+        out = {name: str(store.save(bb.name, name, pm, name, head, {"domain": name})) for name in names}
         del pm, bb
         return out
 

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 import traceback
 from functools import partial
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys import scale, speed
 from recsys.data.datamodule import RecDataModule
+from recsys.errors import UserError
 from recsys.files import write_json
 from recsys.models.adapter_store import AdapterStore
 from recsys.models.backbone import load_backbone
@@ -39,9 +41,14 @@ def build_backbone(cfg: DictConfig):
                          cache_dir=os.path.join(cfg.paths.cache_dir, "backbones"))
 
 
-def build_datamodule(cfg: DictConfig, backbone) -> RecDataModule:
-    likelihood = cfg.method.module.get("scoring", "head") == "likelihood"
+def build_datamodule(cfg: DictConfig, backbone=None) -> RecDataModule:
+    """The DataModule (every data setting is checked on construction), attached to ``backbone``'s tokenizer."""
     dm = hydra.utils.instantiate(cfg.data, mix=cfg.method.get("mix", "target"), seed=cfg.seed, _convert_="all")
+    return dm if backbone is None else attach_backbone(cfg, dm, backbone)
+
+
+def attach_backbone(cfg: DictConfig, dm: RecDataModule, backbone) -> RecDataModule:
+    likelihood = cfg.method.module.get("scoring", "head") == "likelihood"
     return dm.attach(backbone.tokenizer, backbone.kind, likelihood=likelihood)
 
 
@@ -53,7 +60,7 @@ def build_module(cfg: DictConfig, backbone, dm: RecDataModule, store: AdapterSto
     if dm.protocol == "paper" and not getattr(factory.func, "one_language_model", True):
         from recsys.methods.base import paper_protocol_error
 
-        raise ValueError(paper_protocol_error(factory.func))  # before it trains missing source adapters
+        raise UserError(paper_protocol_error(factory.func))  # before it trains missing source adapters
     module = factory.func.from_config(backbone=backbone, datamodule=dm, store=store, cfg=cfg, **factory.keywords)
     module.monitor = cfg.get("optimized_metric") or module.monitor  # model selection's metric
     return module
@@ -113,13 +120,36 @@ def results_table(metrics: dict, title: str, split: str = "test") -> str:
 
 
 # ---------------------------------------------------------------------------------------------- train
+def completed_metrics(cfg: DictConfig) -> dict | None:
+    """``metrics.json`` of a run that finished in this run folder under the same settings (``auto_resume``, no
+    ``ckpt_path``), else None; a folder whose checkpoints are of other settings raises (``scale.check_config``)."""
+    out_dir = Path(cfg.paths.output_dir)
+    info, metrics, ckpts = out_dir / "run.json", out_dir / "metrics.json", out_dir / "checkpoints"
+    if cfg.get("ckpt_path") or not cfg.get("auto_resume") or not info.is_file() or not metrics.is_file():
+        return None
+    if not json.loads(info.read_text()).get("complete") or not (ckpts / "config.json").is_file() \
+            or not any(ckpts.glob("*.ckpt")):
+        return None
+    scale.check_config(out_dir, cfg)
+    return json.loads(metrics.read_text())
+
+
 def train(cfg: DictConfig) -> tuple[float, dict]:
     """Train and test one method as configured; returns (optimized metric, metrics.json content)."""
     out_dir = Path(cfg.paths.output_dir)
+    done = completed_metrics(cfg)
+    if done is not None:  # a finished run started again: its figures stand, nothing is re-run or re-exported
+        log.info("%s holds a finished run of these settings: nothing to do (metrics.json kept). A new "
+                 "hydra.run.dir (or auto_resume=false) trains again", out_dir)
+        return float(done.get(cfg.optimized_metric, math.nan)), done
+    if cfg.get("auto_resume") and not cfg.get("ckpt_path") and (out_dir / "checkpoints" / "config.json").is_file():
+        scale.check_config(out_dir, cfg)  # this folder's checkpoints are of other settings: say so now
+    dm = build_datamodule(cfg)  # bad data settings and files fail here, before the backbone loads
+    dm.load_domains()
     L.seed_everything(cfg.seed, workers=True)
     backbone = build_backbone(cfg)
-    dm = build_datamodule(cfg, backbone)
-    store = AdapterStore(cfg.paths.adapter_store)
+    attach_backbone(cfg, dm, backbone)
+    store = AdapterStore(cfg.paths.adapter_store, seed=cfg.seed)
     module = speed.apply(apply_protocol(build_module(cfg, backbone, dm, store), dm), cfg.get("speed"))
     trainer = build_trainer(cfg)
     dm.prepare_data()
@@ -129,7 +159,7 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
 
     if cfg.zero_shot:
         module.prefix["test"] = "zero_shot/test"
-        metrics.update(_floats(trainer.test(module, datamodule=dm, verbose=False)[0]))
+        metrics.update(_floats(trainer.test(module, datamodule=dm, verbose=False, weights_only=True)[0]))
         module.prefix["test"] = "test"
 
     trained = cfg.trainer.max_epochs != 0 and not module.skip_training
@@ -139,15 +169,26 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
         ckpt = scale.resume_checkpoint(out_dir, cfg)
     t0 = time.time()
     if trained:
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
-    metrics["time/train_s"] = round(time.time() - t0, 3)
+        if ckpt:
+            scale.load_checkpoint(ckpt)  # a clear error for a cut-short or unsafe file, before Lightning reads it
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
+        if trainer.global_step == 0:  # nothing trained: no metrics claim it was, nothing exported over a good adapter
+            raise UserError(
+                "training took no optimizer step (trainer.max_steps / limit_train_batches / data sizes leave no "
+                "batch): nothing is reported or exported; check trainer.limit_train_batches, trainer.max_steps and "
+                "the data.* sizes, or use trainer.max_epochs=0 for a zero-shot run")
+    timer = next((c for c in trainer.callbacks if isinstance(c, scale.ResumeState)), None)
+    metrics["time/train_s"] = round(timer.train_seconds() if trained and timer else time.time() - t0, 3)
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trained else ""
     if trained and best:
         metrics.update(module.best_val_metrics(cfg.optimized_metric))
     else:
         metrics.update(_floats(trainer.validate(module, datamodule=dm, verbose=False)[0]))
     t0 = time.time()
-    metrics.update(_floats(trainer.test(module, datamodule=dm, ckpt_path=best or None, verbose=False)[0]))
+    if best:
+        scale.load_checkpoint(best)
+    metrics.update(_floats(trainer.test(module, datamodule=dm, ckpt_path=best or None, verbose=False,
+                                        weights_only=True)[0]))
     metrics["time/test_s"] = round(time.time() - t0, 3)
     metrics["data/test_examples"] = len(dm.eval_sets["test"])
     metrics["data/train_examples"] = sum(len(v) for v in dm.train_entries.values())
@@ -159,7 +200,7 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
 
     if trainer.is_global_zero:
         write_json(out_dir / "metrics.json", metrics)
-        write_json(out_dir / "run.json", {"best_checkpoint": best, "trained": trained})
+        write_json(out_dir / "run.json", {"best_checkpoint": best, "trained": trained, "complete": False})
         title = f"{cfg.method.name} on {cfg.data.target} ({cfg.backbone.name}, seed {cfg.seed})"
         text = results_table(metrics, title)
         (out_dir / "results.txt").write_text(text)
@@ -172,10 +213,19 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
             })
             if folder:
                 log.info("adapter exported to %s", folder)
+        # last: a re-run of this folder reports these figures and changes nothing (completed_metrics)
+        write_json(out_dir / "run.json", {"best_checkpoint": best, "trained": trained, "complete": True})
         for lg in trainer.loggers:
             lg.log_metrics({k: v for k, v in metrics.items() if "/" in k}, step=trainer.global_step)
             lg.finalize("success")
     return float(metrics.get(cfg.optimized_metric, math.nan)), metrics
+
+
+def user_error(e: BaseException) -> UserError | None:
+    """The UserError behind ``e`` (hydra's ``instantiate`` wraps it in an InstantiationException), if any."""
+    while e is not None and not isinstance(e, UserError):
+        e = e.__cause__
+    return e
 
 
 def guarded(fn, cfg: DictConfig):
@@ -196,6 +246,10 @@ def guarded(fn, cfg: DictConfig):
             return fn(cfg)
     except Exception as e:
         if not multirun:
+            user = user_error(e)
+            if user is not None and os.environ.get("HYDRA_FULL_ERROR") != "1":
+                print(f"error: {user}", file=sys.stderr)  # one line naming the key or file and the fix; no traceback
+                raise SystemExit(1) from None
             raise
         log.exception("job failed")
         write_json(Path(cfg.paths.output_dir) / "failed.json",
@@ -215,12 +269,18 @@ def guarded(fn, cfg: DictConfig):
 
 # ---------------------------------------------------------------------------------------------- evaluate
 def best_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint that model selection chose in a train.py run folder (not ``last.ckpt``)."""
+    """The checkpoint that model selection chose in a train.py run folder (not ``last.ckpt``), always
+    inside ``run_dir`` (a copied folder scores its own checkpoint); UserError if run.json names one that is
+    not there."""
     info = run_dir / "run.json"
     if info.is_file():
         best = json.loads(info.read_text()).get("best_checkpoint")
-        if best and Path(best).is_file():
-            return Path(best)
+        if best:
+            mine = run_dir / "checkpoints" / Path(best).name
+            if not mine.is_file():
+                raise UserError(f"{mine} is missing: {info} names it as the run's best checkpoint. Copy the run "
+                                "folder with its checkpoints/, or pass a checkpoint with ckpt_path=")
+            return mine
     ckpts = sorted(p for p in (run_dir / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
     return ckpts[-1] if ckpts else None
 
@@ -230,14 +290,14 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
     on the validation or test split with the same fixed candidates; writes metrics.json."""
     split = cfg.split
     if split not in ("val", "test"):
-        raise ValueError(f"split={split!r}: use val or test")
+        raise UserError(f"split={split!r}: use val or test")
     ckpt = cfg.get("ckpt_path")
     run_cfg = cfg
     if cfg.get("run_dir"):
         run_dir = Path(cfg.run_dir)
         saved = run_dir / ".hydra" / "config.yaml"
         if not saved.is_file():
-            raise FileNotFoundError(f"run_dir={run_dir} has no .hydra/config.yaml: is it a train.py run folder?")
+            raise UserError(f"run_dir={run_dir} has no .hydra/config.yaml: is it a train.py run folder?")
         run_cfg = OmegaConf.load(saved)
         run_cfg.paths = cfg.paths  # this evaluation's own output folder
         if "collection" not in run_cfg.data:  # a run from before data.collection: its store had no collection level
@@ -246,36 +306,43 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
         info = run_dir / "run.json"
         trained = json.loads(info.read_text()).get("trained", True) if info.is_file() else True
         if ckpt is None and trained:  # a run with nothing trained (merge_sources) is rebuilt from its config
-            raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint to evaluate")
+            raise UserError(f"{run_dir}/checkpoints holds no checkpoint to evaluate")
     if cfg.get("protocol") == "paper" and run_cfg is not cfg:  # evaluate.py protocol=paper on a run folder
         run_cfg.data.protocol, run_cfg.data.num_negatives = "paper", cfg.data.num_negatives
         run_cfg.data.paper = cfg.data.paper
     out_dir = Path(cfg.paths.output_dir)
+    if ckpt:
+        scale.load_checkpoint(ckpt)  # a clear error for a cut-short or unsafe file, before anything heavy
+    dm = build_datamodule(run_cfg)  # bad data settings and files fail here, before the backbone loads
+    dm.load_domains()
     L.seed_everything(run_cfg.seed, workers=True)
-    backbone = build_backbone(run_cfg)
-    dm = build_datamodule(run_cfg, backbone)
-    store = AdapterStore(run_cfg.paths.adapter_store)
-    if cfg.get("adapter"):
+    store = AdapterStore(run_cfg.paths.adapter_store, seed=run_cfg.seed)
+    adapter = AdapterStore.resolve(cfg.adapter, run_cfg.seed) if cfg.get("adapter") else None
+    if adapter is not None:
         if run_cfg.method.name not in ("lora", "joint"):
-            raise ValueError("adapter= evaluates a LoRA adapter folder: use method=lora (or run_dir= for other methods)")
+            raise UserError("adapter= evaluates a LoRA adapter folder: use method=lora (or run_dir= for other methods)")
+        AdapterStore.verify(adapter)
+    backbone = build_backbone(run_cfg)
+    attach_backbone(run_cfg, dm, backbone)
+    if adapter is not None:
         kwargs = {k: v for k, v in OmegaConf.to_container(run_cfg.method.module, resolve=True).items()
                   if k not in ("_target_", "optimizer", "r", "alpha", "dropout", "target_modules")}
         from recsys.methods.lora import LoRAModule
 
-        manifest = store.load_manifest(cfg.adapter) if (Path(cfg.adapter) / "manifest.json").is_file() else {}
+        manifest = store.load_manifest(adapter) if (Path(adapter) / "manifest.json").is_file() else {}
         if manifest.get("backbone", backbone.name) != backbone.name:
-            raise ValueError(f"adapter={cfg.adapter} was trained on backbone {manifest['backbone']!r}, not "
+            raise UserError(f"adapter={adapter} was trained on backbone {manifest['backbone']!r}, not "
                              f"{backbone.name!r}: set backbone.name={manifest['backbone']}")
         kwargs["scoring"] = manifest.get("scoring", kwargs.get("scoring", "head"))  # as the adapter was trained
         if manifest.get("precision", str(run_cfg.trainer.precision)) != str(run_cfg.trainer.precision):
             log.warning("adapter %s was trained and tested with trainer.precision=%s, this evaluation uses %s: "
-                        "metrics may differ slightly from train.py's", cfg.adapter, manifest["precision"],
+                        "metrics may differ slightly from train.py's", adapter, manifest["precision"],
                         run_cfg.trainer.precision)
-        head = store.load_head(cfg.adapter)
+        head = store.load_head(adapter)
         if kwargs["scoring"] == "head" and head is None:
-            raise FileNotFoundError(f"adapter={cfg.adapter} has no head.safetensors: scoring=head needs the trained head")
+            raise UserError(f"adapter={adapter} has no head.safetensors: scoring=head needs the trained head")
         dm.attach(backbone.tokenizer, backbone.kind, likelihood=kwargs["scoring"] == "likelihood")
-        module = LoRAModule(backbone, adapter=str(cfg.adapter), **kwargs)
+        module = LoRAModule(backbone, adapter=str(adapter), **kwargs)
         module.load_head(head)
     else:
         module = build_module(run_cfg, backbone, dm, store)
@@ -284,7 +351,8 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
     dm.prepare_data()
     dm.setup("test")
     run = trainer.validate if split == "val" else trainer.test
-    metrics = _floats(run(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, verbose=False)[0])
+    metrics = _floats(run(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, verbose=False,
+                          weights_only=True)[0])
     for row, values in dm.reference_metrics(split).items():
         metrics.update({f"{row}/{split}/{k}": v for k, v in values.items()})
     if trainer.is_global_zero:

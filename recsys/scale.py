@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
+import time
 import re
 import sys
 from contextlib import contextmanager
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from recsys.errors import UserError
 from recsys.files import write_json, write_text
 
 log = logging.getLogger("recsys")
@@ -151,28 +154,56 @@ def training_config(cfg) -> dict:
     return {k: v for k, v in flat.items() if not _RESUME_FREE.match(k)}
 
 
+def check_config(run_dir: str | Path, cfg) -> None:
+    """Keep the training settings in ``<run_dir>/checkpoints/config.json`` on the first start; refuse a restart
+    under other settings (the same folder reused for another run) while checkpoints are there."""
+    folder = Path(run_dir) / "checkpoints"
+    saved, now = folder / "config.json", json.loads(json.dumps(training_config(cfg), default=str))
+    if saved.is_file() and any(folder.glob("*.ckpt")):
+        before = json.loads(saved.read_text())
+        changed = sorted(k for k in set(before) | set(now) if before.get(k, "<unset>") != now.get(k, "<unset>"))
+        if changed:
+            diff = ", ".join(f"{k}: {before.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in changed[:8])
+            raise UserError(
+                f"auto_resume: {folder} holds checkpoints of another configuration ({diff}). Use a new "
+                "hydra.run.dir; or auto_resume=false to train from scratch in this folder; or "
+                f"ckpt_path={folder}/last.ckpt to go on from it under the new settings on purpose."
+            )
+    elif global_rank() == 0:
+        write_json(saved, now)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A Lightning checkpoint, read with ``torch.load(weights_only=True)``: tensors and plain values only, so
+    a checkpoint from someone else cannot run code. UserError naming the file if it is cut short, not a
+    checkpoint, or holds other objects."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(
+            f"{path}: refused, it holds objects other than tensors and plain values, which loading could run as "
+            f"code ({str(e).splitlines()[0]}); use a checkpoint written by this project's train.py"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise UserError(
+            f"{path}: not a readable checkpoint, probably cut short while written or copied ({e}); copy it again, "
+            "train again (python train.py with the run's settings, same hydra.run.dir: auto_resume goes on from "
+            "the last good checkpoint), or pass another one with ckpt_path="
+        ) from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise UserError(f"{path}: not a Lightning checkpoint of this project (no state_dict)")
+    return state
+
+
 def resume_checkpoint(run_dir: str | Path, cfg=None) -> str | None:
     """The checkpoint a restarted run continues from: ``checkpoints/last.ckpt`` (written every
     ``callbacks.resume_checkpoint.every_n_train_steps`` steps and after each validation), else the newest
     other checkpoint; one that cannot be read (a kill while writing) is skipped. None: start afresh.
 
-    With ``cfg``, the training settings are kept in ``checkpoints/config.json`` on the first start, and a
-    restart under other settings (the same folder reused for another run) is refused."""
+    With ``cfg``, the settings are checked first (:func:`check_config`)."""
     folder = Path(run_dir) / "checkpoints"
     if cfg is not None:
-        saved, now = folder / "config.json", json.loads(json.dumps(training_config(cfg), default=str))
-        if saved.is_file() and any(folder.glob("*.ckpt")):
-            before = json.loads(saved.read_text())
-            changed = sorted(k for k in set(before) | set(now) if before.get(k, "<unset>") != now.get(k, "<unset>"))
-            if changed:
-                diff = ", ".join(f"{k}: {before.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in changed[:8])
-                raise ValueError(
-                    f"auto_resume: {folder} holds checkpoints of another configuration ({diff}). Use a new "
-                    "hydra.run.dir; or auto_resume=false to train from scratch in this folder; or "
-                    f"ckpt_path={folder}/last.ckpt to go on from it under the new settings on purpose."
-                )
-        elif global_rank() == 0:
-            write_json(saved, now)
+        check_config(run_dir, cfg)
     if not folder.is_dir():
         return None
     others = sorted((p for p in folder.glob("*.ckpt") if p.name != "last.ckpt"), key=lambda p: p.stat().st_mtime,
@@ -181,10 +212,10 @@ def resume_checkpoint(run_dir: str | Path, cfg=None) -> str | None:
         if not path.is_file():
             continue
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = load_checkpoint(path)
             if "loops" not in state:
-                raise ValueError("not a training checkpoint (no loop state)")
-        except Exception as e:  # noqa: BLE001 - any unreadable file is skipped
+                raise UserError("not a training checkpoint (no loop state)")
+        except UserError as e:  # any unreadable file is skipped
             log.warning("auto_resume: skipping %s (%s)", path, e)
             continue
         log.info("auto_resume: continuing from %s (epoch %s, step %s)", path, state.get("epoch"),
@@ -206,12 +237,27 @@ class ResumeState(Callback):
       batch after the restart, so the draws made while setting up do not shift them: the dropout masks
       of a resumed run are those of the uninterrupted one. Every rank restores rank 0's state, which is
       also what it had (all ranks are seeded alike).
+    - Training time: the seconds trained so far go into each checkpoint, so ``time/train_s`` of a resumed
+      run is the whole run's (:meth:`train_seconds`), not the time since the restart.
     """
 
     def __init__(self):
         self._pending: dict | None = None
+        self._before = 0.0  # training seconds of the earlier starts of this run (from the checkpoint)
+        self._start: float | None = None  # when this start's training began (time.monotonic)
+        self._end: float | None = None
+
+    def train_seconds(self) -> float:
+        """Training time of the whole run: earlier starts (up to their last checkpoint) plus this one."""
+        if self._start is None:
+            return self._before
+        return self._before + ((self._end if self._end is not None else time.monotonic()) - self._start)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._end = time.monotonic()
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._start, self._end = time.monotonic(), None
         loop = trainer.fit_loop
         if not getattr(loop, "_combined_loader_states_to_load", None) or loop._combined_loader is None:
             return
@@ -226,10 +272,12 @@ class ResumeState(Callback):
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
             "python": random.getstate(),
+            "train_s": self.train_seconds(),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._pending = state_dict
+        self._before = float(state_dict.get("train_s", 0.0))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._pending is None:

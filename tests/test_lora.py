@@ -80,7 +80,7 @@ def sweep(tmp_path_factory):
 def job_store(sweep, key) -> Path:
     job = sweep["jobs"][key]
     num = job.name
-    return sweep["tmp"] / f"store{num}" / f"tiny-{key[0].split('_')[1]}" / "tools"
+    return sweep["tmp"] / f"store{num}" / f"tiny-{key[0].split('_')[1]}" / "tools" / "seed-0"
 
 
 OK_JOBS = [("tiny_encoder", "head"), ("tiny_decoder", "head"), ("tiny_decoder", "likelihood")]
@@ -152,6 +152,7 @@ def test_store_layout_and_manifest(sweep):
         assert {k: v for k, v in man["metrics"].items() if k.startswith("test/")} == \
                {k: v for k, v in m.items() if k.startswith("test/")}
         assert not list(folder.parent.glob(".*tmp*")), "a temporary folder was left behind"
+        assert man["seed"] == 0 and folder.is_symlink()  # one adapter a seed, swapped in atomically
 
 
 # ------------------------------------------------------------------------------- plain peft round trip

@@ -24,6 +24,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from recsys.data.datamodule import RecDataModule
+from recsys.errors import UserError
 from recsys.methods.lora import LoRAModule
 from recsys.methods.weaverec import MERGED, WeaveRecModule, weaverec_name
 from recsys.models.adapter_store import AdapterStore, hybrid_name
@@ -103,14 +104,14 @@ def test_metrics_and_store(runs, key):
         assert all(f"branch{i}/val/{k}" in metrics for k in ROWS), i
     assert f"branch{len(sources) + 1}/val/ndcg@10" not in metrics
     assert metrics["params/trainable"] > 0 and metrics["params/branches_trained"] == len(sources) + 1
-    folder = AdapterStore(store).path(f"tiny:{backbone.split('_')[1]}", "")
+    folder = AdapterStore(store).backbone_dir(f"tiny:{backbone.split('_')[1]}")
     names = {p.name for p in folder.iterdir()}
     assert names == {weaverec_name("tools", sources)} | {hybrid_name("tools", s) for s in sources}
-    merged = folder / weaverec_name("tools", sources)
+    merged = folder / weaverec_name("tools", sources) / "seed-0"
     manifest = json.loads((merged / "manifest.json").read_text())
     assert manifest["branches"] == ["target"] + [hybrid_name("tools", s) for s in sources]
     assert sorted(p.name for p in (merged / "branches").iterdir()) == sorted(manifest["branches"])
-    hybrid = json.loads((folder / hybrid_name("tools", sources[0]) / "manifest.json").read_text())
+    hybrid = json.loads((folder / hybrid_name("tools", sources[0]) / "seed-0" / "manifest.json").read_text())
     assert hybrid["domains"] == sorted(["tools", sources[0]]) and "val/ndcg@10" in hybrid["metrics"]
 
 
@@ -366,7 +367,7 @@ def _merge_sources(store, tmp, *extra):
 
 
 def test_missing_adapters_name_each_and_the_command(tmp_path):
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(UserError) as e:
         _merge_sources(tmp_path / "empty", tmp_path)
     text = str(e.value)
     for d in ("tools", "toys"):

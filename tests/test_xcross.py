@@ -82,8 +82,8 @@ def build(tmp: Path, *overrides: str, store: Path):
     return build_module(cfg, backbone, build_datamodule(cfg, backbone), AdapterStore(store))
 
 
-def store_path(store: Path, backbone: str, domain: str) -> Path:
-    return AdapterStore(store).path(BACKBONES[backbone], domain)
+def store_path(store: Path, backbone: str, domain: str, seed: int = 0) -> Path:
+    return AdapterStore(store, seed=seed).path(BACKBONES[backbone], domain)
 
 
 # --------------------------------------------------------------------------------------------- runs
@@ -203,7 +203,7 @@ def test_missing_adapter_command_is_exact_and_produces_the_adapter(tmp_path):
     args = [a for a in shlex.split(cmd)[2:] if not a.startswith("paths.")]  # config() sets the same paths
     cfg = config(tmp_path / "run", *TRAINER, "zero_shot=false", *args, store=store)
     train(cfg)
-    manifest = json.loads((store_path(store, "tiny_encoder", "sports") / "manifest.json").read_text())
+    manifest = json.loads((store_path(store, "tiny_encoder", "sports", seed=3) / "manifest.json").read_text())
     assert manifest["seed"] == 3 and manifest["data"]["max_train_examples"] == 64
     # the Amazon preset's sources come from amazon_lora_cpu: the command says so
     cfg = config(tmp_path, "experiment=xcross_amazon_cpu", hydra_cfg=True)

@@ -324,6 +324,14 @@ class RecDataModule(L.LightningDataModule):
             raise DataError(f"data.protocol={self.protocol!r} is unknown: use one of {PROTOCOLS}")
         if self.num_negatives < 1 or self.num_train_negatives < 1:
             raise DataError("data.num_negatives and data.num_train_negatives must be >= 1")
+        for key, value, least in [("batch_size", self.batch_size, 1), ("eval_batch_size", self.eval_batch_size, 1),
+                                  ("hybrid_cap", self.hybrid_cap, 1), ("max_history", self.max_history, 1),
+                                  ("num_workers", self.num_workers, 0)]:
+            if value < least:
+                raise DataError(f"data.{key}={value} must be >= {least}")
+        for key, value in [("max_train_examples", self.max_train_examples), ("max_eval_users", self.max_eval_users)]:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise DataError(f"data.{key}={value!r} must be null (all) or an integer >= 1")
         if self.train_on_val and not (0.0 < self.selection_share < 1.0):
             raise DataError(f"data.selection_share={self.selection_share} must be in (0, 1) with data.train_on_val=true")
 
@@ -343,12 +351,17 @@ class RecDataModule(L.LightningDataModule):
             if self.domain_specs[name].get("source") == "raw":
                 load_domain(name, self.domain_specs[name], self.cache_dir)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.domains:
-            return
+    def load_domains(self) -> None:
+        """Read the used domains (once); ``train.py`` calls it before loading the backbone, so bad data fails fast."""
         for name in self.used_domains:
-            self.domains[name] = load_domain(name, self.domain_specs[name], self.cache_dir)
-            log.info("domain %s: %s", name, self.domains[name].summary())
+            if name not in self.domains:
+                self.domains[name] = load_domain(name, self.domain_specs[name], self.cache_dir)
+                log.info("domain %s: %s", name, self.domains[name].summary())
+
+    def setup(self, stage: str | None = None) -> None:
+        if getattr(self, "train_entries", None) is not None:
+            return
+        self.load_domains()
         self.samplers = {n: NegativeSampler(d, self.candidate_sampling) for n, d in self.domains.items()}
         tgt = self.domains[self.target]
         self.eval_users = self._eval_users(tgt)

@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from recsys.errors import UserError
+
 Split = Literal["train", "val", "test"]
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data or data config: the message names the file, line or key and what to do."""
 
 

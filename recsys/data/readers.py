@@ -193,6 +193,13 @@ def read_plain(folder: str | Path, name: str | None = None) -> Domain:
         "dropped_interactions_no_title": dropped_untitled,
         "dropped_interactions_unknown_item": dropped_unknown,
     }
+    if not any(len(s) >= 3 for s in sequences):  # say why, in this format's terms (not the raw dumps' k-core)
+        total = sum(len(s) for s in sequences) + dropped_untitled + dropped_unknown
+        raise DataError(
+            f"{seq_path}: no user has 3 or more usable items ({len(user_ids)} users; of {total} item ids, "
+            f"{dropped_unknown} are not in {items_path.name} and {dropped_untitled} name an item without a title); "
+            f"fill {seq_path.name} with users of >= 3 items whose item_ids are the item_id values of {items_path.name}"
+        )
     domain = drop_short_users(name, item_ids, titles, user_ids, sequences, min_len=3, stats=stats)
     log.info(
         "read plain domain %r from %s: %d users, %d items, %d interactions; dropped %s",

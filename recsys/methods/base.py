@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys.errors import UserError
 from recsys.metrics import ChanceCheck, GenerationMetrics, RankingMetrics
 from recsys.models.backbone import Backbone
 from recsys.models.generation import answer_loss, greedy_generate, match_ranks
@@ -64,13 +65,13 @@ class RecModule(L.LightningModule):
                  warmup_ratio: float = 0.1, scoring: str = "head"):
         super().__init__()
         if scoring not in ("head", "likelihood"):
-            raise ValueError(f"method.scoring={scoring!r} is unknown: use head or likelihood")
+            raise UserError(f"method.scoring={scoring!r} is unknown: use head or likelihood")
         if scoring == "likelihood" and backbone.kind != "decoder":
-            raise ValueError(
+            raise UserError(
                 f"method.scoring=likelihood needs a decoder backbone; {backbone.name} is an encoder: use scoring=head"
             )
         if scheduler not in ("cosine", "constant"):
-            raise ValueError(f"method.scheduler={scheduler!r} is unknown: use cosine or constant")
+            raise UserError(f"method.scheduler={scheduler!r} is unknown: use cosine or constant")
         self.backbone = backbone
         self.kind = backbone.kind
         self.scoring = scoring

@@ -8,6 +8,7 @@ It is the per-domain LoRA module on other data; only its place in the store diff
 
 from __future__ import annotations
 
+from recsys.errors import UserError
 from recsys.methods.lora import LoRAModule
 from recsys.models.backbone import Backbone
 
@@ -23,7 +24,7 @@ class JointLoRAModule(LoRAModule):
     @classmethod
     def from_config(cls, backbone: Backbone, datamodule=None, store=None, cfg=None, **kwargs) -> "JointLoRAModule":
         if datamodule is None or datamodule.mix != "joint" or not datamodule.sources:
-            raise ValueError("method=joint needs data.mix=joint (method.mix: joint) and data.sources")
+            raise UserError("method=joint needs data.mix=joint (method.mix: joint) and data.sources")
         module = super().from_config(backbone, datamodule=datamodule, store=store, cfg=cfg, **kwargs)
         module.sources = list(datamodule.sources)
         return module

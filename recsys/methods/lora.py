@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from recsys.errors import UserError
 from recsys.methods.base import RecModule
 from recsys.models.backbone import Backbone, default_lora_targets
 from recsys.models.head import ScoringHead
@@ -19,7 +20,7 @@ def lora_config(backbone: Backbone, r: int, alpha: float, dropout: float, target
     """A peft LoraConfig with docs/methods.md's defaults (targets: q/v on encoders, all linear on decoders)."""
     targets = list(target_modules) if target_modules else default_lora_targets(backbone)
     if r < 1:
-        raise ValueError(f"method.r={r} must be >= 1")
+        raise UserError(f"method.r={r} must be >= 1")
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
 
 
@@ -54,7 +55,7 @@ class LoRAModule(RecModule):
             self.head.load_state_dict(state)
 
     def export(self, store, manifest: dict):
-        """Save the adapter (peft format), the head and the manifest as ``<store>/<backbone>/<domain>/``."""
+        """Save the adapter (peft format), the head and the manifest as ``<store>/<backbone>/<domain>/seed-<seed>/``."""
         manifest = {**manifest, "r": self.lora.r, "alpha": self.lora.lora_alpha,
                     "target_modules": sorted(self.lora.target_modules), "scoring": self.scoring}
         return store.save(self.backbone.name, manifest["domain"], self.model, "default", self.head, manifest)

@@ -1,7 +1,7 @@
 """The naive merge baseline WeaveRec argues against (docs/methods.md, "WeaveRec"): independent per-domain
 LoRA adapters from the store, the target's and each source's, merged into one by a merge rule.
 
-Nothing trains (``skip_training``): the adapters come from ``<store>/<backbone>/<domain>/``, written by
+Nothing trains (``skip_training``): the adapters come from ``<store>/<backbone>/<domain>/seed-<seed>/``, written by
 ``python train.py method=lora data.target=<domain>``; the merge is ``merging.merge_adapters`` with
 ``merge.rule`` (weaverec | task_arithmetic | ties | dare_linear | dare_ties); the merged model is
 scored on the target's validation and test splits with the same fixed candidates as every method.
@@ -18,6 +18,7 @@ import logging
 
 import torch
 
+from recsys.errors import UserError
 from recsys.methods.base import RecModule
 from recsys.methods.weaverec import average_heads, check_weight_count, merge_settings
 from recsys.models.adapter_store import AdapterStore
@@ -35,15 +36,17 @@ HEAD_MODES = ("target", "mean")
 def lora_command(cfg, domain: str, store_root) -> str:
     """The command that trains and stores ``domain``'s LoRA adapter with this run's other settings
     (this run's command-line overrides, less method, merge, target and sources)."""
-    drop = ("method", "merge", "data.target", "data.sources", "hydra.", "paths.adapter_store", "+method", "+merge")
+    drop = ("method", "merge", "data.target", "data.sources", "hydra.", "paths.adapter_store", "+method", "+merge",
+            "seed=")
     try:
         from hydra.core.hydra_config import HydraConfig
 
         overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("~+").startswith(drop)]
     except Exception:  # not under @hydra.main (e.g. hydra.compose): name the backbone at least
         overrides = [f"backbone.name={cfg.backbone.name}"] if cfg is not None else []
+    seed = [f"seed={cfg.seed}"] if cfg is not None else []  # the store keeps one adapter per seed
     return " ".join(["python train.py method=lora", f"data.target={domain}", *overrides,
-                     f"paths.adapter_store={store_root}"])
+                     f"paths.adapter_store={store_root}", *seed])
 
 
 class MergeSourcesModule(RecModule):
@@ -63,10 +66,10 @@ class MergeSourcesModule(RecModule):
                  heads: dict[str, dict] | None = None, head: str = "target", **kwargs):
         super().__init__(backbone, **kwargs)
         if head not in HEAD_MODES:
-            raise ValueError(f"method.module.head={head!r} is unknown: use one of {HEAD_MODES}")
+            raise UserError(f"method.module.head={head!r} is unknown: use one of {HEAD_MODES}")
         self.merge_cfg = merge_settings(merge)
         if self.merge_cfg["learn_weights"]:
-            raise ValueError("merge.learn_weights is a WeaveRec option; merge_sources takes fixed merge.weights")
+            raise UserError("merge.learn_weights is a WeaveRec option; merge_sources takes fixed merge.weights")
         self.domains = list(folders)
         check_weight_count(self.merge_cfg["weights"], self.domains)
         self.model = load_adapter_folders(backbone.model, [str(f) for f in folders.values()], self.domains)
@@ -79,7 +82,7 @@ class MergeSourcesModule(RecModule):
         if self.scoring == "head":
             missing = [d for d in self.domains if (heads or {}).get(d) is None]
             if missing:
-                raise ValueError(f"stored adapters {missing} have no head.safetensors: they were trained with "
+                raise UserError(f"stored adapters {missing} have no head.safetensors: they were trained with "
                                  "scoring=likelihood; use method.module.scoring=likelihood")
             self.head = ScoringHead(backbone.hidden_size).requires_grad_(False)
             if head == "target":
@@ -100,10 +103,10 @@ class MergeSourcesModule(RecModule):
         """Find the target's and the sources' adapters in the store (training the missing ones first
         with ``train_missing``); a clear error for each missing one."""
         if datamodule is None or store is None:
-            raise ValueError("merge_sources needs the DataModule (target, sources) and the adapter store")
+            raise UserError("merge_sources needs the DataModule (target, sources) and the adapter store")
         target, sources = datamodule.target, list(datamodule.sources)
         if not sources:
-            raise ValueError("merge_sources needs source domains: set data.sources (e.g. 'data.sources=[toys]')")
+            raise UserError("merge_sources needs source domains: set data.sources (e.g. 'data.sources=[toys]')")
         domains = [target] + sources
         missing = [d for d in domains if not store.exists(backbone.name, d)]
         if missing and train_missing and cfg is not None:
@@ -112,8 +115,8 @@ class MergeSourcesModule(RecModule):
             train_source_adapters(cfg, missing)
             missing = [d for d in domains if not store.exists(backbone.name, d)]
         if missing:
-            lines = [f"  {d}: {store.path(backbone.name, d)} -> {lora_command(cfg, d, store.root)}" for d in missing]
-            raise FileNotFoundError(
+            lines = [f"  {d}: {store.problem(backbone.name, d)} -> {lora_command(cfg, d, store.root)}" for d in missing]
+            raise UserError(
                 f"merge_sources needs the LoRA adapter of every domain in the store; missing {len(missing)}:\n"
                 + "\n".join(lines) + "\nor set method.module.train_missing=true to train them first."
             )
@@ -123,10 +126,10 @@ class MergeSourcesModule(RecModule):
             folder = store.path(backbone.name, d)
             manifest = store.load_manifest(folder)
             if manifest.get("backbone", backbone.name) != backbone.name:
-                raise ValueError(f"adapter {folder} was trained on backbone {manifest['backbone']!r}, "
+                raise UserError(f"adapter {folder} was trained on backbone {manifest['backbone']!r}, "
                                  f"this run uses {backbone.name!r}")
             if manifest.get("scoring", scoring) != scoring:
-                raise ValueError(f"adapter {folder} was trained with scoring={manifest['scoring']}, this run uses "
+                raise UserError(f"adapter {folder} was trained with scoring={manifest['scoring']}, this run uses "
                                  f"scoring={scoring}: retrain it or set method.module.scoring={manifest['scoring']}")
             folders[d] = str(folder)
             heads[d] = store.load_head(folder)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
+from recsys.errors import UserError
 from recsys.methods.base import RecModule
 from recsys.models.adapter_store import AdapterStore
 from recsys.models.backbone import Backbone
@@ -29,7 +30,7 @@ from recsys.models.integrator import XCrossModel
 log = logging.getLogger("recsys")
 
 
-class SourceAdapterError(ValueError):
+class SourceAdapterError(UserError):
     """Missing or incompatible source adapters."""
 
 
@@ -37,6 +38,7 @@ def _adapter_config(folder: Path) -> dict:
     f = folder / "adapter_config.json"
     if not f.is_file():
         raise SourceAdapterError(f"{folder} is not a peft adapter folder (no adapter_config.json)")
+    AdapterStore.verify(folder)  # every file there (a stored one: the head too) and readable, or StoreError naming it
     return json.loads(f.read_text())
 
 
@@ -170,7 +172,8 @@ class XCrossModule(RecModule):
             if missing:
                 cmds = "\n".join(f"  {train_command(cfg, s)}" for s in missing)
                 raise SourceAdapterError(
-                    f"missing source adapters for {missing} in {store.root}/ (backbone {backbone.name}). "
+                    f"missing source adapters for {missing} in {store.root}/ (backbone {backbone.name}, seed "
+                    f"{store.seed}: {'; '.join(store.problem(backbone.name, s) for s in missing)}). "
                     f"Produce each with:\n{cmds}\nor set method.module.train_missing=true to train them first."
                 )
         if cfg is not None:

@@ -1,11 +1,25 @@
 """The adapter store: trained adapters in peft's own format, with the scoring head and a manifest.
 
-Layout: ``<root>/<backbone>/<name>/`` holding ``adapter_config.json`` and
+Layout: ``<root>/<backbone>/<name>/seed-<seed>/`` holding ``adapter_config.json`` and
 ``adapter_model.safetensors`` (plain ``peft.PeftModel.from_pretrained`` loads them), ``head.safetensors``
-(the scoring head) and ``manifest.json`` (backbone, domain, data settings, metrics). ``<name>`` is
-the domain for a per-domain LoRA and ``hybrid-<a>+<b>`` (sorted: order-free) for a WeaveRec hybrid.
-Writes are atomic: a temporary folder beside the final one, renamed into place; the previous
-version is only removed once the new one is complete.
+(the scoring head, under ``scoring=head``) and ``manifest.json`` (backbone, domain, seed, data settings,
+metrics). ``<name>`` is the domain for a per-domain LoRA and ``hybrid-<a>+<b>`` (sorted: order-free) for a
+WeaveRec hybrid.
+
+The store's rules (every consumer asks the store; none looks at the folders itself):
+
+- **One adapter per seed.** A run exports into, and reads from, the folder of its own ``seed``: a seed sweep
+  keeps every seed's adapter, and an X-Cross run with ``seed=0`` reads the seed-0 sources. A folder from
+  before this layout (``<name>/`` holding the files) is read by a run of the seed its manifest records;
+  one whose manifest records no seed is ambiguous and refused (:class:`StoreError`).
+- **Complete or absent.** An adapter exists only when every file is there (manifest, adapter config,
+  weights, and the head when it was trained with ``scoring=head``); :meth:`AdapterStore.problem` names
+  what an incomplete folder lacks, and :meth:`AdapterStore.verify` names a truncated or corrupt file.
+- **Atomic, never lost.** ``seed-<s>`` is a symbolic link to a complete version folder
+  (``.seed-<s>.v-<time>``), swapped by one rename under a file lock (``.seed-<s>.lock``): two runs
+  exporting at once both finish (the later one wins), and a reader sees the old or the new adapter, never
+  none. The replaced version is kept until the next export, so a reader still loading it finishes.
+- Files and folders get the user's umask (group-readable on a shared store), not safetensors' 0600.
 """
 
 from __future__ import annotations
@@ -13,15 +27,25 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file, save_file
+
+from recsys.errors import UserError
 
 MANIFEST = "manifest.json"
 HEAD = "head.safetensors"
+CONFIG = "adapter_config.json"
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+class StoreError(UserError):
+    """A stored adapter that is ambiguous, incomplete or unreadable; the message names the folder or file."""
 
 
 def hybrid_name(*domains: str) -> str:
@@ -29,25 +53,148 @@ def hybrid_name(*domains: str) -> str:
     return "hybrid-" + "+".join(sorted(domains))
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give every file and folder under ``folder`` the modes the user's umask allows (safetensors: 0600)."""
+    mask = _umask()
+    for top, _, files in os.walk(folder):
+        os.chmod(top, 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(top, f), 0o666 & ~mask)
+
+
+def _read_json(path: Path, folder: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path}: not valid JSON ({e}); {_rebuild_hint(folder)}") from None
+    if not isinstance(obj, dict):
+        raise StoreError(f"{path}: expected a JSON object; {_rebuild_hint(folder)}")
+    return obj
+
+
+def _rebuild_hint(folder: Path) -> str:
+    """How to rebuild a broken stored adapter (from its manifest, when that one is readable)."""
+    try:
+        m = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        m = {}
+    run = f" (its run folder: {m['run_dir']})" if m.get("run_dir") else ""
+    domain, seed = m.get("domain", "<domain>"), m.get("seed", "<seed>")
+    return (f"rebuild it by running again the training that exported it{run}, e.g. for a per-domain LoRA "
+            f"'python train.py method=lora data.target={domain} seed={seed}' with that run's other settings: "
+            "the new export replaces it")
+
+
+def _check_safetensors(path: Path, folder: Path) -> None:
+    """A safetensors file whose header parses and whose size covers every tensor it declares."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            (n,) = struct.unpack("<Q", raw) if len(raw) == 8 else (None,)
+            if n is None or n > 100_000_000:
+                raise ValueError("no header")
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        size = path.stat().st_size
+        if size != 8 + n + end:
+            raise ValueError(f"{size} bytes, the header declares {8 + n + end}")
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path}: truncated or corrupt safetensors file ({e}); {_rebuild_hint(folder)}") from None
+
+
 class AdapterStore:
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+    """The adapters of one store root, for the runs of one ``seed`` (see the module docstring's rules)."""
+
+    def __init__(self, root: str | os.PathLike, seed: int = 0):
+        self.root, self.seed = Path(root), int(seed)
+
+    def backbone_dir(self, backbone: str) -> Path:
+        return self.root / backbone.replace(":", "-").replace("/", "--")
+
+    def _link(self, backbone: str, name: str) -> Path:
+        return self.backbone_dir(backbone) / name / f"seed-{self.seed}"
 
     def path(self, backbone: str, name: str) -> Path:
-        return self.root / backbone.replace(":", "-").replace("/", "--") / name
+        """The folder of adapter ``name`` for this seed (the version ``seed-<s>`` points at, so a reader keeps
+        reading one version while another run exports); a folder of the old layout if its manifest records
+        this seed. Raises StoreError when an old-layout folder records no seed (ambiguous)."""
+        link = self._link(backbone, name)
+        if link.exists():
+            return link.resolve()
+        old = link.parent
+        if (old / MANIFEST).is_file():
+            seed = _read_json(old / MANIFEST, old).get("seed")
+            if seed is None:
+                raise StoreError(
+                    f"{old} (stored before adapters were kept per seed) records no seed: it is ambiguous which "
+                    f"runs it belongs to. Move its files into {link}/ if it was trained with seed={self.seed}, "
+                    "or delete it and train it again"
+                )
+            if int(seed) == self.seed:
+                return old
+        return link
+
+    @staticmethod
+    def missing_files(folder: str | os.PathLike) -> list[str]:
+        """The files a complete adapter folder needs and ``folder`` lacks ([] : complete)."""
+        folder = Path(folder)
+        missing = [f for f in (MANIFEST, CONFIG) if not (folder / f).is_file()]
+        if not any((folder / w).is_file() for w in WEIGHTS):
+            missing.append(WEIGHTS[0])
+        if MANIFEST not in missing:
+            scoring = _read_json(folder / MANIFEST, folder).get("scoring", "head")
+            if scoring == "head" and not (folder / HEAD).is_file():
+                missing.append(HEAD)
+        return missing
+
+    def problem(self, backbone: str, name: str) -> str:
+        """Why adapter ``name`` cannot be used ('' if it is complete): absent, or which files it lacks."""
+        for _ in range(5):  # the version just resolved may be removed by two exports since: look again
+            folder = self.path(backbone, name)
+            try:
+                missing = self.missing_files(folder) if folder.is_dir() else None
+                if missing is not None and folder.is_dir():  # still there: the answer is about one version
+                    return f"{folder} is incomplete (lacks {', '.join(missing)})" if missing else ""
+            except FileNotFoundError:
+                pass
+            if not self._link(backbone, name).is_symlink():
+                break
+        return f"no adapter at {folder}"
 
     def exists(self, backbone: str, name: str) -> bool:
-        return (self.path(backbone, name) / MANIFEST).is_file()
+        """A complete adapter ``name`` of this seed is stored."""
+        return not self.problem(backbone, name)
+
+    @staticmethod
+    def verify(folder: str | os.PathLike) -> None:
+        """Raise StoreError naming the file if an adapter folder lacks a file or holds a broken one."""
+        folder = Path(folder)
+        missing = AdapterStore.missing_files(folder) if (folder / MANIFEST).is_file() else \
+            [f for f in (CONFIG,) if not (folder / f).is_file()]  # a plain peft folder: no manifest, maybe no head
+        if missing:
+            raise StoreError(f"{folder} is not a complete adapter folder (lacks {', '.join(missing)}); "
+                             f"{_rebuild_hint(folder)}")
+        _read_json(folder / CONFIG, folder)
+        for f in (WEIGHTS[0], HEAD):
+            if (folder / f).is_file():
+                _check_safetensors(folder / f, folder)
 
     def save(self, backbone: str, name: str, peft_model, adapter_name: str, head: torch.nn.Module | None,
              manifest: dict, extra: Callable[[Path], None] | None = None) -> Path:
-        """Save one adapter of ``peft_model`` (+ head + manifest) atomically; returns the folder.
+        """Save one adapter of ``peft_model`` (+ head + manifest) for this seed, atomically; returns the folder.
 
         ``extra(folder)``, if given, writes more files into the (temporary) folder before the manifest.
         """
-        final = self.path(backbone, name)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{name}.tmp-{os.getpid()}-{time.time_ns()}"
+        link = self._link(backbone, name)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        stamp = f"{time.time_ns()}-{os.getpid()}"
+        tmp = link.parent / f".{link.name}.tmp-{stamp}"
         try:
             peft_model.save_pretrained(str(tmp), selected_adapters=[adapter_name])
             sub = tmp / adapter_name if adapter_name != "default" else tmp
@@ -60,27 +207,62 @@ class AdapterStore:
                           str(tmp / HEAD))
             if extra is not None:
                 extra(tmp)
-            manifest = {**manifest, "backbone": backbone, "name": name, "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            manifest = {**manifest, "backbone": backbone, "name": name, "seed": self.seed,
+                        "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))  # written last: marks complete
-            old = None
-            if final.exists():
-                old = final.parent / f".{name}.old-{time.time_ns()}"
-                os.replace(final, old)
-            os.replace(tmp, final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            _apply_umask(tmp)
+            self._swap_in(link, tmp, stamp)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        return final
+        return link
+
+    @staticmethod
+    def _swap_in(link: Path, tmp: Path, stamp: str) -> None:
+        """Make ``link`` point at the complete folder ``tmp`` in one rename, under the adapter's file lock;
+        remove the versions older than the one replaced."""
+        prefix = f".{link.name}.v-"
+        with FileLock(str(link.parent / f".{link.name}.lock")):
+            version = link.parent / f"{prefix}{stamp}"
+            os.replace(tmp, version)
+            previous = os.readlink(link) if link.is_symlink() else None
+            if link.exists() and not link.is_symlink():  # a plain folder put there by hand: kept as a version
+                os.replace(link, link.parent / f"{prefix}{stamp}-before")
+                previous = f"{prefix}{stamp}-before"
+            new_link = link.parent / f".{link.name}.link-{stamp}"
+            os.symlink(version.name, new_link)
+            os.replace(new_link, link)  # atomic: readers see the old version or the new one
+            for old in link.parent.glob(f"{prefix}*"):
+                if old.name not in (version.name, previous):
+                    shutil.rmtree(old, ignore_errors=True)
 
     def load_manifest(self, folder: str | os.PathLike) -> dict:
-        f = Path(folder) / MANIFEST
-        if not f.is_file():
-            raise FileNotFoundError(f"{folder} is not a complete adapter folder (no {MANIFEST})")
-        return json.loads(f.read_text())
+        """The manifest of a stored adapter; StoreError if the folder is incomplete or a file is broken."""
+        folder = Path(folder)
+        if not (folder / MANIFEST).is_file():
+            raise StoreError(f"{folder} is not a complete adapter folder (no {MANIFEST})")
+        self.verify(folder)
+        return _read_json(folder / MANIFEST, folder)
 
     @staticmethod
     def load_head(folder: str | os.PathLike) -> dict[str, torch.Tensor] | None:
         f = Path(folder) / HEAD
-        return load_file(str(f)) if f.is_file() else None
+        if not f.is_file():
+            return None
+        _check_safetensors(f, Path(folder))
+        return load_file(str(f))
+
+    @staticmethod
+    def resolve(folder: str | os.PathLike, seed: int) -> Path:
+        """A folder given by hand (``evaluate.py adapter=``): an adapter folder as is, or a store's
+        ``<name>/`` folder, whose adapter for ``seed`` it picks (StoreError: none for that seed)."""
+        folder = Path(folder)
+        if (folder / CONFIG).is_file() or not folder.is_dir():
+            return folder
+        seeds = sorted(p.name for p in folder.glob("seed-*"))
+        if not seeds:
+            return folder
+        if not (folder / f"seed-{seed}").exists():
+            raise StoreError(f"{folder} holds adapters of {seeds}, none of seed={seed}: set seed= to one of "
+                             f"them (it also fixes the candidate lists) or name the folder {folder}/{seeds[0]}")
+        return (folder / f"seed-{seed}").resolve()

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from recsys.errors import UserError
+
 
 @dataclass
 class Backbone:
@@ -180,16 +182,16 @@ def load_backbone(
             for HF names, passed on to ``from_pretrained`` (``revision``, ``trust_remote_code``...).
     """
     if dtype not in DTYPES:
-        raise ValueError(f"backbone.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise UserError(f"backbone.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if kind not in (None, "encoder", "decoder"):
-        raise ValueError(f"backbone kind must be 'encoder' or 'decoder', got {kind!r}")
+        raise UserError(f"backbone kind must be 'encoder' or 'decoder', got {kind!r}")
     prefix = name.split(":", 1)[0] + ":" if ":" in name else ""
     if prefix in ("tiny:", "embedded:"):
         known = TINY if prefix == "tiny:" else EMBEDDED
         if name not in known:
-            raise ValueError(f"unknown backbone {name!r}; the built-in backbones are {', '.join(BACKBONES)}")
+            raise UserError(f"unknown backbone {name!r}; the built-in backbones are {', '.join(BACKBONES)}")
         if kind is not None and kind != known[name]:
-            raise ValueError(f"backbone {name!r} is of kind {known[name]!r}, cannot load it as {kind!r}")
+            raise UserError(f"backbone {name!r} is of kind {known[name]!r}, cannot load it as {kind!r}")
         if prefix == "embedded:" and kwargs:
             raise TypeError(f"backbone {name!r} takes no extra arguments, got {sorted(kwargs)}")
     if name in TINY:
@@ -236,7 +238,7 @@ def _load_hf(name: str, dtype: str, kind: str | None, **kwargs) -> Backbone:
     path = os.path.expanduser(name)
     looks_local = os.path.isabs(path) or name.startswith((".", "~")) or os.path.exists(path)
     if looks_local and not os.path.isdir(path):
-        raise ValueError(f"backbone {name!r}: no such folder. {_BUILTIN_HINT}")
+        raise UserError(f"backbone {name!r}: no such folder. {_BUILTIN_HINT}")
     try:
         config = AutoConfig.from_pretrained(path, **_hub_kwargs(kwargs))
     except (OSError, ValueError) as e:
@@ -245,15 +247,15 @@ def _load_hf(name: str, dtype: str, kind: str | None, **kwargs) -> Backbone:
             "offline (HF_HUB_OFFLINE=1 or no network)"
         )
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load backbone {name!r}: {where} ({first}). {_BUILTIN_HINT}") from e
+        raise UserError(f"cannot load backbone {name!r}: {where} ({first}). {_BUILTIN_HINT}") from e
     if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"backbone {name!r} is an encoder-decoder model ({config.model_type}); "
+        raise UserError(f"backbone {name!r} is an encoder-decoder model ({config.model_type}); "
                          "only encoder-only and decoder-only backbones are supported")
     kind = kind or config_kind(config)
     try:
         return _load_pretrained(name, path, kind, dtype, **kwargs)
     except OSError as e:
-        raise ValueError(f"cannot load the weights or tokenizer of backbone {name!r} ({e}). {_BUILTIN_HINT}") from e
+        raise UserError(f"cannot load the weights or tokenizer of backbone {name!r} ({e}). {_BUILTIN_HINT}") from e
 
 
 def _hub_kwargs(kwargs: dict) -> dict:
