@@ -3,7 +3,7 @@ trained on the target's and all sources' training examples pooled (DataModule ``
 
 It is the per-domain LoRA module on other data; only its place in the store differs:
 ``<store>/<backbone>/joint-<T>-with-<S1+S2>/``, so it never overwrites the target's own LoRA
-(``<store>/<backbone>/<T>/``, which ``merge_sources`` reads).
+(``<store>/<backbone>/<T>/seed-<seed>/``, which ``merge_sources`` reads).
 """
 
 from __future__ import annotations

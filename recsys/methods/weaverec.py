@@ -35,7 +35,7 @@ Choices the paper leaves open, each **[ours]** with its config switch (``conf/me
 - Gradient clipping (``trainer.gradient_clip_val``) is applied per branch, so that one branch's
   gradients never rescale another's; with AdamW (per-parameter) and per-branch heads every branch
   then follows exactly the updates it would get trained alone.
-- The target branch is not written to the store as T's LoRA (``<store>/<backbone>/<T>/`` belongs to
+- The target branch is not written to the store as T's LoRA (``<store>/<backbone>/<T>/seed-<seed>/`` belongs to
   ``method=lora``, which ``merge_sources`` reads); it is exported with every branch inside the
   WeaveRec folder (``branches/``). Hybrids are exported as ``<store>/<backbone>/hybrid-<a>+<b>/``.
 - A stored hybrid is reused only when its LoRA settings (r, alpha, targets), scoring and head and
@@ -56,6 +56,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
+from recsys.errors import UserError
 from recsys.methods.base import RecModule
 from recsys.methods.lora import lora_config
 from recsys.metrics import RankingMetrics
@@ -94,19 +95,19 @@ def merge_settings(merge: dict | None) -> dict:
     merge = dict(merge or {})
     unknown = sorted(set(merge) - set(MERGE_DEFAULTS))
     if unknown:
-        raise ValueError(f"unknown merge settings {unknown}; known: {sorted(MERGE_DEFAULTS)}")
+        raise UserError(f"unknown merge settings {unknown}; known: {sorted(MERGE_DEFAULTS)}")
     merge = {**MERGE_DEFAULTS, **merge}
     if merge["rule"] not in MERGE_RULES:
-        raise ValueError(f"merge.rule={merge['rule']!r} is unknown; known rules: {', '.join(MERGE_RULES)}")
+        raise UserError(f"merge.rule={merge['rule']!r} is unknown; known rules: {', '.join(MERGE_RULES)}")
     if merge["granularity"] not in GRANULARITIES:
-        raise ValueError(f"merge.granularity={merge['granularity']!r} is unknown; known: {GRANULARITIES}")
+        raise UserError(f"merge.granularity={merge['granularity']!r} is unknown; known: {GRANULARITIES}")
     return merge
 
 
 def check_weight_count(weights, adapters: list[str]) -> None:
     """ValueError unless ``weights`` (None or a list) has one value per adapter."""
     if weights is not None and len(weights) != len(adapters):
-        raise ValueError(
+        raise UserError(
             f"merge.weights has {len(weights)} values {list(weights)} but {len(adapters)} adapters are merged "
             f"({', '.join(adapters)}): give one lambda per adapter, in this order, or null for the default"
         )
@@ -116,7 +117,7 @@ def average_heads(heads: list[nn.Module], weights: list[float], into: nn.Module)
     """Set ``into``'s parameters to the weighted average sum_i w_i theta_i / sum_i w_i of the heads'."""
     total = sum(weights)
     if total == 0:
-        raise ValueError(f"the merge weights {weights} sum to 0: the heads cannot be averaged")
+        raise UserError(f"the merge weights {weights} sum to 0: the heads cannot be averaged")
     with torch.no_grad():
         for name, p in into.named_parameters():
             p.copy_(sum(w * dict(h.named_parameters())[name] for w, h in zip(weights, heads)) / total)
@@ -155,9 +156,9 @@ class WeaveRecModule(RecModule):
                  export_dense: bool = False, **kwargs):
         super().__init__(backbone, **kwargs)
         if not sources:
-            raise ValueError("WeaveRec needs at least one source domain: set data.sources (e.g. 'data.sources=[toys]')")
+            raise UserError("WeaveRec needs at least one source domain: set data.sources (e.g. 'data.sources=[toys]')")
         if head not in HEAD_MODES:
-            raise ValueError(f"method.module.head={head!r} is unknown: use one of {HEAD_MODES}")
+            raise UserError(f"method.module.head={head!r} is unknown: use one of {HEAD_MODES}")
         reuse = dict(reuse or {})
         self.target, self.sources = target, list(sources)
         self.head_mode, self.validate_branches, self.export_dense = head, validate_branches, export_dense
@@ -209,7 +210,7 @@ class WeaveRecModule(RecModule):
         """Build from the method config: target and sources from the DataModule (``mix=hybrid``),
         compatible stored hybrids reused unless ``retrain_hybrids``."""
         if datamodule is None or datamodule.mix != "hybrid":
-            raise ValueError("method=weaverec needs the DataModule with data mix 'hybrid' (method.mix: hybrid)")
+            raise UserError("method=weaverec needs the DataModule with data mix 'hybrid' (method.mix: hybrid)")
         target, sources = datamodule.target, list(datamodule.sources)
         reuse = {}
         if store is not None and not retrain_hybrids:
@@ -275,7 +276,7 @@ class WeaveRecModule(RecModule):
             if not b.trained:
                 state = AdapterStore.load_head(reuse[b.source])
                 if state is None:
-                    raise ValueError(f"stored hybrid {reuse[b.source]} has no head.safetensors: retrain it")
+                    raise UserError(f"stored hybrid {reuse[b.source]} has no head.safetensors: retrain it")
                 h.load_state_dict(state)
                 h.requires_grad_(False)
         return heads

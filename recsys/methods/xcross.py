@@ -5,7 +5,7 @@ integrator refines each stream with the others; learnable w_m combine the last l
 the shared scoring head scores (history, candidate) pairs. Only the integrators, w and the head
 train, on the target domain (docs/methods.md, "X-Cross"; the model is ``recsys.models.integrator``).
 
-Source adapters come from the adapter store (``<store>/<backbone>/<source>/``, written by
+Source adapters come from the adapter store (``<store>/<backbone>/<source>/seed-<seed>/``, written by
 ``python train.py method=lora data.target=<source>``) or from any peft adapter folders
 (``method.module.adapters``).
 """
