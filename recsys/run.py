@@ -39,8 +39,15 @@ def build_backbone(cfg: DictConfig):
                          cache_dir=os.path.join(cfg.paths.cache_dir, "backbones"))
 
 
+def prompt_layout(backbone, scoring: str) -> bool:
+    """Whether batches come as one prompt a user + the candidates' continuations (``attach(likelihood=True)``):
+    for every decoder, whatever the scoring, so that training and evaluation read the prompt once for
+    all candidates (``recsys.models.scoring``); pairs for encoders."""
+    return scoring == "likelihood" or backbone.kind == "decoder"
+
+
 def build_datamodule(cfg: DictConfig, backbone) -> RecDataModule:
-    likelihood = cfg.method.module.get("scoring", "head") == "likelihood"
+    likelihood = prompt_layout(backbone, cfg.method.module.get("scoring", "head"))
     dm = hydra.utils.instantiate(cfg.data, mix=cfg.method.get("mix", "target"), seed=cfg.seed, _convert_="all")
     return dm.attach(backbone.tokenizer, backbone.kind, likelihood=likelihood)
 
@@ -270,7 +277,7 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
         head = store.load_head(cfg.adapter)
         if kwargs["scoring"] == "head" and head is None:
             raise FileNotFoundError(f"adapter={cfg.adapter} has no head.safetensors: scoring=head needs the trained head")
-        dm.attach(backbone.tokenizer, backbone.kind, likelihood=kwargs["scoring"] == "likelihood")
+        dm.attach(backbone.tokenizer, backbone.kind, likelihood=prompt_layout(backbone, kwargs["scoring"]))
         module = LoRAModule(backbone, adapter=str(cfg.adapter), **kwargs)
         module.load_head(head)
     else:
