@@ -897,6 +897,7 @@ class Bench:
     # ---------------------------------------------------------------- part 3: shared-prompt training
     def part_shared(self):
         from recsys.methods.lora import LoRAModule
+        from recsys.models.backbone import unwrap_peft
         from recsys.models.scoring import as_pairs, likelihood_scores_per_candidate, pair_scores
 
         a = self.args
@@ -913,13 +914,17 @@ class Bench:
         c = train[0]["num_candidates"]
         for scoring in ("head", "likelihood"):
             trainers = {}
-            for variant in ("shared", "per_candidate"):
+            # on CUDA also the shared prompt with flex_attention's sparse BlockMask (blocks no candidate sees skipped)
+            variants = ("shared", "per_candidate") + (("shared_flex",) if self.device.type == "cuda" else ())
+            for variant in variants:
                 torch.manual_seed(a.seed)  # the same initial LoRA and head weights in both
                 m = LoRAModule(self.models.fresh(), r=a.r, alpha=a.alpha, dropout=a.dropout, scoring=scoring,
                                optimizer=partial(make_optimizer, args=a, device=self.device), warmup_ratio=0.05)
                 self.models.place(m)
                 m.train()
                 m.backbone.model.eval()  # as Lightning leaves a frozen backbone (LoRA dropout active)
+                if variant == "shared_flex":
+                    unwrap_peft(m.model).set_attn_implementation("flex_attention")
                 score_fn = None
                 if variant == "per_candidate":
                     if scoring == "head":
@@ -936,6 +941,11 @@ class Bench:
             ok = verdict(t_p / t_s, ">=", 2.0, spread) if on_target else None
             self.add(sec, f"examples/s, {scoring} scoring: shared prompt vs per-candidate batch", users / t_s,
                      users / t_p, t_p / t_s, target, ok, span(spread), key=f"shared/{scoring}_train_speedup")
+            if "shared_flex" in res:
+                t_f = per_step(res["shared_flex"])
+                spread = round_ratios(res["shared"], res["shared_flex"])
+                self.add(sec, f"examples/s, {scoring}: shared prompt, flex_attention vs sdpa block mask", users / t_f,
+                         users / t_s, t_s / t_f, "reported", None, span(spread), key=f"shared/{scoring}_flex_over_sdpa")
             self.figures[f"shared/{scoring}_examples_per_s"] = users / t_s
             self.figures[f"shared/{scoring}_per_candidate_examples_per_s"] = users / t_p
             ps, pp = res["shared"]["peak"] / 2**20, res["per_candidate"]["peak"] / 2**20
@@ -1188,12 +1198,17 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def run(self):
+    def run(self, after_part=None):
+        """Run the parts asked for, in PARTS order; ``after_part(name)`` after each (e.g. write the figures so
+        far, so that a run killed by a time limit keeps its finished parts)."""
         a = self.args
         t0 = time.perf_counter()
         for part in PARTS:
             if part in a.parts:
                 getattr(self, f"part_{part}")()
+                self.figures["bench/parts_done"] = self.figures.get("bench/parts_done", []) + [part]
+                if after_part is not None:
+                    after_part(part)
         self.figures["bench/seconds"] = time.perf_counter() - t0
         self.figures["bench/load_average_at_end"] = os.getloadavg()[0]
         return self
@@ -1271,19 +1286,25 @@ def main(argv=None) -> dict:
           f"candidates (evaluation); {args.steps} timed steps, {args.eval_steps} timed eval batches, "
           f"{args.rounds} rounds; {args.warmup} warm-up step(s) before a variant's first block, {args.rewarm} before "
           f"later ones; load average {info['load_average_at_start']:.1f}")
-    bench.run()
+    def result() -> dict:
+        return {"config": {k: v for k, v in vars(args).items()}, "device": info, "figures": bench.figures,
+                "rows": bench.rows}
+
+    def write(part=None):
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result(), indent=1, default=str))
+
+    bench.run(after_part=write)
     print(table(bench))
     print(f"\n# {bench.figures['bench/seconds']:.0f}s, load average at the end "
           f"{bench.figures['bench/load_average_at_end']:.1f}. ratio: recsys vs baseline throughput in part 1-2 "
           "(>1: recsys faster); time ratios in parts 4-6 as labelled; per-round range: the lowest and highest "
           "ratio of one round of alternating blocks, and their median.")
-    out = {"config": {k: v for k, v in vars(args).items()}, "device": info, "figures": bench.figures,
-           "rows": bench.rows}
+    write()
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
         print(f"# figures written to {args.json}")
-    return out
+    return result()
 
 
 if __name__ == "__main__":

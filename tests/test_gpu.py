@@ -124,5 +124,5 @@ def test_shared_prompt_training_on_cuda(attn):
     for scoring in ("head", "likelihood"):
         model, head = lora_model(bb)
         head.cuda()
-        model.get_base_model().config._attn_implementation = attn
+        model.get_base_model().set_attn_implementation(attn)
         assert_same_training(model, head, batch, scoring, rtol=1e-4, atol=1e-5)  # TF32 off; CUDA kernels' sums
