@@ -212,3 +212,18 @@ def test_shared_prompt_training_equals_per_candidate_smollm2(scoring):
     floor = grad_noise_floor(model, head, batch, batch_of(bb, ITEMS[:2][::-1]), scoring)
     assert floor < 1e-4
     assert_same_training(model, head, batch, scoring, rtol=1e-5, atol=1e-5, grad_rtol=max(3e-5, 3 * floor))
+
+
+def test_shared_prompt_with_activation_checkpointing(dec):
+    """speed.activation_checkpointing recomputes the blocks in backward: same loss and gradients (no KV
+    cache is involved, which transformers turns off under checkpointing)."""
+    from recsys.speed import enable_activation_checkpointing
+
+    b = batch_of(dec)
+    model, head = lora_model(dec)
+    _, loss, grads = loss_and_grads(model, head, b, "likelihood")
+    assert enable_activation_checkpointing(model) == 1
+    _, loss2, grads2 = loss_and_grads(model, head, b, "likelihood")
+    torch.testing.assert_close(loss2, loss)
+    for g, r in zip(grads2, grads):
+        torch.testing.assert_close(g, r)
