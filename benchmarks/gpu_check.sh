@@ -111,7 +111,7 @@ PY
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 
 # ---------------------------------------------------------------- 3. CUDA-only tests
-step pytest_gpu "${LIMIT_PYTEST:-130}" $PY -m pytest -q -m gpu tests/test_gpu.py --junitxml "$OUT/pytest-gpu.xml" -p no:cacheprovider
+step pytest_gpu "${LIMIT_PYTEST:-140}" $PY -m pytest -q -m gpu tests/test_gpu.py --junitxml "$OUT/pytest-gpu.xml" -p no:cacheprovider
 
 # ---------------------------------------------------------------- 4. speed benchmark
 if [ $SMOKE = 1 ]; then
@@ -122,7 +122,7 @@ else
          --max-length 256 --steps 9 --eval-steps 6 --rounds 3 --warmup 2 --rewarm 1 --naive-loop-batches 0
          --merged 1,3 --weave-sources 1,2)
 fi
-step bench "${LIMIT_BENCH:-160}" $PY benchmarks/bench.py "${BENCH[@]}" --json "$OUT/bench.json"
+step bench "${LIMIT_BENCH:-130}" $PY benchmarks/bench.py "${BENCH[@]}" --json "$OUT/bench.json"
 
 # ---------------------------------------------------------------- 5. real-data quality run
 QUALITY=(experiment=amazon_lora_cpu logger=csv "data.root=$PWD/$PREP/data" "data.target=$DOMAIN"
@@ -133,9 +133,9 @@ if [ $SMOKE = 1 ]; then
   QUALITY+=(trainer=cpu data.max_train_examples=64 data.max_eval_users=16 data.batch_size=8)
 else  # all training users, one epoch, the full validation and test splits
   QUALITY+=(trainer=gpu data.max_train_examples=null data.max_eval_users=null data.batch_size=64
-            data.eval_batch_size=64 data.num_workers=6)
+            data.eval_batch_size=128 data.num_workers=6)
 fi
-step quality "${LIMIT_QUALITY:-170}" $PY train.py "${QUALITY[@]}"
+step quality "${LIMIT_QUALITY:-180}" $PY train.py "${QUALITY[@]}"
 mkdir -p "$OUT/quality"
 cp "$WORK/quality/metrics.json" "$OUT/quality/" 2>/dev/null
 cp "$WORK/quality/csv/metrics.csv" "$OUT/quality/csv-metrics.csv" 2>/dev/null

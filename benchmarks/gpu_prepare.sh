@@ -2,7 +2,8 @@
 # Builds, on a machine with network and the project's environment, what benchmarks/gpu_check.sh needs on a
 # GPU machine that reaches nothing outside. One git-ignored folder, .gpu/ (carry it: its total must stay
 # under 64 MiB; the script checks):
-#   .gpu/wheels/       hydra-core, omegaconf, antlr4 runtime, pytest and its dependencies (pure-Python wheels)
+#   .gpu/wheels/       hydra-core, omegaconf, antlr4 runtime, rich (progress bar, results table), pytest and
+#                      their dependencies: pure-Python wheels, for any Python 3 the GPU image has
 #   .gpu/minilm-fp16/  all-MiniLM-L6-v2 in float16 (about 45 MB), loaded by backbone=minilm through
 #                      $RECSYS_MINILM_DIR (also the tokenizer of the tiny test backbones)
 #   .gpu/data/<domain>/ one shared Amazon domain (default toys, the smallest: 2.9 MB), as read by data=amazon
@@ -29,7 +30,7 @@ if [ ! -f "$DEST/wheels/.complete" ]; then
   rm -rf "$DEST/wheels"; mkdir -p "$DEST/wheels"
   $PY -m pip download -q --no-deps --only-binary=:all: -d "$DEST/wheels" \
     hydra-core==1.3.8 omegaconf==2.3.1 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 \
-    Pygments==2.21.0
+    Pygments==2.21.0 rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2
   $PY -m pip wheel -q --no-deps -w "$DEST/wheels" antlr4-python3-runtime==4.9.3
   touch "$DEST/wheels/.complete"
 fi

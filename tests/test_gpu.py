@@ -36,24 +36,6 @@ def train(tmp_path, *args, timeout=300) -> dict:
     return m
 
 
-@pytest.mark.parametrize("backbone", ["tiny_encoder", "tiny_decoder"])
-def test_bf16_true_lora_training(tmp_path, backbone):
-    train(tmp_path, f"backbone={backbone}", "trainer=gpu")  # precision bf16-true
-
-
-def test_bf16_true_lora_likelihood_decoder(tmp_path):
-    train(tmp_path, "backbone=tiny_decoder", "trainer=gpu", "method.module.scoring=likelihood")
-
-
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_one_process_strategies(tmp_path, strategy):
-    train(tmp_path, "backbone=tiny_decoder", f"trainer={strategy}", "trainer.devices=1", "trainer.accelerator=gpu")
-
-
-def test_compile_on(tmp_path):
-    train(tmp_path, "backbone=tiny_decoder", "trainer=gpu", "speed.compile=true", timeout=400)
-
-
 @pytest.fixture(scope="module")
 def bench():
     spec = importlib.util.spec_from_file_location("recsys_bench", REPO / "benchmarks" / "bench.py")
@@ -126,3 +108,21 @@ def test_shared_prompt_training_on_cuda(attn):
         head.cuda()
         model.get_base_model().set_attn_implementation(attn)
         assert_same_training(model, head, batch, scoring, rtol=1e-4, atol=1e-5)  # TF32 off; CUDA kernels' sums
+
+
+# ---------------------------------------------------------------- train.py runs (last: the slowest)
+@pytest.mark.parametrize("backbone", ["tiny_encoder", "tiny_decoder"])
+def test_bf16_true_lora_training(tmp_path, backbone):
+    train(tmp_path, f"backbone={backbone}", "trainer=gpu")  # precision bf16-true
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_one_process_strategies(tmp_path, strategy):
+    """DDP (bf16-mixed) with the likelihood scoring, FSDP (bf16-true) with the head, one process on one GPU."""
+    scoring = "likelihood" if strategy == "ddp" else "head"
+    train(tmp_path, "backbone=tiny_decoder", f"trainer={strategy}", "trainer.devices=1", "trainer.accelerator=gpu",
+          f"method.module.scoring={scoring}")
+
+
+def test_compile_on(tmp_path):
+    train(tmp_path, "backbone=tiny_decoder", "trainer=gpu", "speed.compile=true", timeout=400)
