@@ -100,7 +100,7 @@ def reference_metrics(
 
 
 class GenerationMetrics(RankingMetrics):
-    """The paper protocol's metrics from generated answers: NDCG@k and HR@k for k in ``ks`` and MRR.
+    """The paper protocol's metrics from generated answers: NDCG@k and HR@k for k in ``ks`` and MRR@max(ks).
 
     ``update(rank (B,), matched, segments)`` with ``rank`` the 1-based position of the true title in
     the generated answer (0: not generated, which scores 0 on every metric, as in the released
@@ -114,11 +114,40 @@ class GenerationMetrics(RankingMetrics):
 
     def update(self, rank: torch.Tensor, matched: int = 0, segments: int = 0) -> None:
         rank = rank.to(self.mrr.device).double()
-        self._accumulate(torch.where(rank > 0, rank - 1.0, torch.inf))  # 0-based; not generated: never ranked
+        # 0-based; not generated, or beyond the largest k: never ranked (so MRR is MRR@5, as released)
+        self._accumulate(torch.where((rank > 0) & (rank <= max(self.ks)), rank - 1.0, torch.inf))
         self.matched = self.matched + matched
         self.segments = self.segments + segments
 
     def compute(self) -> dict[str, torch.Tensor]:
         out = super().compute()
         out["valid"] = (self.matched / self.segments.clamp(min=1)).float()
+        return out
+
+
+class ChanceCheck:
+    """Flags training that stays at chance: a collapsed run (the scores of a user's candidates nearly
+    equal) has a softmax loss of ln C, C the candidates per example, however long it trains.
+
+    ``update(stream, loss, num_candidates)`` after warm-up, one call a step and stream (WeaveRec's
+    branches are streams); ``report()`` gives, per stream, the mean loss after warm-up, ln C and
+    ``collapsed`` (1.0 when that mean is within ``tol`` of ln C, relatively). Plain state, so that a
+    checkpoint carries it across a restart.
+    """
+
+    def __init__(self, tol: float = 0.01):
+        self.tol = tol
+        self.state: dict[str, list[float]] = {}  # stream -> [sum of losses, steps, C]
+
+    def update(self, stream: str, loss: torch.Tensor | float, num_candidates: int) -> None:
+        s = self.state.setdefault(stream, [0.0, 0, num_candidates])
+        s[0], s[1] = s[0] + loss, s[1] + 1  # a tensor sum: no device sync a step
+
+    def report(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for stream, (total, steps, c) in self.state.items():
+            if steps:
+                mean, chance = float(total) / steps, float(np.log(c))
+                out[stream] = {"loss_after_warmup": mean, "chance_loss": chance,
+                               "collapsed": float(abs(mean - chance) <= self.tol * chance)}
         return out

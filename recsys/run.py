@@ -61,7 +61,9 @@ def build_module(cfg: DictConfig, backbone, dm: RecDataModule, store: AdapterSto
         from recsys.methods.base import paper_protocol_error
 
         raise ValueError(paper_protocol_error(factory.func))  # before it trains missing source adapters
-    return factory.func.from_config(backbone=backbone, datamodule=dm, store=store, cfg=cfg, **factory.keywords)
+    module = factory.func.from_config(backbone=backbone, datamodule=dm, store=store, cfg=cfg, **factory.keywords)
+    module.monitor = cfg.get("optimized_metric") or module.monitor  # model selection's metric
+    return module
 
 
 def apply_protocol(module, dm: RecDataModule):
@@ -159,6 +161,8 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
     for row, values in dm.reference_metrics("test").items():
         metrics.update({f"{row}/test/{k}": v for k, v in values.items()})
     metrics.update(module.extra_metrics())
+    if trained:
+        metrics.update(module.training_health())
 
     if trainer.is_global_zero:
         write_json(out_dir / "metrics.json", metrics)

@@ -116,3 +116,40 @@ def test_unknown_option_fails():
 
     with pytest.raises((MissingConfigException, ConfigCompositionException)):
         _compose(["method=nope"])
+
+
+RECIPE_KEYS = ("scheduler", "warmup_ratio", "optimizer")  # in method.module; epochs, batch and clipping elsewhere
+
+
+def recipe_of(c: dict) -> dict:
+    """What a composed config trains with: optimizer (class, lr, decay), schedule, epochs, batch, clipping."""
+    m = c["method"]["module"]
+    return {**{k: m[k] for k in RECIPE_KEYS}, "max_epochs": c["trainer"]["max_epochs"],
+            "batch_size": c["data"]["batch_size"], "gradient_clip_val": c["trainer"]["gradient_clip_val"]}
+
+
+@pytest.mark.parametrize("setting", [[], ["experiment=amazon_lora_cpu"], ["experiment=[weaverec_games_from_beauty,weaverec_cpu]"],
+                                     ["experiment=weaverec_synthetic"], ["protocol=paper", "backbone=tiny_decoder"]])
+def test_every_method_trains_with_the_one_recipe(setting):
+    """Rows of a table differ only in the method: every trained method composes to the same recipe,
+    which is conf/recipe's (X-Cross's integrators alone have their own lr, marked [ours])."""
+    methods = [m for m in options("method") if m != "merge_sources"]  # merge_sources trains nothing
+    recipes = {}
+    for m in methods:
+        if m == "xcross" and "protocol=paper" in setting:
+            continue  # X-Cross refuses the paper protocol
+        c = resolved(_compose([*setting, f"method={m}", "data.sources=[toys]"]))
+        recipes[m] = recipe_of(c)
+        assert recipes[m]["optimizer"] == c["recipe"]["optimizer"]
+        assert (recipes[m]["max_epochs"], recipes[m]["batch_size"]) == (c["recipe"]["max_epochs"], c["recipe"]["batch_size"])
+    first = recipes[methods[0]]
+    assert all(r == first for r in recipes.values()), recipes
+
+
+def test_a_method_cannot_take_its_own_learning_rate():
+    """The recipe is one node: a method-level lr override is refused (set recipe.optimizer.lr)."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="method.module.optimizer.lr"):
+        _compose(["method.module.optimizer.lr=0.01"])
+    assert resolved(_compose(["recipe.optimizer.lr=0.01", "method=weaverec", "data.sources=[toys]"]))["method"]["module"]["optimizer"]["lr"] == 0.01

@@ -126,8 +126,9 @@ def test_mix_hybrid_50_50():
     t = n_train(dm, "tools")
     assert set(dm.train_entries) == {"target", "hybrid/toys", "hybrid/sports"}
     assert len(dm.train_entries["target"]) == t
-    assert n_train(dm, "toys") >= t  # same generator size: as many source examples as target ones
-    _check_hybrid(dm, "toys", t, t)
+    # under the cap every example of both sides (the release's min(cap, |T|) and min(cap, |S|))
+    _check_hybrid(dm, "toys", t, n_train(dm, "toys"))
+    _check_hybrid(dm, "sports", t, n_train(dm, "sports"))
 
 
 def test_mix_hybrid_cap_smaller_than_target():
@@ -148,7 +149,18 @@ def test_mix_hybrid_small_source(caplog):
     t, s = n_train(dm, "tools"), n_train(dm, "tiny")
     assert s < t
     _check_hybrid(dm, "tiny", t, s)  # all of the source, never more
-    assert "source has only" in caplog.text
+    assert "is not 50/50" in caplog.text
+
+
+def test_mix_hybrid_sides_are_capped_independently():
+    """As released: min(cap, |T|) target and min(cap, |S|) source examples, even when |T| < cap < |S|
+    (the source side is not cut to the target's size)."""
+    domains = {**DOMAINS, "grocery": synth(12, 60)}
+    dm = make(domains=domains, target="grocery", sources=["toys"], mix="hybrid", hybrid_cap=100)
+    t, s = n_train(dm, "grocery"), n_train(dm, "toys")
+    assert t < 100 < s
+    by = Counter(name for name, _ in dm.train_entries["hybrid/toys"])
+    assert by == {"grocery": t, "toys": 100}
 
 
 def test_hybrid_loaders_one_stream_each():
@@ -156,12 +168,31 @@ def test_hybrid_loaders_one_stream_each():
 
     dm = make(sources=["toys"], mix="hybrid", hybrid_cap=20, batch_size=4, max_eval_users=6)
     dm.attach(load_backbone("tiny:encoder").tokenizer, "encoder")
-    loaders = dm.train_dataloader()
+    loaders = dm.train_dataloader().iterables
     assert set(loaders) == {"target", "hybrid/toys"}
     assert len(loaders["hybrid/toys"]) == 10  # 40 examples / 4
     batch = next(iter(loaders["hybrid/toys"]))
     assert batch["input_ids"].shape[0] == 4 * 5 and batch["labels"].shape == (4,)
     assert len(dm.val_dataloader()) == len(dm.test_dataloader()) == 1  # 6 users, eval batches of 8
+
+
+def test_every_stream_is_seen_once_an_epoch():
+    """Streams of different lengths: each yields each of its batches exactly once an epoch (then None),
+    the shorter one is not cycled (Lightning's default max_size_cycle would repeat it)."""
+    from recsys.models.backbone import load_backbone
+
+    dm = make(sources=["toys"], mix="hybrid", hybrid_cap=20, batch_size=4, max_eval_users=6)
+    dm.attach(load_backbone("tiny:encoder").tokenizer, "encoder")
+    combined = dm.train_dataloader()
+    lengths = {k: len(v) for k, v in combined.iterables.items()}
+    assert lengths["hybrid/toys"] == 10 and lengths["target"] > lengths["hybrid/toys"]
+    combined.reset() if hasattr(combined, "reset") else None
+    seen = Counter()
+    steps = 0
+    for batch, _, _ in combined:
+        steps += 1
+        seen.update(k for k, v in batch.items() if v is not None)
+    assert steps == max(lengths.values()) and dict(seen) == lengths
 
 
 # ------------------------------------------------------------------------------------------ fractions
@@ -340,3 +371,21 @@ def test_shared_amazon_beauty():
     assert ref["random"]["hr@1"] == pytest.approx(0.05, abs=0.01)
     assert ref["popularity"]["hr@1"] > ref["random"]["hr@1"]
     assert took < 60, took
+
+
+def test_train_on_val_holds_out_a_selection_split():
+    """data.train_on_val (the release trains on validation examples): every validation example trains
+    except those of a seeded 2% of the users, which alone select the model; test is unchanged."""
+    base = make()
+    dm = make(train_on_val=True)
+    d = dm.domains["tools"]
+    sel = dm.selection_users
+    assert len(sel) == max(1, round(0.02 * d.num_users)) and sel == make(train_on_val=True).selection_users
+    assert {e.user for e in dm.eval_sets["val"].examples} == sel
+    val = {e for e in d.examples("val", dm.max_history)}
+    trained = {e for _, e in dm.train_entries["train"]}
+    assert trained - {e for _, e in base.train_entries["train"]} == {e for e in val if e.user not in sel}
+    assert not trained & {e for e in val if e.user in sel}
+    assert dm.eval_sets["test"].examples == base.eval_sets["test"].examples
+    with pytest.raises(DataError, match="selection_share"):
+        make(train_on_val=True, selection_share=0.0)

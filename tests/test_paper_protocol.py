@@ -38,6 +38,13 @@ def toks(tok, s):
     return tok(s, add_special_tokens=False)["input_ids"]
 
 
+def split_answer(p: PaperPrompt, ans: list[int]) -> list[str]:
+    """An answer's titles as text (the tiny tokenizer decodes ' || ' with spaces inside: split on ids)."""
+    from recsys.models.generation import _split
+
+    return [" ".join(p.tokenizer.decode(seg).split()) for seg in _split(ans[: -len(p.text.eos)], p.sep)]
+
+
 ITEMS = [("d", [0, 1, 2], [5, 3, 9, 7, 4], 2), ("d", [8], [1, 6, 0, 2, 3], 0)]
 
 
@@ -53,10 +60,28 @@ def test_prompt_and_answer_layout(dec):
         want += (toks(tok, sep) if j else []) + toks(tok, TITLES[c])
     want += toks(tok, p.t.answer_intro)
     assert ids == want
-    # the true title first, then the next answer_size - 1 candidates in prompt order, then EOS
-    ans = p.answer("d", cands, 2)
-    assert ans == toks(tok, "grey coat") + toks(tok, sep) + toks(tok, "white cotton shirt") + toks(tok, sep) \
-        + toks(tok, "yellow scarf") + p.text.eos
+    # the true title first, then answer_size - 1 other candidates, then EOS
+    ans = p.answer("d", [0, 1, 2], cands, 2)
+    parts = split_answer(p, ans)
+    assert len(parts) == 3 and parts[0] == "grey coat"
+    assert set(parts[1:]) <= {TITLES[c] for c in (5, 3, 7, 4)} and len(set(parts[1:])) == 2
+    assert ans[-len(p.text.eos):] == p.text.eos
+
+
+def test_answer_draws_the_other_titles_at_random_and_stably(dec):
+    """The release follows the true title with randomly drawn candidates, not the next ones in prompt
+    order (a positional rule the model could copy); the draw is stable for an example."""
+    p = prompt_of(dec)  # answer_size 5: 4 others of the 9 non-target candidates
+    cands = list(range(10))
+    first_four = []
+    for user in range(40):
+        hist = [user % 10, (user * 7 + 3) % 10]
+        ans = p.answer("d", hist, cands, 0)
+        assert ans == p.answer("d", hist, cands, 0)  # stable
+        others = split_answer(p, ans)[1:]
+        assert len(set(others)) == 4 and TITLES[0] not in others
+        first_four.append(others == TITLES[1:5])
+    assert sum(first_four) < 5  # prompt order would give 40 of 40
 
 
 def test_history_is_cut_oldest_first_and_candidates_never(dec):
@@ -91,7 +116,7 @@ def test_collator_answer_labels_and_alignment(dec):
     b = PaperCollator(p)(ITEMS)
     assert b["num_candidates"] == 5 and b["labels"].tolist() == [2, 0]
     for i, (dom, hist, cands, pos) in enumerate(ITEMS):
-        prompt, ans = p.prompt(dom, hist, cands), p.answer(dom, cands, pos)
+        prompt, ans = p.prompt(dom, hist, cands), p.answer(dom, hist, cands, pos)
         row = b["sft_ids"][i][b["sft_mask"][i].bool()].tolist()
         assert row == prompt + ans  # left-padded: the sequence ends at the last column
         assert b["sft_mask"][i, -1] == 1
@@ -111,7 +136,7 @@ def test_answer_loss_is_the_loss_of_the_answer_tokens(dec):
     got = answer_loss(model, b)
     nll, count = 0.0, 0
     for dom, hist, cands, pos in ITEMS:  # unpadded, one sequence at a time, every logit
-        prompt, ans = p.prompt(dom, hist, cands), p.answer(dom, cands, pos)
+        prompt, ans = p.prompt(dom, hist, cands), p.answer(dom, hist, cands, pos)
         ids = torch.tensor([prompt + ans])
         logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]
         nll += F.cross_entropy(logits.float(), torch.tensor(ans), reduction="sum").item()
@@ -175,15 +200,29 @@ def test_match_ranks_by_hand(dec):
         return torch.tensor([ids + list(tail)])
 
     tgt = torch.tensor([2])  # grey coat
-    # second distinct matched title; a repeat and an unknown title do not move it
-    r, m, s = match_ranks(gen("yellow scarf", "no such thing", "yellow scarf", "grey coat"), cands, tgt, sep, eos, decode)
-    assert r.tolist() == [2] and (m, s) == (3, 4)
+
+    def rank(*parts, tail=()):
+        return match_ranks(gen(*parts, tail=tail), cands, tgt, sep, eos, decode)
+
+    # the position among all segments, as released: a hallucinated first title puts the true one at 2
+    r, m, s = rank("no such thing", "grey coat")
+    assert r.tolist() == [2] and (m, s) == (1, 2)
+    # repeats and unknown titles count as positions too; the first occurrence of the true title counts
+    r, m, s = rank("yellow scarf", "no such thing", "yellow scarf", "grey coat", "grey coat")
+    assert r.tolist() == [4] and (m, s) == (4, 5)
+    # an empty segment is a position (not a title: not counted in valid's segments)
+    empty = torch.tensor([toks(tok, "yellow scarf") + sep + sep + toks(tok, "grey coat")])
+    r, m, s = match_ranks(empty, cands, tgt, sep, eos, decode)
+    assert r.tolist() == [3] and (m, s) == (2, 2)
     # not generated (cut at EOS before it): 0
-    r, _, _ = match_ranks(gen("yellow scarf", tail=[eos] + sep + toks(tok, "grey coat")), cands, tgt, sep, eos, decode)
+    r, _, _ = rank("yellow scarf", tail=[eos] + sep + toks(tok, "grey coat"))
     assert r.tolist() == [0]
     # a prefix of the title is not the title
-    r, _, _ = match_ranks(gen("grey"), cands, tgt, sep, eos, decode)
+    r, _, _ = rank("grey")
     assert r.tolist() == [0]
+    # nothing generated
+    r, m, s = match_ranks(torch.tensor([[eos]]), cands, tgt, sep, eos, decode)
+    assert r.tolist() == [0] and (m, s) == (0, 0)
 
 
 def test_generation_metrics_by_hand():
@@ -196,6 +235,16 @@ def test_generation_metrics_by_hand():
     assert out["ndcg@5"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(6)) / 4, rel=1e-6)
     assert out["mrr"] == pytest.approx((1 + 0.5 + 0 + 0.2) / 4, rel=1e-6)
     assert out["valid"] == pytest.approx(7 / 8)
+
+
+
+def test_generation_mrr_is_cut_at_5():
+    """The release's MRR is MRR@5: a true title at position 6 or later scores 0 (as on every NDCG@k)."""
+    m = GenerationMetrics()
+    m.update(torch.tensor([6, 2, 9]), matched=3, segments=3)
+    out = {k: float(v) for k, v in m.compute().items()}
+    assert out["mrr"] == pytest.approx(0.5 / 3, rel=1e-6)
+    assert out["hr@5"] == pytest.approx(1 / 3, rel=1e-6)
 
 
 def test_likelihood_of_the_paper_batch_equals_naive(dec):

@@ -120,13 +120,13 @@ def test_report_tables_and_plots(sweep):
 def test_variants_are_rows_of_their_own(tmp_path):
     """Jobs that differ in another swept key (here the learning rate) are not pooled as seeds."""
     for i, (lr, seed) in enumerate([(1e-3, 0), (1e-3, 1), (1e-2, 0), (1e-2, 1)]):
-        fake_job(tmp_path / "sweep", i, "lora", "tools", seed, extra=[f"method.module.optimizer.lr={lr}"])
+        fake_job(tmp_path / "sweep", i, "lora", "tools", seed, extra=[f"recipe.optimizer.lr={lr}"])
     jobs = find_jobs([tmp_path / "sweep"])
-    assert sorted({j.variant for j in jobs}) == ["method.module.optimizer.lr=0.001", "method.module.optimizer.lr=0.01"]
+    assert sorted({j.variant for j in jobs}) == ["recipe.optimizer.lr=0.001", "recipe.optimizer.lr=0.01"]
     df = pd.read_csv(write_report([tmp_path / "sweep"], tmp_path / "out", wandb="off")["csv"])
     methods = df[df.kind == "method"]
     assert len(methods) == 2 and set(methods.n) == {2}
-    assert "lora [method.module.optimizer.lr=0.01]" in (tmp_path / "out" / "report.md").read_text()
+    assert "lora [recipe.optimizer.lr=0.01]" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_report_to_wandb_offline(tmp_path, monkeypatch):

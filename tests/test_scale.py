@@ -154,8 +154,8 @@ def sbatch_script(params: dict, tmp_path: Path) -> str:
 
 
 @pytest.mark.parametrize("search,method,keys", [
-    ("optuna", "lora", ["method.module.optimizer.lr", "method.module.r"]),
-    ("optuna_xcross", "xcross", ["method.module.optimizer.lr", "method.module.beta", "method.module.gamma"]),
+    ("optuna", "lora", ["recipe.optimizer.lr", "method.module.r"]),
+    ("optuna_xcross", "xcross", ["recipe.optimizer.lr", "method.module.beta", "method.module.gamma"]),
 ])
 def test_hparams_search_composes(search, method, keys):
     if not (CONF / "method" / f"{method}.yaml").is_file():
@@ -304,9 +304,9 @@ def test_optuna_three_trials(tmp_path):
     assert ok and failed and sorted(ok + failed) == jobs
     assert all(rank[j] == 0 for j in failed) and all(rank[j] == 4 for j in ok)
     result = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml")
-    assert result.best_params["method.module.r"] == 4 and 1e-4 <= result.best_params["method.module.optimizer.lr"] <= 1e-2
+    assert result.best_params["method.module.r"] == 4 and 1e-4 <= result.best_params["recipe.optimizer.lr"] <= 1e-2
     assert result.best_value == max(metrics(j)["val/ndcg@10"] for j in ok)
-    lrs = {OmegaConf.load(j / ".hydra" / "config.yaml").method.module.optimizer.lr for j in jobs}
+    lrs = {OmegaConf.load(j / ".hydra" / "config.yaml").recipe.optimizer.lr for j in jobs}
     assert len(lrs) == 3  # three different proposals
     print(f"optuna 3 trials: {time.time() - t0:.0f}s")
 

@@ -263,11 +263,19 @@ def test_hybrid_mixture_proportions_cap_and_skipped_streams():
     full.setup("fit")
     n_t = len(full.train_entries["target"])
     n_s = len(full._domain_train("toys"))
-    assert Counter(d for d, _ in full.train_entries["hybrid/toys"]) == {"tools": n_t, "toys": min(n_t, n_s)}
+    assert Counter(d for d, _ in full.train_entries["hybrid/toys"]) == {"tools": n_t, "toys": n_s}  # released: min(cap, |S|)
     skip = _datamodule(["toys", "sports"], hybrid_cap=30)
     skip.skip_streams = {"hybrid/toys"}
     skip.setup("fit")
     assert set(skip.train_entries) == {"target", "hybrid/sports"}
+
+
+def test_each_branch_sees_its_examples_once_an_epoch(tmp_path):
+    """The hybrid stream (16 target + 16 source examples) is twice the target's (16): in one epoch the
+    target branch takes 4 steps of 4 and the hybrid 8, none repeated (max_size, not max_size_cycle)."""
+    m = run_train(tmp_path, *weave_args("tiny_encoder", ["toys"]), "data.max_train_examples=16",
+                  "trainer.limit_train_batches=null", "method.module.validate_branches=false")
+    assert (m["branch0/train/steps"], m["branch1/train/steps"]) == (4.0, 8.0)
 
 
 # --------------------------------------------------------------------------------------------- reuse

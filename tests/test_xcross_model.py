@@ -51,6 +51,15 @@ def batch(kind: str, seed: int = 1, lengths=(7, 4, 6)):
     return ids, mask
 
 
+def what_w_concat_reads(cat: torch.Tensor, normalize: str) -> torch.Tensor:
+    """As documented in Integrator: the concatenation (B, T, n d), layer-normalised without affine
+    weights and divided by sqrt(n d) (``layernorm``), or as it is (``none``)."""
+    if normalize == "none":
+        return cat
+    mu, var = cat.mean(-1, keepdim=True), cat.var(-1, unbiased=False, keepdim=True)
+    return (cat - mu) / torch.sqrt(var + 1e-5) / cat.size(-1) ** 0.5
+
+
 def randomise(xc: XCrossModel, seed: int = 2, std: float = 0.05):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -121,7 +130,7 @@ def manual_xcross(pm, names, kind, ids, mask, xc: XCrossModel):
             if len(names) == 1:
                 xs = ys
                 continue
-            z = torch.cat(ys, dim=-1) @ integ.W_concat.weight.T  # (B, T, 2P)
+            z = what_w_concat_reads(torch.cat(ys, dim=-1), integ.normalize) @ integ.W_concat.weight.T  # (B, T, 2P)
             if mode == "pooled":
                 z = pool(z, mask, kind).unsqueeze(1)  # z of the pooled token, for every token
             xs = reference_refine(ys, z, beta, gamma)
@@ -191,18 +200,20 @@ def test_one_source_has_no_integrator_and_is_the_source(name):
 
 
 @pytest.mark.parametrize(
-    "name,mode,combine",
+    "name,mode,combine,normalize",
     [
-        ("tiny:encoder", "token", "after_norm"),
-        ("tiny:encoder", "pooled", "after_norm"),
-        ("tiny:decoder", "token", "after_norm"),
-        ("tiny:decoder", "pooled", "after_norm"),
-        ("tiny:decoder", "token", "before_norm"),
+        ("tiny:encoder", "token", "after_norm", "layernorm"),
+        ("tiny:encoder", "token", "after_norm", "none"),
+        ("tiny:encoder", "pooled", "after_norm", "layernorm"),
+        ("tiny:decoder", "token", "after_norm", "layernorm"),
+        ("tiny:decoder", "pooled", "after_norm", "none"),
+        ("tiny:decoder", "token", "before_norm", "layernorm"),
     ],
 )
-def test_matches_hand_computed_recursion(name, mode, combine):
+def test_matches_hand_computed_recursion(name, mode, combine, normalize):
     bb, pm, names = make_sources(name, 2)
-    xc = XCrossModel(pm, names, bb.kind, beta=0.7, gamma=0.4, mode=mode, w_init=[0.3, 0.9], combine=combine)
+    xc = XCrossModel(pm, names, bb.kind, beta=0.7, gamma=0.4, mode=mode, w_init=[0.3, 0.9], combine=combine,
+                     normalize=normalize)
     assert len(xc.integrators) == 2
     randomise(xc)
     ids, mask = batch(bb.kind)
@@ -220,16 +231,18 @@ def test_matches_hand_computed_recursion(name, mode, combine):
 
 @pytest.mark.parametrize("n", [2, 3])
 @pytest.mark.parametrize("mode", ["token", "pooled"])
-def test_integrator_matches_equation(n, mode):
+@pytest.mark.parametrize("normalize", ["layernorm", "none"])
+def test_integrator_matches_equation(n, mode, normalize):
     torch.manual_seed(0)
     B, T, d = 3, 5, 8
-    integ = Integrator(n, d, beta=0.5, gamma=2.0, mode=mode, init="normal", kind="decoder", init_std=0.1)
+    integ = Integrator(n, d, beta=0.5, gamma=2.0, mode=mode, init="normal", kind="decoder", init_std=0.1,
+                       normalize=normalize)
     assert integ.pairs == PAIRS[n] == ordered_pairs(n)
     assert integ.W_concat.bias is None and integ.W_concat.weight.shape == (2 * n * (n - 1), n * d)
     h = torch.randn(n, B, T, d)
     mask = torch.ones(B, T, dtype=torch.long)
     mask[1, 3:] = 0
-    z = torch.cat(list(h), dim=-1) @ integ.W_concat.weight.T
+    z = what_w_concat_reads(torch.cat(list(h), dim=-1), normalize) @ integ.W_concat.weight.T
     if mode == "pooled":
         z = pool(z, mask, "decoder").unsqueeze(1)
     expected = torch.stack(reference_refine(list(h), z, 0.5, 2.0))
@@ -356,3 +369,57 @@ def test_slice_routing_equals_peft_routing(name):
     assert not any(getattr(m, "_disable_adapters", False) for m in pm.modules())  # flags restored
     with pytest.raises(ValueError, match="routing"):
         XCrossModel(pm, names, bb.kind, routing="gather")
+
+
+# (e) how much the integrators act
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_integrator_effect_and_w_concat_abs(name):
+    """xcross/integrator_effect: mean over layers, streams and real tokens of ||h~_m - h_m|| / ||h_m||;
+    0 at the zero initialisation, and by hand for a one-layer check of the first layer's hook."""
+    bb, pm, names = make_sources(name, 2)
+    xc = XCrossModel(pm, names, bb.kind)
+    ids, mask = batch(bb.kind)
+    assert xc.measure_effect(False) is None  # nothing measured
+    xc.measure_effect(True)
+    with torch.no_grad():
+        xc(ids, mask)
+    assert xc.measure_effect(False) == 0.0 and xc.w_concat_abs() == 0.0
+    randomise(xc, std=0.05)
+    assert xc.w_concat_abs() == pytest.approx(
+        torch.cat([i.W_concat.weight.abs().flatten() for i in xc.integrators]).mean().item())
+    seen = []  # (h, refined) of every layer, recomputed from the integrators' own inputs
+    hooks = [integ.register_forward_hook(lambda mod, args, out: seen.append((args[0], out))) for integ in xc.integrators]
+    xc.measure_effect(True)
+    with torch.no_grad():
+        xc(ids, mask)
+    effect = xc.measure_effect(False)
+    for h in hooks:
+        h.remove()
+    ratios = [((r - h).norm(dim=-1) / h.norm(dim=-1))[:, mask.bool()] for h, r in seen]  # (n, real tokens) a layer
+    assert len(seen) == len(xc.integrators)
+    assert effect == pytest.approx(torch.cat([r.flatten() for r in ratios]).mean().item(), rel=1e-5)
+    assert effect > 1e-3
+
+
+def test_layernormed_integrators_move_at_an_ordinary_learning_rate():
+    """With W_concat reading the normalised concatenation, 20 Adam steps at lr 1e-3 change the hidden
+    states by a visible amount (the raw states at lr 1e-5 barely moved: issue 10, item 5)."""
+    bb, pm, names = make_sources("tiny:encoder", 2)
+    ids, mask = batch(bb.kind, lengths=(7, 4, 6, 5, 7))
+    effects = {}
+    for normalize, lr in (("layernorm", 1e-3), ("none", 1e-5)):
+        torch.manual_seed(0)
+        xc = XCrossModel(pm, names, bb.kind, normalize=normalize).train()
+        opt = torch.optim.AdamW(xc.integrators.parameters(), lr=lr, weight_decay=0.0)
+        for _ in range(20):
+            loss = torch.nn.functional.cross_entropy(xc(ids, mask).view(1, -1), torch.tensor([2]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        xc.measure_effect(True)
+        with torch.no_grad():
+            xc(ids, mask)
+        effects[normalize] = xc.measure_effect(False)
+    assert effects["layernorm"] > 0.01 and effects["layernorm"] > 10 * effects["none"], effects

@@ -229,6 +229,9 @@ class RecDataModule(L.LightningDataModule):
         max_train_examples: cap on training examples per domain (seeded subset; None: all).
         cap_scales_with_fraction: the target's cap is ``target_fraction * max_train_examples`` (a
             data-efficiency sweep under a budget: 25% of the data is 25% of the capped examples).
+        train_on_val: train on the target's validation examples too, as WeaveRec's release does;
+            model selection then uses the validation examples of a held-out ``selection_share`` of
+            the users (seeded), which never train. Off by default (docs/methods.md, differences).
         prompt: PromptTemplate fields. ``bucket_by_length``: length-bucketed training batches.
         tokenizer, kind: set by ``train.py`` from the backbone (``attach``); ``likelihood``:
             batches for the decoder likelihood mode.
@@ -255,6 +258,8 @@ class RecDataModule(L.LightningDataModule):
         max_eval_users: int | None = None,
         max_train_examples: int | None = None,
         cap_scales_with_fraction: bool = False,
+        train_on_val: bool = False,
+        selection_share: float = 0.02,
         seed: int = 0,
         batch_size: int = 16,
         eval_batch_size: int = 8,
@@ -280,6 +285,7 @@ class RecDataModule(L.LightningDataModule):
         self.num_train_negatives, self.candidate_sampling = int(num_train_negatives), candidate_sampling
         self.max_eval_users, self.max_train_examples = max_eval_users, max_train_examples
         self.cap_scales_with_fraction = bool(cap_scales_with_fraction)
+        self.train_on_val, self.selection_share = bool(train_on_val), float(selection_share)
         self.seed, self.batch_size, self.eval_batch_size = int(seed), int(batch_size), int(eval_batch_size)
         self.num_workers, self.bucket_by_length = int(num_workers), bool(bucket_by_length)
         self.template = PromptTemplate(**dict(prompt or {}))
@@ -318,6 +324,8 @@ class RecDataModule(L.LightningDataModule):
             raise DataError(f"data.protocol={self.protocol!r} is unknown: use one of {PROTOCOLS}")
         if self.num_negatives < 1 or self.num_train_negatives < 1:
             raise DataError("data.num_negatives and data.num_train_negatives must be >= 1")
+        if self.train_on_val and not (0.0 < self.selection_share < 1.0):
+            raise DataError(f"data.selection_share={self.selection_share} must be in (0, 1) with data.train_on_val=true")
 
     def attach(self, tokenizer, kind: str, likelihood: bool = False) -> "RecDataModule":
         """Give the DataModule the backbone's tokenizer (the text layout depends on it)."""
@@ -344,9 +352,11 @@ class RecDataModule(L.LightningDataModule):
         self.samplers = {n: NegativeSampler(d, self.candidate_sampling) for n, d in self.domains.items()}
         tgt = self.domains[self.target]
         self.eval_users = self._eval_users(tgt)
+        self.selection_users = self._selection_users(tgt) if self.train_on_val else None
         self.eval_sets: dict[str, EvalDataset] = {}
         for split in ("val", "test"):
-            exs = [e for e in tgt.examples(split, self.max_history) if e.user in self.eval_users]
+            users = self.selection_users if split == "val" and self.train_on_val else self.eval_users
+            exs = [e for e in tgt.examples(split, self.max_history) if e.user in users]
             cands, pos = eval_candidates(tgt, exs, split, self.num_negatives, self.seed, self.candidate_sampling)
             self.eval_sets[split] = EvalDataset(self.target, exs, cands, pos)
         self.train_entries = self._train_entries()
@@ -370,9 +380,20 @@ class RecDataModule(L.LightningDataModule):
             users = rng.choice(len(users), size=self.max_eval_users, replace=False).tolist()
         return set(users)
 
+    def _selection_users(self, d: Domain) -> set[int]:
+        """``train_on_val``: the held-out users whose validation examples select the model (seeded,
+        ``selection_share`` of the users, at most ``max_eval_users``); their validation never trains."""
+        n = max(1, round(self.selection_share * d.num_users))
+        if self.max_eval_users:
+            n = min(n, self.max_eval_users)
+        rng = np.random.default_rng(stable_seed("selection_users", d.name, self.seed))
+        return set(rng.choice(d.num_users, size=n, replace=False).tolist())
+
     def _domain_train(self, name: str) -> list[tuple[str, Example]]:
         d = self.domains[name]
         exs = d.examples("train", self.max_history)
+        if name == self.target and self.train_on_val:  # the release trains on validation examples too
+            exs = exs + [e for e in d.examples("val", self.max_history) if e.user not in self.selection_users]
         if name == self.target and self.target_fraction < 1.0:
             rng = np.random.default_rng(stable_seed("fraction", name, self.seed))
             n_keep = max(1, round(self.target_fraction * d.num_users))
@@ -390,12 +411,13 @@ class RecDataModule(L.LightningDataModule):
         return [(name, e) for e in exs]
 
     def hybrid_entries(self, source: str) -> list[tuple[str, Example]]:
-        """WeaveRec's hybrid mixture: min(cap, |T|) target examples and as many of ``source``."""
+        """WeaveRec's hybrid mixture as released: min(cap, |T|) target examples and, independently,
+        min(cap, |S|) of ``source`` (50/50 when both domains have at least ``hybrid_cap``)."""
         tgt, src = self._domain_train(self.target), self._domain_train(source)
-        n = min(self.hybrid_cap, len(tgt))
-        n_src = min(n, len(src))
-        if n_src < n:
-            log.warning("hybrid %s+%s: source has only %d examples for %d target ones", self.target, source, n_src, n)
+        n, n_src = min(self.hybrid_cap, len(tgt)), min(self.hybrid_cap, len(src))
+        if n_src != n:
+            log.warning("hybrid %s+%s is not 50/50: %d target and %d source examples (hybrid_cap %d)",
+                        self.target, source, n, n_src, self.hybrid_cap)
         rng = np.random.default_rng(stable_seed("hybrid", self.target, source, self.seed))
         pick = lambda xs, k: [xs[i] for i in sorted(rng.choice(len(xs), size=k, replace=False).tolist())]  # noqa: E731
         return pick(tgt, n) + pick(src, n_src)
@@ -455,8 +477,16 @@ class RecDataModule(L.LightningDataModule):
         return out
 
     def train_dataloader(self):
+        """One loader, or for several streams (WeaveRec's branches) a ``CombinedLoader`` in
+        ``max_size`` mode: an epoch is one pass over the longest stream, and a stream that is
+        exhausted yields None (its branch skips the step) instead of restarting, so each branch sees
+        each of its examples once an epoch, as the release trains each adapter on its own data."""
         loaders = self.train_loaders()
-        return loaders["train"] if list(loaders) == ["train"] else loaders
+        if list(loaders) == ["train"]:
+            return loaders["train"]
+        from lightning.pytorch.utilities import CombinedLoader
+
+        return CombinedLoader(loaders, mode="max_size")
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.eval_sets["val"], self.eval_batch_size, False)

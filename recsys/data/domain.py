@@ -1,4 +1,4 @@
-"""The in-memory form every reader produces, and the leave-one-out split of METHODS.md.
+"""The in-memory form every reader produces, and the leave-one-out split of docs/methods.md.
 
 A :class:`Domain` is a catalogue (item ids and titles, indexed by an internal item index) plus one
 chronological item list per user. Everything downstream (candidates, text, methods) works on the
@@ -59,7 +59,7 @@ class Domain:
         return sum(len(s) for s in self.sequences)
 
     def examples(self, split: Split, max_history: int = 10) -> list[Example]:
-        """Leave-one-out examples of one split (METHODS.md, "The common task").
+        """Leave-one-out examples of one split (docs/methods.md, "The common task").
 
         The last item of a user is the test target, the second-last the validation target, and
         every earlier position t >= 1 a training target with history ``seq[:t]``. Histories keep

@@ -2,7 +2,7 @@
 
 One prompt per user lists the history titles joined by ``||`` and the shuffled candidates (30 in
 the paper: ``data.num_negatives=29``) and asks for the top 5; the model is trained to answer
-with the true title first, followed by four other candidates (METHODS.md, WeaveRec, "Released
+with the true title first, followed by four other candidates drawn at random (docs/methods.md, WeaveRec, "Released
 setup"). Layout (``{...}`` are ``data.paper.*`` strings)::
 
     [BOS] {instruction} h_1 || ... || h_n {candidates_intro} c_1 || ... || c_30 {answer_intro}
@@ -26,8 +26,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from recsys.data.candidates import stable_seed
 from recsys.data.domain import DataError
 from recsys.data.text import TextEncoder, pad
 
@@ -53,7 +55,7 @@ class PaperPrompt:
         if template.answer_size < 1:
             raise DataError(f"data.paper.answer_size={template.answer_size} must be >= 1")
         enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
-        self.text, self.t = text, template
+        self.text, self.t, self.tokenizer = text, template, tokenizer
         self.instruction, self.cands_intro = enc(template.instruction), enc(template.candidates_intro)
         self.answer_intro, self.sep = enc(template.answer_intro), enc(template.sep)
         if not self.sep:
@@ -91,11 +93,15 @@ class PaperPrompt:
             used += cost
         return self.text.bos + self.instruction + self.join(kept[::-1]) + self.cands_intro + cands + self.answer_intro
 
-    def answer(self, domain: str, candidates, target_pos: int) -> list[int]:
-        """The trained answer: the true title, then the next ``answer_size - 1`` candidates in prompt order."""
+    def answer(self, domain: str, history, candidates, target_pos: int) -> list[int]:
+        """The trained answer: the true title, then ``answer_size - 1`` other candidates drawn at random,
+        as the release draws them (not a positional rule the model could copy). The draw is seeded by
+        (domain, history, target): the same for an example in every epoch, process and run."""
         titles = self.text.title_ids(domain)
-        others = [c for j, c in enumerate(candidates) if j != target_pos][: self.t.answer_size - 1]
-        return self.join([titles[candidates[target_pos]]] + [titles[c] for c in others]) + self.text.eos
+        others = [c for j, c in enumerate(candidates) if j != target_pos]
+        rng = np.random.default_rng(stable_seed("answer", domain, *history, candidates[target_pos]))
+        drawn = rng.choice(len(others), size=min(self.t.answer_size - 1, len(others)), replace=False)
+        return self.join([titles[candidates[target_pos]]] + [titles[others[j]] for j in drawn]) + self.text.eos
 
 
 class PaperCollator:
@@ -111,7 +117,7 @@ class PaperCollator:
         for dom, hist, cands, pos in items:
             titles = text.title_ids(dom)
             prompt = self.p.prompt(dom, hist, cands)
-            answer = self.p.answer(dom, cands, pos)
+            answer = self.p.answer(dom, hist, cands, pos)
             prompts.append(prompt)
             conts += [titles[c] + self.p.sep for c in cands]
             seqs.append(prompt + answer)

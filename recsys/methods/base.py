@@ -7,6 +7,7 @@ softmax cross-entropy of the target against its negatives (X-Cross's loss, used 
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable
 
@@ -15,14 +16,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.metrics import GenerationMetrics, RankingMetrics
+from recsys.metrics import ChanceCheck, GenerationMetrics, RankingMetrics
 from recsys.models.backbone import Backbone
 from recsys.models.generation import answer_loss, greedy_generate, match_ranks
+
+log = logging.getLogger("recsys")
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    """Steps of linear warm-up: ``warmup_ratio`` of the steps, at least one."""
+    return max(1, int(round(warmup_ratio * total_steps)))
 
 
 def warmup_cosine(total_steps: int, warmup_ratio: float, min_ratio: float = 0.0) -> Callable[[int], float]:
     """LR multiplier: linear warm-up for ``warmup_ratio`` of the steps, then cosine to ``min_ratio``."""
-    warm = max(1, int(round(warmup_ratio * total_steps)))
+    warm = warmup_steps(total_steps, warmup_ratio)
 
     def f(step: int) -> float:
         if step < warm:
@@ -53,7 +61,7 @@ class RecModule(L.LightningModule):
     one_language_model = True  # the paper protocol generates with ``self.model`` (X-Cross runs n streams: False)
 
     def __init__(self, backbone: Backbone, optimizer: Callable | None = None, scheduler: str = "cosine",
-                 warmup_ratio: float = 0.05, scoring: str = "head"):
+                 warmup_ratio: float = 0.1, scoring: str = "head"):
         super().__init__()
         if scoring not in ("head", "likelihood"):
             raise ValueError(f"method.scoring={scoring!r} is unknown: use head or likelihood")
@@ -72,8 +80,11 @@ class RecModule(L.LightningModule):
         self.prefix = {"val": "val", "test": "test"}  # train.py sets "zero_shot/test" for the zero-shot row
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self.val_history: dict[int, dict[str, float]] = {}  # epoch -> validation metrics
+        self.monitor = "val/ndcg@10"  # model selection's metric (from_config: the run's optimized_metric)
         self.skip_training = False  # a method with nothing to train (e.g. a merge of stored adapters)
         self.paper = None  # the paper protocol's prompt builder, when enabled (enable_paper_protocol)
+        self.chance = ChanceCheck()  # training losses after warm-up: a run that stays at ln C is flagged
+        self.warmup_steps = 0  # set by configure_optimizers
 
     def enable_paper_protocol(self, prompt) -> None:
         """WeaveRec's released protocol (``protocol=paper``): train on the answer tokens, and test by
@@ -102,16 +113,35 @@ class RecModule(L.LightningModule):
         """Extra metrics.json entries, added after testing."""
         return {}
 
+    def training_health(self) -> dict[str, float]:
+        """metrics.json entries of the chance check (``<stream>/loss_after_warmup``, ``chance_loss``,
+        ``collapsed``; the stream of a one-stream method is ``train``), warning on a collapse."""
+        out = {}
+        for stream, values in self.chance.report().items():
+            out.update({f"{stream}/{k}": v for k, v in values.items()})
+            if values["collapsed"]:
+                log.warning(
+                    "%s: the training loss stayed at chance after warm-up (mean %.4f, ln C = %.4f): the model "
+                    "did not learn (scores of the candidates nearly equal, see %s/score_std); lower the learning "
+                    "rate or raise recipe.warmup_ratio", stream, values["loss_after_warmup"], values["chance_loss"],
+                    stream)
+        return out
+
     def export(self, store, manifest: dict):
         """Write what was trained to the adapter store; returns the folder (None: nothing to export)."""
         return None
 
+    def best_epoch(self, monitor: str | None = None) -> int | None:
+        """The epoch with the best validation ``monitor`` (default ``self.monitor``; the first, on ties)."""
+        if not self.val_history:
+            return None
+        monitor = monitor or self.monitor
+        return max(sorted(self.val_history), key=lambda e: self.val_history[e].get(monitor, -math.inf))
+
     def best_val_metrics(self, monitor: str) -> dict[str, float]:
         """Validation metrics of the epoch with the best ``monitor`` (the first, on ties)."""
-        if not self.val_history:
-            return {}
-        best = max(sorted(self.val_history), key=lambda e: self.val_history[e].get(monitor, -math.inf))
-        return dict(self.val_history[best])
+        best = self.best_epoch(monitor)
+        return {} if best is None else dict(self.val_history[best])
 
     # ------------------------------------------------------------------ to implement
     def score(self, batch: dict) -> torch.Tensor:
@@ -122,12 +152,20 @@ class RecModule(L.LightningModule):
     def loss(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(scores.float(), labels)
 
-    def objective(self, batch: dict, score_fn: Callable[[dict], torch.Tensor]) -> torch.Tensor:
+    def objective(self, batch: dict, score_fn: Callable[[dict], torch.Tensor], stream: str = "train") -> torch.Tensor:
         """The training loss of one batch: softmax CE over the candidates' scores, or under the paper
-        protocol the language-model loss of the answer (``score_fn`` unused)."""
+        protocol the language-model loss of the answer (``score_fn`` unused). Logs ``<stream>/score_std``,
+        the spread of a user's candidate scores (near 0: the model cannot tell them apart), and feeds
+        the chance check after warm-up."""
         if self.paper is not None:
             return answer_loss(self.model, batch)
-        return self.loss(score_fn(batch), batch["labels"])
+        scores = score_fn(batch)
+        loss = self.loss(scores, batch["labels"])
+        spread = scores.detach().float().std(dim=1).mean()
+        self.log(f"{stream}/score_std", spread, batch_size=batch["labels"].numel())
+        if self.global_step >= self.warmup_steps:
+            self.chance.update(stream, loss.detach(), scores.size(1))
+        return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.objective(batch, self.score)
@@ -187,6 +225,7 @@ class RecModule(L.LightningModule):
         if self.scheduler == "constant" and self.warmup_ratio <= 0:
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        self.warmup_steps = warmup_steps(total, self.warmup_ratio) if self.warmup_ratio > 0 else 0
         lam = warmup_cosine(total, self.warmup_ratio, 1.0 if self.scheduler == "constant" else 0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -196,6 +235,7 @@ class RecModule(L.LightningModule):
         keep = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["val_history"] = self.val_history
+        checkpoint["chance_check"] = self.chance.state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         keep = {n for n, p in self.named_parameters() if p.requires_grad}
@@ -206,3 +246,4 @@ class RecModule(L.LightningModule):
                 "was it written by another method or LoRA configuration?"
             )
         self.val_history = dict(checkpoint.get("val_history", {}))
+        self.chance.state = {k: list(v) for k, v in checkpoint.get("chance_check", {}).items()}

@@ -1,4 +1,4 @@
-"""Joint training, a baseline WeaveRec argues against (METHODS.md, "WeaveRec"): one LoRA adapter
+"""Joint training, a baseline WeaveRec argues against (docs/methods.md, "WeaveRec"): one LoRA adapter
 trained on the target's and all sources' training examples pooled (DataModule ``mix=joint``).
 
 It is the per-domain LoRA module on other data; only its place in the store differs:

@@ -1,7 +1,7 @@
 """Per-domain LoRA fine-tuning: the source adapters, and the baseline every method is compared to.
 
 A peft LoRA on the frozen backbone plus the scoring head, trained on one domain's examples
-(METHODS.md, "Per-domain LoRA fine-tuning"). Zero-shot is this module with training skipped.
+(docs/methods.md, "Per-domain LoRA fine-tuning"). Zero-shot is this module with training skipped.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from recsys.models.scoring import likelihood_scores, pair_scores
 
 
 def lora_config(backbone: Backbone, r: int, alpha: float, dropout: float, target_modules) -> LoraConfig:
-    """A peft LoraConfig with METHODS.md's defaults (targets: q/v on encoders, all linear on decoders)."""
+    """A peft LoraConfig with docs/methods.md's defaults (targets: q/v on encoders, all linear on decoders)."""
     targets = list(target_modules) if target_modules else default_lora_targets(backbone)
     if r < 1:
         raise ValueError(f"method.r={r} must be >= 1")

@@ -1,4 +1,4 @@
-"""The naive merge baseline WeaveRec argues against (METHODS.md, "WeaveRec"): independent per-domain
+"""The naive merge baseline WeaveRec argues against (docs/methods.md, "WeaveRec"): independent per-domain
 LoRA adapters from the store, the target's and each source's, merged into one by a merge rule.
 
 Nothing trains (``skip_training``): the adapters come from ``<store>/<backbone>/<domain>/``, written by

@@ -1,4 +1,4 @@
-"""WeaveRec (Hou et al. 2025; METHODS.md, "WeaveRec"): weave-training of LoRA adapters, merged into one.
+"""WeaveRec (Hou et al. 2025; docs/methods.md, "WeaveRec"): weave-training of LoRA adapters, merged into one.
 
 For a target domain T and sources S_1..S_N, on one frozen backbone (one peft ``PeftModel``):
 
@@ -28,8 +28,10 @@ Choices the paper leaves open, each **[ours]** with its config switch (``conf/me
   merged like the adapters: same start, averaged updates). ``shared`` trains one head with the
   losses of all branches (closest to the paper's shared output layer; a reused hybrid is then read by
   a head it was not trained with).
-- Epochs: Lightning's ``max_size_cycle`` over the streams: an epoch is one pass over the longest
-  stream (a hybrid: twice the target), the shorter streams restart when exhausted.
+- Epochs: as released, every branch sees each of its examples once an epoch: the streams are
+  combined in Lightning's ``max_size`` mode (an epoch is one pass over the longest stream, a hybrid
+  of up to twice the target's examples), and a branch whose stream is exhausted skips the
+  remaining steps of the epoch (``branch<i>/train/steps`` in metrics.json says how many it took).
 - Gradient clipping (``trainer.gradient_clip_val``) is applied per branch, so that one branch's
   gradients never rescale another's; with AdamW (per-parameter) and per-branch heads every branch
   then follows exactly the updates it would get trained alone.
@@ -46,7 +48,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,7 +194,7 @@ class WeaveRecModule(RecModule):
         self.branch_metrics = nn.ModuleList([RankingMetrics() for _ in self.branches])
         self.branch_val_history: dict[int, dict[str, float]] = {}
         self.branch_val_last: dict[str, float] = {}
-        self.monitor = "val/ndcg@10"
+        self.branch_steps = [0] * len(self.branches)  # optimizer steps each branch took (all epochs)
         self.learned_weights: dict[str, list[float]] | None = None  # AdaMerging's per-module lambdas
         self._stale = True  # the merged adapter must be (re)computed before it is used
         self._relearn = True  # AdaMerging weights must be relearned (the branches changed)
@@ -229,8 +230,6 @@ class WeaveRecModule(RecModule):
         module = cls(backbone, target=target, sources=sources, reuse=reuse, **kwargs)
         # reused hybrids train no more: their streams are not loaded
         datamodule.skip_streams = {f"hybrid/{s}" for s in reuse}
-        if cfg is not None and cfg.get("optimized_metric"):
-            module.monitor = cfg.optimized_metric
         return module
 
     @staticmethod
@@ -381,22 +380,32 @@ class WeaveRecModule(RecModule):
         return self._score(batch, self.merged_head if self.merged_head is not None else self.head_of(0))
 
     # ------------------------------------------------------------------ steps
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """``batch``: {stream: batch}. Sum of the trained branches' losses, each on its own stream
-        with only its own adapter active, so each branch's gradient comes from its own loss alone."""
-        total, n = 0.0, 0
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        """``batch``: {stream: batch or None}. Sum of the trained branches' losses, each on its own
+        stream with only its own adapter active, so each branch's gradient comes from its own loss
+        alone; a branch whose stream is exhausted this epoch (None) skips the step."""
+        total, n, size = 0.0, 0, 0
         for i, b in enumerate(self.branches):
             if not b.trained:
                 continue
             if b.stream not in batch:
                 raise KeyError(f"no training batch for stream {b.stream!r}; got {sorted(batch)}: is data.mix=hybrid?")
             sub = batch[b.stream]
+            if sub is None:
+                continue
             self._activate(self.branches[i].adapter)
-            loss = self.objective(sub, lambda x: self._score(x, self.head_of(i)))
+            loss = self.objective(sub, lambda x: self._score(x, self.head_of(i)), stream=f"branch{i}/train")
             self.log(f"branch{i}/train/loss", loss, batch_size=sub["labels"].numel())
-            total, n = total + loss, n + 1
-        self.log("train/loss", total / max(n, 1), prog_bar=True, batch_size=batch[self.branches[0].stream]["labels"].numel())
+            self.branch_steps[i] += 1
+            total, n, size = total + loss, n + 1, size or sub["labels"].numel()
+        if not n:
+            return None  # every trained stream is exhausted (only with reused hybrids' streams longer)
+        self.log("train/loss", total / n, prog_bar=True, batch_size=size)
         return total
+
+    def on_train_epoch_end(self) -> None:
+        log.info("epoch %d: optimizer steps per branch: %s", self.current_epoch, ", ".join(
+            f"{i}={b.adapter}: {self.branch_steps[i]}" for i, b in enumerate(self.branches) if b.trained))
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self._stale = self._relearn = True
@@ -467,6 +476,7 @@ class WeaveRecModule(RecModule):
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
         checkpoint["weaverec"] = {"learned_weights": self.learned_weights,
                                   "branch_val_history": self.branch_val_history,
+                                  "branch_steps": list(self.branch_steps),
                                   "branches": [b.adapter for b in self.branches]}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -476,6 +486,7 @@ class WeaveRecModule(RecModule):
         if saved is not None and saved != self.adapters:
             raise ValueError(f"checkpoint has the WeaveRec branches {saved}, this module {self.adapters}")
         self.branch_val_history = dict(extra.get("branch_val_history", {}))
+        self.branch_steps = list(extra.get("branch_steps", self.branch_steps))
         self.learned_weights = extra.get("learned_weights")
         self._stale = True
         self._relearn = self.learned_weights is None  # the checkpoint's lambdas are those validated
@@ -489,12 +500,14 @@ class WeaveRecModule(RecModule):
         return out
 
     def extra_metrics(self) -> dict[str, float]:
-        """``branch<i>/val/...`` of the epoch that model selection chose (on the merged model)."""
+        """``branch<i>/val/...`` of the epoch that model selection chose (on the merged model), and
+        ``branch<i>/train/steps``, the optimizer steps each trained branch took."""
+        steps = {f"branch{i}/train/steps": float(self.branch_steps[i]) for i, b in enumerate(self.branches) if b.trained}
         if self.val_history and self.branch_val_history:
-            best = max(sorted(self.val_history), key=lambda e: self.val_history[e].get(self.monitor, -math.inf))
+            best = self.best_epoch()
             if best in self.branch_val_history:
-                return dict(self.branch_val_history[best])
-        return dict(self.branch_val_last)
+                return {**self.branch_val_history[best], **steps}
+        return {**self.branch_val_last, **steps}
 
     def export(self, store: AdapterStore, manifest: dict) -> Path:
         """Write the newly trained hybrids (``hybrid-<a>+<b>/``) and the merge

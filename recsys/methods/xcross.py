@@ -3,7 +3,7 @@
 The frozen backbone with n frozen source LoRA adapters runs as n streams; after every layer an
 integrator refines each stream with the others; learnable w_m combine the last layer's streams;
 the shared scoring head scores (history, candidate) pairs. Only the integrators, w and the head
-train, on the target domain (METHODS.md, "X-Cross"; the model is ``recsys.models.integrator``).
+train, on the target domain (docs/methods.md, "X-Cross"; the model is ``recsys.models.integrator``).
 
 Source adapters come from the adapter store (``<store>/<backbone>/<source>/``, written by
 ``python train.py method=lora data.target=<source>``) or from any peft adapter folders
@@ -70,6 +70,8 @@ class XCrossModule(RecModule):
         combine: decoders: ``after_norm`` (default) | ``before_norm`` **[ours]**.
         routing: ``slice`` (default) | ``peft``: how each stream gets its adapter (both exact; see
             ``XCrossModel``) **[ours]**.
+        normalize: ``layernorm`` (default) | ``none``: what W_concat reads (see ``Integrator``) **[ours]**.
+        integrator_lr: the integrators' learning rate (None: the recipe's) **[ours]**.
         head_init: ``mean`` (average of the source adapters' heads, default) | ``fresh`` | a source
             name (that source's head) **[ours]**.
         **kwargs: ``RecModule`` arguments (optimizer, scheduler, warmup_ratio); scoring is ``head``.
@@ -80,7 +82,7 @@ class XCrossModule(RecModule):
     def __init__(self, backbone: Backbone, adapters: dict[str, str], beta: float = 1.0, gamma: float = 1.0,
                  mode: str = "token", init: str = "zero", w_init: list[float] | None = None,
                  combine: str = "after_norm", head_init: str = "mean", head_dropout: float = 0.0,
-                 routing: str = "slice",
+                 routing: str = "slice", normalize: str = "layernorm",
                  integrator_lr: float | None = None, **kwargs):
         if kwargs.get("scoring", "head") != "head":
             raise ValueError("method.module.scoring: X-Cross scores with its head; use scoring=head")
@@ -103,7 +105,9 @@ class XCrossModule(RecModule):
         self.source_fingerprints = {n: fingerprint(folders[n]) for n in names}
         self.xcross = XCrossModel(peft_model, names, backbone.kind, beta=beta, gamma=gamma, mode=mode, init=init,
                                   w_init=w_init, head_state=head_state, head_dropout=head_dropout, combine=combine,
-                                  routing=routing)
+                                  routing=routing, normalize=normalize)
+        self.effect_history: dict[int, float] = {}  # epoch -> xcross/integrator_effect on validation
+        self.effect_last: float | None = None
         self.lora_reference = sum(
             p.numel() for k, p in peft_model.named_parameters() if f".{names[0]}." in k and "lora_" in k
         )
@@ -178,11 +182,13 @@ class XCrossModule(RecModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["xcross_sources"] = dict(self.source_fingerprints)
+        checkpoint["xcross_effect"] = dict(self.effect_history)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """The checkpoint holds only the integrators, w and the head: they are only meaningful on top of
         the very source adapters they were trained with."""
         super().on_load_checkpoint(checkpoint)
+        self.effect_history = dict(checkpoint.get("xcross_effect", {}))
         saved = checkpoint.get("xcross_sources")
         if saved is None:
             return
@@ -221,8 +227,30 @@ class XCrossModule(RecModule):
         return {"params/lora_reference": self.lora_reference, "params/integrators": integ,
                 "params/integrators_over_lora": integ / max(1, self.lora_reference)}
 
+    # ------------------------------------------------------------------ how much the integrators act
+    def on_validation_epoch_start(self) -> None:
+        self.xcross.measure_effect(True)
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        effect = self.xcross.measure_effect(False)
+        if effect is None:
+            return
+        self.effect_last = effect
+        self.log_dict({"xcross/integrator_effect": effect, "xcross/w_concat_abs": self.xcross.w_concat_abs()},
+                      sync_dist=True)
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.effect_history[self.current_epoch] = effect
+
     def extra_metrics(self) -> dict[str, float]:
-        return {f"xcross/w_{n}": float(w) for n, w in zip(self.source_names, self.xcross.w.detach().cpu())}
+        """w per source; ``xcross/integrator_effect`` on validation (the selected epoch's) and
+        ``xcross/w_concat_abs`` of the tested weights, so a reader sees whether the integrators moved."""
+        out = {f"xcross/w_{n}": float(w) for n, w in zip(self.source_names, self.xcross.w.detach().cpu())}
+        out["xcross/w_concat_abs"] = self.xcross.w_concat_abs()
+        effect = self.effect_history.get(self.best_epoch(), self.effect_last)
+        if effect is not None:
+            out["xcross/integrator_effect"] = effect
+        return out
 
 
 def warn_text_settings(cfg, folders: dict[str, Path]) -> None:

@@ -416,7 +416,7 @@ def _build_smollm2(progress) -> tuple[nn.Module, object]:
 
 
 # --------------------------------------------------------------------------------------------
-# LoRA targets (METHODS.md): q/v on encoders, every linear projection on decoders.
+# LoRA targets (docs/methods.md): q/v on encoders, every linear projection on decoders.
 
 Q_NAMES = ("query", "q_proj", "q_lin", "q", "wq", "query_proj")
 V_NAMES = ("value", "v_proj", "v_lin", "v", "wv", "value_proj")

@@ -4,7 +4,7 @@
   true title first, then four other candidates); only the answer positions' logits are computed.
 - ``greedy_generate``: greedy decoding with a KV cache, left-padded prompts, stops at EOS.
 - ``match_ranks``: cuts each generated answer at EOS, splits it at the separator, and matches every
-  segment exactly against the candidates' titles: the target's 1-based position in the answer
+  segment exactly against the true title: its 1-based position among all segments of the answer
   (0: not generated), as the released evaluation does.
 """
 
@@ -65,7 +65,13 @@ def _split(ids: list[int], sep: list[int]) -> list[list[int]]:
 
 def match_ranks(generated: torch.Tensor, cand_ids: list[list[list[int]]], target: torch.Tensor, sep: list[int],
                 eos_id: int | None, decode) -> tuple[torch.Tensor, int, int]:
-    """Target positions in the generated answers by exact title match.
+    """Target positions in the generated answers by exact title match, as WeaveRec's released
+    evaluation (``src/metrics.py``) ranks them.
+
+    Each answer is cut at EOS and split at the separator's ids (what the model was trained to emit
+    between titles); the target's rank is the 1-based position of the first segment equal to its
+    title among *all* segments, so a hallucinated, empty or repeated segment before it counts as a
+    position.
 
     Args:
         generated: (B, N) generated ids. cand_ids: per user, the candidates' title ids.
@@ -73,27 +79,19 @@ def match_ranks(generated: torch.Tensor, cand_ids: list[list[list[int]]], target
         decode: ids -> text (the tokenizer's ``decode`` without special tokens); titles match when
             their whitespace-normalised texts are equal.
     Returns:
-        (B,) long 1-based rank of the true item among the distinct matched candidates in answer order
-        (0: not generated), the number of matched segments, and the number of segments.
+        (B,) long 1-based rank (0: not generated), the number of non-empty segments that are
+        candidates' titles, and the number of non-empty segments.
     """
     norm = lambda x: " ".join(decode(x).split())  # noqa: E731
     ranks, matched, segments = [], 0, 0
     for row, cands, t in zip(generated.tolist(), cand_ids, target.tolist()):
         if eos_id is not None and eos_id in row:
             row = row[: row.index(eos_id)]
-        lookup: dict[str, int] = {}
-        for j, c in enumerate(cands):
-            lookup.setdefault(norm(c), j)
-        order: list[int] = []
-        for seg in _split(row, sep):
-            text = norm(seg)
-            if not text:
-                continue
-            segments += 1
-            j = lookup.get(text)
-            if j is not None:
-                matched += 1
-                if j not in order:
-                    order.append(j)
-        ranks.append(order.index(t) + 1 if t in order else 0)
+        titles = [norm(c) for c in cands]
+        parts = [norm(seg) for seg in _split(row, sep)]
+        ranks.append(next((j + 1 for j, seg in enumerate(parts) if seg == titles[t]), 0))
+        known = set(titles)
+        said = [seg for seg in parts if seg]
+        segments += len(said)
+        matched += sum(seg in known for seg in said)
     return torch.tensor(ranks, dtype=torch.long), matched, segments

@@ -1,4 +1,4 @@
-"""The scoring head shared by every method (X-Cross's head, METHODS.md step 5).
+"""The scoring head shared by every method (X-Cross's head; docs/methods.md, "Per-domain LoRA fine-tuning").
 
 pooled token -> dense -> GELU -> linear -> one score per (history, candidate) pair.
 The pooled token is the first token for encoders ([CLS]) and the last non-pad token for decoders.
@@ -7,6 +7,7 @@ The pooled token is the first token for encoders ([CLS]) and the last non-pad to
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -37,6 +38,14 @@ class ScoringHead(nn.Module):
         self.out = nn.Linear(hidden_size, 1)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        """(N, d) -> (N,) scores, computed in float32 whatever the backbone's dtype."""
-        pooled = pooled.to(self.dense.weight.dtype)
-        return self.out(self.dropout(self.act(self.dense(pooled)))).squeeze(-1)
+        """(N, d) -> (N,) float32 scores, whatever the backbone's dtype or the trainer's precision.
+
+        Computed outside autocast with the weights read as float32: under ``bf16-mixed`` autocast would
+        round the scores to bf16 (3 significant digits), and ties count against the model, so nearby
+        candidates would tie and every row would be biased down (``bf16-true`` stores the weights in
+        bf16, but the products and sums still run in float32).
+        """
+        with torch.autocast(pooled.device.type, enabled=False):
+            h = F.linear(pooled.float(), self.dense.weight.float(), self.dense.bias.float())
+            h = self.dropout(self.act(h))
+            return F.linear(h, self.out.weight.float(), self.out.bias.float()).squeeze(-1)

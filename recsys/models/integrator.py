@@ -2,7 +2,7 @@
 
 Each source model m is the frozen backbone with LoRA source adapter m active. The n models run
 side by side; after every transformer layer l an :class:`Integrator` refines each stream with
-the others (METHODS.md, X-Cross steps 1-3)::
+the others (docs/methods.md, X-Cross steps 1-3)::
 
     z      = W_concat [h_1; ...; h_n]                                  (2n(n-1) signed scalars)
     h~_m   = h_m + sum_{m' != m} ( beta * a_{m,m'} * h_{m'} + gamma * b_{m,m'} * (h_m - h_{m'}) )
@@ -19,8 +19,9 @@ inside :meth:`XCrossModel.forward`: outside it the same ``PeftModel`` is a plain
 
 Choices the paper leaves open, each **[ours]** with its switch (default first):
 ``mode`` ("token" | "pooled"), ``init`` of W_concat ("zero" | "normal"), ``beta = gamma = 1``,
-``w_init`` (1/n each), and for decoders ``combine`` ("after_norm" | "before_norm"): where w
-combines the streams relative to the model's final norm.
+``w_init`` (1/n each), ``normalize`` ("layernorm" | "none"): what W_concat reads, and for decoders
+``combine`` ("after_norm" | "before_norm"): where w combines the streams relative to the model's
+final norm.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ from contextlib import ExitStack, contextmanager
 from functools import partial, reduce
 from typing import Sequence
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from recsys.models.backbone import body, transformer_layers, unwrap_peft
@@ -87,6 +91,13 @@ class Integrator(nn.Module):
     zero-initialised by default **[ours]**, so X-Cross starts as exactly the n source models.
     n = 1 has no parameters and is the identity.
 
+    What W_concat reads **[ours]**: with ``normalize="layernorm"`` (default) the concatenation is
+    layer-normalised (no affine weights) and divided by sqrt(n d), a unit vector whatever the
+    layer's scale, so one Adam step of size lr moves z by at most about lr sqrt(n d) in every layer:
+    the integrators learn at an ordinary learning rate. With ``"none"`` W_concat reads the raw
+    hidden states, as the equations are written; their scale (and outlier dimensions) differs from
+    layer to layer, and a learning rate small enough for the largest leaves the others unmoved.
+
     Args:
         n: number of streams (source adapters).
         hidden_size: d.
@@ -96,6 +107,7 @@ class Integrator(nn.Module):
             broadcast over all tokens.
         init: ``"zero"`` (default) or ``"normal"`` (N(0, init_std^2)) for W_concat.
         kind: ``"encoder"`` | ``"decoder"``; only used by ``mode="pooled"`` to find the pooled token.
+        normalize: ``"layernorm"`` (default) | ``"none"``: what W_concat reads (see above).
     """
 
     def __init__(
@@ -108,10 +120,14 @@ class Integrator(nn.Module):
         init: str = "zero",
         kind: str = "encoder",
         init_std: float = 0.02,
+        normalize: str = "layernorm",
     ):
         super().__init__()
         if mode not in ("token", "pooled"):
             raise ValueError(f"mode must be 'token' or 'pooled', got {mode!r}")
+        if normalize not in ("layernorm", "none"):
+            raise ValueError(f"normalize must be 'layernorm' or 'none', got {normalize!r}")
+        self.normalize = normalize
         if init not in ("zero", "normal"):
             raise ValueError(f"init must be 'zero' or 'normal', got {init!r}")
         self.n, self.hidden_size, self.beta, self.gamma = n, hidden_size, beta, gamma
@@ -144,6 +160,8 @@ class Integrator(nn.Module):
             h_cat = torch.cat([pool(hf[m], attention_mask, self.kind) for m in range(n)], dim=-1).unsqueeze(1)
         else:  # [h_1; ...; h_n] per token
             h_cat = hf.permute(1, 2, 0, 3).reshape(B, T, n * d)
+        if self.normalize == "layernorm":
+            h_cat = F.layer_norm(h_cat, (n * d,)) / math.sqrt(n * d)
         z = self.W_concat(h_cat)  # (B, T or 1, 2P)
         a, b = z.chunk(2, dim=-1)
         # h~_m = sum_k M[m, k] h_k with M[m, m'] = beta a_{m,m'} - gamma b_{m,m'} (m' != m)
@@ -172,7 +190,7 @@ class XCrossModel(nn.Module):
         peft_model: a ``PeftModel`` with the source adapters loaded (any extra adapters are ignored).
         adapter_names: the n source adapters, in stream order.
         kind: ``"encoder"`` (pooled token: first) | ``"decoder"`` (pooled token: last non-pad).
-        beta, gamma, mode, init: passed to every :class:`Integrator`.
+        beta, gamma, mode, init, normalize: passed to every :class:`Integrator`.
         w_init: initial w, n values; ``None`` -> 1/n each **[ours]**.
         head_state: a ``ScoringHead`` state dict to start the head from (e.g. the target LoRA's head).
         head_dropout: the head's dropout.
@@ -203,6 +221,7 @@ class XCrossModel(nn.Module):
         head_dropout: float = 0.0,
         combine: str = "after_norm",
         routing: str = "slice",
+        normalize: str = "layernorm",
     ):
         super().__init__()
         if routing not in ("slice", "peft"):
@@ -235,9 +254,10 @@ class XCrossModel(nn.Module):
             self.routing = "peft"  # an adapter type the slice path does not know: peft's own routing
 
         self.integrators = nn.ModuleList(
-            Integrator(self.n, d, beta=beta, gamma=gamma, mode=mode, init=init, kind=kind)
+            Integrator(self.n, d, beta=beta, gamma=gamma, mode=mode, init=init, kind=kind, normalize=normalize)
             for _ in range(len(self._layers[0]))
         )
+        self._effect: list[torch.Tensor] | None = None  # [sum of ratios, tokens] while measuring (measure_effect)
         w0 = torch.full((self.n,), 1.0 / self.n) if w_init is None else torch.as_tensor(w_init, dtype=torch.float)
         if w0.shape != (self.n,):
             raise ValueError(f"w_init must have {self.n} values, got {tuple(w0.shape)}")
@@ -260,6 +280,31 @@ class XCrossModel(nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The state of the trainable parts only (for small checkpoints): ``integrators.*``, ``w``, ``head.*``."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def w_concat_abs(self) -> float:
+        """The mean absolute W_concat entry over every layer (0 at the zero initialisation)."""
+        ws = [i.W_concat.weight.detach() for i in self.integrators if i.W_concat is not None]
+        return float(torch.cat([w.abs().flatten() for w in ws]).mean()) if ws else 0.0
+
+    def measure_effect(self, on: bool) -> float | None:
+        """Start (``on``) or stop measuring how much the integrators act; stopping returns the mean over
+        layers, streams and real tokens of ||h~_m - h_m|| / ||h_m|| (the integrated hidden state
+        against the stream's own) since the start, None if nothing ran."""
+        if on:
+            self._effect = [torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)]
+            return None
+        total, count = self._effect or (None, None)
+        self._effect = None
+        return float(total / count) if count else None
+
+    def _record_effect(self, h: torch.Tensor, refined: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Add one layer's ||h~_m - h_m|| / ||h_m|| over the real tokens of (n, B, T, d) states."""
+        with torch.no_grad():
+            h, refined = h.float(), refined.float()
+            ratio = (refined - h).norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-12)  # (n, B, T)
+            mask = attention_mask.bool().unsqueeze(0).expand_as(ratio)
+            self._effect[0] += ratio[mask].sum().double().cpu()
+            self._effect[1] += mask.sum().double().cpu()
 
     @staticmethod
     def integrator_param_count(n: int, d: int, num_layers: int) -> int:
@@ -298,7 +343,11 @@ class XCrossModel(nn.Module):
                 if not torch.is_tensor(hidden):
                     raise TypeError(f"unexpected layer output {type(output).__name__}: want a tensor or a tuple")
                 nB, T, d = hidden.shape
-                refined = integrator(hidden.view(n, nB // n, T, d), attention_mask).reshape(nB, T, d)
+                h = hidden.view(n, nB // n, T, d)
+                refined = integrator(h, attention_mask)
+                if self._effect is not None:
+                    self._record_effect(h, refined, attention_mask)
+                refined = refined.reshape(nB, T, d)
                 return (refined, *output[1:]) if isinstance(output, tuple) else refined
 
             return hook
