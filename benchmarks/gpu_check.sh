@@ -130,9 +130,9 @@ QUALITY=(experiment=amazon_lora_cpu logger=csv "data.root=$PWD/$PREP/data" "data
          "paths.adapter_store=$WORK/store" callbacks.rich_progress_bar=null)
 for d in beauty toys games; do [ "$d" = "$DOMAIN" ] || QUALITY+=("~data.domains.$d"); done  # only $DOMAIN is carried
 if [ $SMOKE = 1 ]; then
-  QUALITY+=(trainer=cpu data.max_train_examples=64 data.max_eval_users=16 data.batch_size=8)
+  QUALITY+=(trainer=cpu data.max_train_examples=64 data.max_eval_users=16 recipe.batch_size=8)
 else  # all training users, one epoch, the full validation and test splits
-  QUALITY+=(trainer=gpu data.max_train_examples=null data.max_eval_users=null data.batch_size=64
+  QUALITY+=(trainer=gpu data.max_train_examples=null data.max_eval_users=null recipe.batch_size=64
             data.eval_batch_size=128 data.num_workers=6)
 fi
 step quality "${LIMIT_QUALITY:-180}" $PY train.py "${QUALITY[@]}"

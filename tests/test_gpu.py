@@ -18,9 +18,9 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["data=synthetic", "logger=none", "trainer.max_epochs=1", "trainer.limit_train_batches=6",
+SMALL = ["data=synthetic", "logger=none", "recipe.max_epochs=1", "trainer.limit_train_batches=6",
          "data.max_eval_users=16", "data.max_train_examples=96", "zero_shot=false", "export_adapter=false",
-         "data.batch_size=8"]
+         "recipe.batch_size=8"]
 
 
 def train(tmp_path, *args, timeout=300) -> dict:
