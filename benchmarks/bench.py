@@ -9,6 +9,10 @@ Parts (``--parts``, comma-separated; default all that apply to the backbone):
   here without Lightning or recsys code. ``--harness trainer`` (default) runs the module through a
   ``lightning.Trainer`` with a fixed number of steps (``max_steps``) and times it with a callback;
   ``--harness direct`` calls the module's ``training_step``, ``backward`` and the optimizer step itself.
+- ``shared`` (decoders): LoRA training with the prompt shared across candidates (the default for decoders:
+  one sequence a user, a block mask, ``recsys.models.scoring.pack_candidates``) against the per-candidate
+  batch (each candidate after its own copy of the prompt, ``as_pairs``), examples/s, for the head and the
+  likelihood scoring; two LoRA modules of the same initial weights, on the same batches.
 - ``likelihood`` (decoders): ``likelihood_scores`` (prompt run once per user, its KV cache reused by the C
   candidates) against running each candidate's full prompt: ``likelihood_scores_naive`` (one sequence at a
   time) and a batched naive version (all B*C full sequences in one padded batch, LM head on the
@@ -83,7 +87,7 @@ K_NAMES = {"key", "k_proj", "k_lin", "wk"}
 V_NAMES = {"value", "v_proj", "v_lin", "wv"}
 FUSED_QKV = {"qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv"}
 QKV_NAMES = Q_NAMES | K_NAMES | V_NAMES | FUSED_QKV  # the projections that read a block's input
-PARTS = ("lora", "likelihood", "xcross", "weaverec")
+PARTS = ("lora", "shared", "likelihood", "xcross", "weaverec")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -387,7 +391,7 @@ def make_batches(args, models: Models, likelihood: bool = False) -> tuple[list[d
         prompt={"max_length": args.max_length},
     ).attach(models.pristine.tokenizer, models.kind, likelihood=likelihood)
     dm.setup()
-    train = [] if likelihood else take(dm.train_loaders()["train"], need_train)
+    train = take(dm.train_loaders()["train"], need_train)
     test = take(dm.test_dataloader(), need_eval, full=True)
     return train, test
 
@@ -528,8 +532,8 @@ class DirectTrainer:
     autocast, ``backward``, clipping at 1.0 (the module's own ``configure_gradient_clipping`` where it
     overrides it, as WeaveRec's per-branch clipping), AdamW step and a warm-up/cosine LambdaLR."""
 
-    def __init__(self, module, args, device, total_steps: int, batch_fn):
-        self.module, self.args, self.batch_fn = module, args, batch_fn
+    def __init__(self, module, args, device, total_steps: int, batch_fn, score_fn=None):
+        self.module, self.args, self.batch_fn, self.score_fn = module, args, batch_fn, score_fn
         module.trainer = None  # a module that has been through a Trainer keeps a reference to it
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.opt = make_optimizer(self.params, args, device)
@@ -541,7 +545,10 @@ class DirectTrainer:
     def step(self, i: int):
         batch = self.batch_fn(i)
         with autocast(self.args):
-            loss = self.module.training_step(batch, i)
+            if self.score_fn is None:
+                loss = self.module.training_step(batch, i)
+            else:  # the module's loss on another scoring function (a baseline), nothing logged
+                loss = self.module.objective(batch, self.score_fn)
         loss.backward()
         if self.own_clip:
             self.module.configure_gradient_clipping(self.opt, 1.0, "norm")
@@ -651,35 +658,11 @@ def batch_lengths(batch: dict, padded: bool = False) -> list[int]:
 
 
 def likelihood_scores_batched(model, batch: dict) -> torch.Tensor:
-    """Each candidate's full prompt + title, all B*C sequences in one right-padded batch. (B, C).
+    """Each candidate's full prompt + title, all B*C sequences in one right-padded batch, the LM head only at
+    the positions that predict the continuation tokens: ``recsys.models.scoring.likelihood_scores_per_candidate``."""
+    from recsys.models.scoring import likelihood_scores_per_candidate
 
-    The naive method done fairly: one forward of the body on the B*C full sequences, then the LM head
-    only at the positions that predict the continuation tokens (what ``likelihood_scores`` needs too).
-    Llama/Qwen-style causal LMs (``model.model`` body, ``lm_head`` output layer, no logit scaling).
-    """
-    from recsys.models.backbone import body, unwrap_peft
-
-    p_ids, p_mask = batch["prompt_ids"], batch["prompt_mask"]
-    c_ids, c_mask = batch["cont_ids"], batch["cont_mask"]
-    b, c = p_ids.size(0), batch["num_candidates"]
-    n, L = c_ids.shape
-    lp = p_mask.sum(1).repeat_interleave(c)  # (N,) prompt lengths
-    lc = c_mask.sum(1)
-    width = p_ids.size(1) + L
-    ar = torch.arange(width, device=p_ids.device).unsqueeze(0)  # (1, W)
-    prompt = p_ids.repeat_interleave(c, 0)
-    in_prompt = ar < lp.unsqueeze(1)
-    cont_pos = (ar - lp.unsqueeze(1)).clamp(0, L - 1)
-    ids = torch.where(in_prompt, prompt.gather(1, ar.clamp(max=p_ids.size(1) - 1).expand(n, -1)),
-                      c_ids.gather(1, cont_pos))
-    mask = (ar < (lp + lc).unsqueeze(1)).long()
-    ids = ids * mask
-    hidden = body(model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (N, W, d)
-    pos = (lp - 1).unsqueeze(1) + torch.arange(L, device=ids.device)  # position predicting token j
-    h = hidden.gather(1, pos.clamp(max=width - 1).unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
-    logits = unwrap_peft(model).get_output_embeddings()(h).float()  # (N, L, V)
-    tok_lp = torch.log_softmax(logits, dim=-1).gather(-1, c_ids.unsqueeze(-1)).squeeze(-1)
-    return ((tok_lp * c_mask).sum(1) / c_mask.sum(1).clamp(min=1)).view(b, c)
+    return likelihood_scores_per_candidate(model, batch)
 
 
 # ============================================================================================ the parts
@@ -910,6 +893,72 @@ class Bench:
             self.add(sec, "TFLOP: FlopCounterMode vs formula (one padded batch)", counted / 1e12, formula / 1e12,
                      counted / formula, "1.0", abs(counted / formula - 1) < 0.01, key="flops/check_ratio")
             self.figures["flops/check_counted"], self.figures["flops/check_formula_padded"] = counted, formula
+
+    # ---------------------------------------------------------------- part 3: shared-prompt training
+    def part_shared(self):
+        from recsys.methods.lora import LoRAModule
+        from recsys.models.backbone import unwrap_peft
+        from recsys.models.scoring import as_pairs, likelihood_scores_per_candidate, pair_scores
+
+        a = self.args
+        sec = "3. Decoder training, prompt shared across candidates"
+        if self.kind != "decoder":
+            self.add(sec, "skipped", "encoder backbone")
+            return
+        train, _ = make_batches(a, self.models, likelihood=True)
+
+        def batch_fn(i):
+            return to_device(train[i % len(train)], self.device)
+
+        users = train[0]["labels"].numel()
+        c = train[0]["num_candidates"]
+        for scoring in ("head", "likelihood"):
+            trainers = {}
+            # on CUDA also the shared prompt with flex_attention's sparse BlockMask (blocks no candidate sees skipped)
+            variants = ("shared", "per_candidate") + (("shared_flex",) if self.device.type == "cuda" else ())
+            for variant in variants:
+                torch.manual_seed(a.seed)  # the same initial LoRA and head weights in both
+                m = LoRAModule(self.models.fresh(), r=a.r, alpha=a.alpha, dropout=a.dropout, scoring=scoring,
+                               optimizer=partial(make_optimizer, args=a, device=self.device), warmup_ratio=0.05)
+                self.models.place(m)
+                m.train()
+                m.backbone.model.eval()  # as Lightning leaves a frozen backbone (LoRA dropout active)
+                if variant == "shared_flex":
+                    unwrap_peft(m.model).set_attn_implementation("flex_attention")
+                score_fn = None
+                if variant == "per_candidate":
+                    if scoring == "head":
+                        score_fn = partial(lambda mod, b: pair_scores(mod.model, mod.head, as_pairs(b), "decoder"), m)
+                    else:
+                        score_fn = partial(lambda mod, b: likelihood_scores_per_candidate(mod.model, b), m)
+                trainers[variant] = DirectTrainer(m, a, self.device, self.total_steps(), batch_fn, score_fn)
+            res = alternate({v: partial(direct, t.step) for v, t in trainers.items()}, a.steps, a.rounds, a.warmup,
+                            a.rewarm, self.meter)
+            t_s, t_p = per_step(res["shared"]), per_step(res["per_candidate"])
+            spread = round_ratios(res["per_candidate"], res["shared"])
+            target = f">= 2x (CPU, SmolLM2, {c} candidates)"
+            on_target = self.device.type == "cpu" and not a.shape and a.backbone == "embedded:smollm2-135m"
+            ok = verdict(t_p / t_s, ">=", 2.0, spread) if on_target else None
+            self.add(sec, f"examples/s, {scoring} scoring: shared prompt vs per-candidate batch", users / t_s,
+                     users / t_p, t_p / t_s, target, ok, span(spread), key=f"shared/{scoring}_train_speedup")
+            if "shared_flex" in res:
+                t_f = per_step(res["shared_flex"])
+                spread = round_ratios(res["shared"], res["shared_flex"])
+                self.add(sec, f"examples/s, {scoring}: shared prompt, flex_attention vs sdpa block mask", users / t_f,
+                         users / t_s, t_s / t_f, "reported", None, span(spread), key=f"shared/{scoring}_flex_over_sdpa")
+            self.figures[f"shared/{scoring}_examples_per_s"] = users / t_s
+            self.figures[f"shared/{scoring}_per_candidate_examples_per_s"] = users / t_p
+            ps, pp = res["shared"]["peak"] / 2**20, res["per_candidate"]["peak"] / 2**20
+            self.add(sec, f"peak memory above weights (MiB), {scoring}", ps, pp, mem_ratio(ps, pp))
+            self.figures[f"shared/{scoring}_peak_mib"], self.figures[f"shared/{scoring}_per_candidate_peak_mib"] = ps, pp
+            del trainers
+            self.free()
+        p_tok = float(train[0]["prompt_mask"].sum(1).float().mean())
+        c_tok = float(train[0]["cont_mask"].sum(1).float().mean())
+        self.add(sec, "mean prompt / candidate tokens", f"{p_tok:.0f} / {c_tok:.0f}")
+        self.figures["shared/prompt_tokens"], self.figures["shared/cont_tokens"] = p_tok, c_tok
+        # tokens a step: shared P + C L against C (P + L)
+        self.figures["shared/token_ratio"] = c * (p_tok + c_tok) / (p_tok + c * c_tok)
 
     # ---------------------------------------------------------------- part 4: likelihood scoring
     def part_likelihood(self):
@@ -1152,12 +1201,17 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def run(self):
+    def run(self, after_part=None):
+        """Run the parts asked for, in PARTS order; ``after_part(name)`` after each (e.g. write the figures so
+        far, so that a run killed by a time limit keeps its finished parts)."""
         a = self.args
         t0 = time.perf_counter()
         for part in PARTS:
             if part in a.parts:
                 getattr(self, f"part_{part}")()
+                self.figures["bench/parts_done"] = self.figures.get("bench/parts_done", []) + [part]
+                if after_part is not None:
+                    after_part(part)
         self.figures["bench/seconds"] = time.perf_counter() - t0
         self.figures["bench/load_average_at_end"] = os.getloadavg()[0]
         return self
@@ -1235,19 +1289,25 @@ def main(argv=None) -> dict:
           f"candidates (evaluation); {args.steps} timed steps, {args.eval_steps} timed eval batches, "
           f"{args.rounds} rounds; {args.warmup} warm-up step(s) before a variant's first block, {args.rewarm} before "
           f"later ones; load average {info['load_average_at_start']:.1f}")
-    bench.run()
+    def result() -> dict:
+        return {"config": {k: v for k, v in vars(args).items()}, "device": info, "figures": bench.figures,
+                "rows": bench.rows}
+
+    def write(part=None):
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result(), indent=1, default=str))
+
+    bench.run(after_part=write)
     print(table(bench))
     print(f"\n# {bench.figures['bench/seconds']:.0f}s, load average at the end "
           f"{bench.figures['bench/load_average_at_end']:.1f}. ratio: recsys vs baseline throughput in part 1-2 "
           "(>1: recsys faster); time ratios in parts 4-6 as labelled; per-round range: the lowest and highest "
           "ratio of one round of alternating blocks, and their median.")
-    out = {"config": {k: v for k, v in vars(args).items()}, "device": info, "figures": bench.figures,
-           "rows": bench.rows}
+    write()
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
         print(f"# figures written to {args.json}")
-    return out
+    return result()
 
 
 if __name__ == "__main__":

@@ -41,6 +41,13 @@ def build_backbone(cfg: DictConfig):
                          cache_dir=os.path.join(cfg.paths.cache_dir, "backbones"))
 
 
+def prompt_layout(backbone, scoring: str) -> bool:
+    """Whether batches come as one prompt a user + the candidates' continuations (``attach(likelihood=True)``):
+    for every decoder, whatever the scoring, so that training and evaluation read the prompt once for
+    all candidates (``recsys.models.scoring``); pairs for encoders."""
+    return scoring == "likelihood" or backbone.kind == "decoder"
+
+
 def build_datamodule(cfg: DictConfig, backbone=None) -> RecDataModule:
     """The DataModule (every data setting is checked on construction), attached to ``backbone``'s tokenizer."""
     dm = hydra.utils.instantiate(cfg.data, mix=cfg.method.get("mix", "target"), seed=cfg.seed, _convert_="all")
@@ -48,7 +55,7 @@ def build_datamodule(cfg: DictConfig, backbone=None) -> RecDataModule:
 
 
 def attach_backbone(cfg: DictConfig, dm: RecDataModule, backbone) -> RecDataModule:
-    likelihood = cfg.method.module.get("scoring", "head") == "likelihood"
+    likelihood = prompt_layout(backbone, cfg.method.module.get("scoring", "head"))
     return dm.attach(backbone.tokenizer, backbone.kind, likelihood=likelihood)
 
 
@@ -341,7 +348,7 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
         head = store.load_head(adapter)
         if kwargs["scoring"] == "head" and head is None:
             raise UserError(f"adapter={adapter} has no head.safetensors: scoring=head needs the trained head")
-        dm.attach(backbone.tokenizer, backbone.kind, likelihood=kwargs["scoring"] == "likelihood")
+        dm.attach(backbone.tokenizer, backbone.kind, likelihood=prompt_layout(backbone, kwargs["scoring"]))
         module = LoRAModule(backbone, adapter=str(adapter), **kwargs)
         module.load_head(head)
     else:

@@ -196,3 +196,25 @@ def test_smollm2_loads_and_chats():
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = b.model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_minilm_half_copy_loads_through_the_env_override(tmp_path, monkeypatch):
+    """benchmarks/gpu_prepare.sh's float16 MiniLM: the same tokenizer, outputs within float16 rounding,
+    loaded by the embedded name through $RECSYS_MINILM_DIR (also the tiny backbones' tokenizer)."""
+    from recsys.models.backbone import MINILM_DIR_ENV, save_minilm_half
+
+    ref = load_backbone("embedded:minilm-l6")
+    save_minilm_half(str(tmp_path / "half"))
+    monkeypatch.setenv(MINILM_DIR_ENV, str(tmp_path / "half"))
+    half = load_backbone("embedded:minilm-l6")
+    assert half.name == "embedded:minilm-l6" and next(half.model.parameters()).dtype == torch.float32
+    text = ["User bought: red hat ; blue shoe [SEP] Next item: green sock"]
+    a, b = ref.tokenizer(text, return_tensors="pt"), half.tokenizer(text, return_tensors="pt")
+    assert a["input_ids"].tolist() == b["input_ids"].tolist()
+    with torch.no_grad():
+        ha, hb = ref.model(**a).last_hidden_state, half.model(**b).last_hidden_state
+    torch.testing.assert_close(hb, ha, rtol=0, atol=2e-2)
+    assert load_backbone("tiny:decoder").tokenizer.vocab_size == ref.tokenizer.vocab_size
+    monkeypatch.setenv(MINILM_DIR_ENV, str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="RECSYS_MINILM_DIR"):
+        load_backbone("tiny:encoder")

@@ -8,8 +8,9 @@ Layouts (``{...}`` are the template strings of ``conf/data/*.yaml``):
 - encoder: ``[CLS] {history_prefix} t_1 {title_sep} ... t_h [SEP] {candidate_prefix} c [SEP]``,
   token types 0 then 1;
 - decoder: ``[BOS] {history_prefix} t_1 {title_sep} ... t_h {candidate_prefix} c [EOS]``; the
-  pooled token is the final [EOS]. For the likelihood mode the prompt ends after
-  ``{candidate_prefix}`` and the continuation is ``c [EOS]``.
+  pooled token is the final [EOS]. Split in two (``prompt_and_continuation``, the layout every decoder
+  trains and evaluates on, ``recsys.run.prompt_layout``): the prompt ends after ``{candidate_prefix}``
+  and is the same for all of a user's candidates, the continuation is ``c [EOS]``.
 """
 
 from __future__ import annotations
@@ -126,8 +127,9 @@ class Collator:
 
     Returns a dict with ``input_ids``, ``attention_mask`` (and ``token_type_ids`` for encoders) of
     shape (B*C, T), ``labels`` (B,) the target positions, and ``num_candidates`` C. With
-    ``likelihood=True`` (decoders) it returns ``prompt_ids``/``prompt_mask`` (B, P) and
-    ``cont_ids``/``cont_mask`` (B*C, L) instead of the pair tensors.
+    ``likelihood=True`` (decoders, both scorings) it returns ``prompt_ids``/``prompt_mask`` (B, P) once a
+    user and ``cont_ids``/``cont_mask`` (B*C, L) instead of the pair tensors (``recsys.models.scoring``
+    reads the prompt once for all candidates; ``as_pairs`` gives back the pair layout).
     """
 
     def __init__(self, text: TextEncoder, likelihood: bool = False):

@@ -26,6 +26,7 @@ from recsys.methods.base import RecModule
 from recsys.models.adapter_store import AdapterStore
 from recsys.models.backbone import Backbone
 from recsys.models.integrator import XCrossModel
+from recsys.models.scoring import as_pairs
 
 log = logging.getLogger("recsys")
 
@@ -220,6 +221,7 @@ class XCrossModule(RecModule):
         return [{"params": integ, "lr": self.integrator_lr}, {"params": rest}]
 
     def score(self, batch: dict) -> torch.Tensor:
+        batch = as_pairs(batch)  # a decoder's prompt + continuations batch -> each candidate after its own prompt
         scores = self.xcross(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
         return scores.view(-1, batch["num_candidates"])
 

@@ -1,0 +1,128 @@
+"""Tests that exist only for CUDA (``-m gpu``; skipped without a GPU). ``benchmarks/gpu_check.sh`` runs
+them first on a lent GPU: bf16-true LoRA training of an encoder and a decoder through train.py, X-Cross
+and WeaveRec steps, likelihood scores on CUDA against the CPU's, shared-prompt training on CUDA (sdpa
+and flex_attention) against the per-candidate batch, FSDP and DDP with one process on one GPU, and
+``torch.compile`` on."""
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["data=synthetic", "logger=none", "recipe.max_epochs=1", "trainer.limit_train_batches=6",
+         "data.max_eval_users=16", "data.max_train_examples=96", "zero_shot=false", "export_adapter=false",
+         "recipe.batch_size=8"]
+
+
+def train(tmp_path, *args, timeout=300) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline",
+           "HYDRA_FULL_ERROR": "1", "RECSYS_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "train.py", *SMALL, f"hydra.run.dir={out}",
+                        f"paths.adapter_store={tmp_path / 'store'}", *args],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"train.py {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0 <= m["test/ndcg@10"] <= 1
+    return m
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("recsys_bench", REPO / "benchmarks" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BENCH_SMALL = ["--device", "cuda", "--precision", "bf16", "--steps", "2", "--eval-steps", "1", "--rounds", "1",
+               "--warmup", "0", "--num-users", "40", "--batch-size", "4", "--eval-batch-size", "2"]
+
+
+def test_xcross_and_weaverec_steps(bench):
+    """X-Cross (2 random source adapters) and WeaveRec (2 branches) training steps and inference, bf16 weights."""
+    out = bench.main(["--backbone", "tiny:encoder", *BENCH_SMALL, "--parts", "xcross,weaverec",
+                      "--weave-sources", "1", "--merged", "1"])
+    for key in ("xcross/train_ratio_to_n_lora", "xcross/infer_ratio_to_n_lora", "weaverec/train_ratio_2_branches"):
+        assert out["figures"][key] > 0, key
+
+
+def test_decoder_parts_on_cuda(bench):
+    out = bench.main(["--backbone", "tiny:decoder", *BENCH_SMALL, "--parts", "shared,likelihood,xcross"])
+    assert out["figures"]["likelihood/max_abs_diff"] < 0.1  # bf16: shared cache, batched, one at a time
+    assert out["figures"]["shared/head_train_speedup"] > 0
+
+
+def _decoder_and_batch():
+    from recsys.data.text import Collator, PromptTemplate, TextEncoder
+    from recsys.models.backbone import load_backbone
+
+    bb = load_backbone("tiny:decoder", hidden_size=64)
+    te = TextEncoder(bb.tokenizer, "decoder", PromptTemplate(title_max_tokens=10))
+    te.add_titles("d", ["red hat", "blue shoe", "green sock with stripes", "yellow scarf", "black belt",
+                        "white cotton shirt", "purple dress", "orange bag"])
+    items = [("d", (0,), [1, 2, 3, 4, 5], 0), ("d", (5, 6, 7, 0, 1), [2, 6, 3, 4, 7], 3)]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in bb.model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return bb, Collator(te, likelihood=True)(items)
+
+
+def test_likelihood_scores_cuda_equal_cpu():
+    from recsys.models.scoring import likelihood_scores
+
+    bb, batch = _decoder_and_batch()
+    with torch.no_grad():
+        cpu = likelihood_scores(bb.model, batch)
+        gpu_batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+        model = copy.deepcopy(bb.model).cuda()
+        fp32 = likelihood_scores(model, gpu_batch).cpu()
+        bf16 = likelihood_scores(model.to(torch.bfloat16), gpu_batch).cpu()
+    assert cpu.std() > 1e-2
+    torch.testing.assert_close(fp32, cpu, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bf16, cpu, rtol=0.05, atol=0.1)  # bf16 weights and activations, fp32 LM head
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+def test_shared_prompt_training_on_cuda(attn):
+    """The shared-prompt training equals the per-candidate batch on CUDA, fp32, for both scorings, with the
+    dense boolean block mask (sdpa) and with flex_attention's BlockMask."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_shared_prompt import assert_same_training, lora_model
+
+    bb, batch = _decoder_and_batch()
+    bb.model.cuda()
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    for scoring in ("head", "likelihood"):
+        model, head = lora_model(bb)
+        head.cuda()
+        model.get_base_model().set_attn_implementation(attn)
+        assert_same_training(model, head, batch, scoring, rtol=1e-4, atol=1e-5)  # TF32 off; CUDA kernels' sums
+
+
+# ---------------------------------------------------------------- train.py runs (last: the slowest)
+@pytest.mark.parametrize("backbone", ["tiny_encoder", "tiny_decoder"])
+def test_bf16_true_lora_training(tmp_path, backbone):
+    train(tmp_path, f"backbone={backbone}", "trainer=gpu")  # precision bf16-true
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_one_process_strategies(tmp_path, strategy):
+    """DDP (bf16-mixed) with the likelihood scoring, FSDP (bf16-true) with the head, one process on one GPU."""
+    scoring = "likelihood" if strategy == "ddp" else "head"
+    train(tmp_path, "backbone=tiny_decoder", f"trainer={strategy}", "trainer.devices=1", "trainer.accelerator=gpu",
+          f"method.module.scoring={scoring}")
+
+
+def test_compile_on(tmp_path):
+    train(tmp_path, "backbone=tiny_decoder", "trainer=gpu", "speed.compile=true", timeout=400)
