@@ -81,7 +81,7 @@ class RecModule(L.LightningModule):
         self.prefix = {"val": "val", "test": "test"}  # train.py sets "zero_shot/test" for the zero-shot row
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self.val_history: dict[int, dict[str, float]] = {}  # epoch -> validation metrics
-        self.monitor = "val/ndcg@10"  # model selection's metric (from_config: the run's optimized_metric)
+        self.monitor = "val/ndcg@10"  # model selection's metric (run.build_module sets the run's optimized_metric)
         self.skip_training = False  # a method with nothing to train (e.g. a merge of stored adapters)
         self.paper = None  # the paper protocol's prompt builder, when enabled (enable_paper_protocol)
         self.chance = ChanceCheck()  # training losses after warm-up: a run that stays at ln C is flagged
