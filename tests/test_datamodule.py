@@ -292,6 +292,31 @@ def test_train_shards_follow_epoch(monkeypatch):
     assert [[i for i, _ in b] for b in e0] != [[i for i, _ in b] for b in e1]
 
 
+def test_batch_size_is_global(monkeypatch):
+    """``data.batch_size`` is the global batch: at every step, the examples of the W ranks together are
+    the examples of that step in a 1-process run (same steps, same optimisation); W must divide it."""
+    from recsys.models.backbone import load_backbone
+
+    dm = make(batch_size=8, max_eval_users=4)
+    dm.attach(load_backbone("tiny:encoder").tokenizer, "encoder")
+
+    def steps(world):
+        per_rank = []
+        for rank in range(world):
+            monkeypatch.setattr(dmod, "_dist", lambda rank=rank: (rank, world))
+            per_rank.append([[i for i, _ in b] for b in dm.train_dataloader().batch_sampler])
+        assert all(len(b) == 8 // world for r in per_rank for b in r[:-1])
+        return [sorted(i for r in per_rank for i in r[k]) for k in range(len(per_rank[0]))]
+
+    one, two, four = steps(1), steps(2), steps(4)
+    n = len(dm.train_entries["train"])
+    assert len(one) == len(two) == len(four) == -(-n // 8)  # the same number of optimizer steps
+    assert one[:-1] == two[:-1] == four[:-1]  # the same examples at every full step
+    monkeypatch.setattr(dmod, "_dist", lambda: (0, 3))
+    with pytest.raises(DataError, match="global training batch.*3 processes"):
+        dm.train_dataloader()
+
+
 def _padding(batches, lengths):
     return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
 

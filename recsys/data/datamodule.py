@@ -445,13 +445,25 @@ class RecDataModule(L.LightningDataModule):
         titles = {n: self.text.title_ids(n) for n in self.domains}
         return [sum(len(titles[d][i]) for i in ex.history) for d, ex in entries]
 
+    def rank_batch_size(self) -> int:
+        """This process's share of ``batch_size``, which is the global training batch: with W processes
+        (``trainer.devices`` x ``trainer.num_nodes``) each takes ``batch_size / W`` of every step's
+        examples, so a config trains the same optimisation on 1 process or 64."""
+        world = self.trainer.world_size if self.trainer is not None else _dist()[1]
+        if self.batch_size % world:
+            raise DataError(
+                f"data.batch_size={self.batch_size} is the global training batch and must divide evenly over "
+                f"the {world} processes (trainer.devices x trainer.num_nodes): use a multiple of {world}"
+            )
+        return self.batch_size // world
+
     def train_loaders(self) -> dict[str, DataLoader]:
         """One loader per training stream (a module training several adapters gets one stream each)."""
         self._text()
         out = {}
         for name, entries in self.train_entries.items():
             ds = TrainDataset(entries, self.samplers, self.num_train_negatives, stable_seed(self.seed, name))
-            out[name] = self._loader(ds, self.batch_size, True, self._lengths(entries), name)
+            out[name] = self._loader(ds, self.rank_batch_size(), True, self._lengths(entries), name)
         return out
 
     def train_dataloader(self):
