@@ -21,9 +21,10 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from recsys import scale, speed
+from recsys import scale, speed, tracking
 from recsys.data.datamodule import RecDataModule
 from recsys.files import write_json
+from recsys.models import adapter_store
 from recsys.models.adapter_store import AdapterStore
 from recsys.models.backbone import load_backbone
 
@@ -74,6 +75,10 @@ def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
         if cfg.get("auto_resume") and str(c.get("_target_", "")).endswith("WandbLogger"):
             kwargs = scale.wandb_resume_kwargs(cfg.paths.output_dir)
         loggers.append(hydra.utils.instantiate(c, **kwargs))
+    if not loggers:  # LearningRateMonitor refuses a trainer without a logger (logger=none)
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
@@ -118,12 +123,15 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
     backbone = build_backbone(cfg)
     dm = build_datamodule(cfg, backbone)
     store = AdapterStore(cfg.paths.adapter_store)
+    adapter_store.READ.clear()
     module = speed.apply(apply_protocol(build_module(cfg, backbone, dm, store), dm), cfg.get("speed"))
     trainer = build_trainer(cfg)
     dm.prepare_data()
     dm.setup("fit")
     metrics: dict = {"params/trainable": module.num_trainable()}
     metrics.update(module.extra_params())
+    tracking.log_hyperparameters(trainer.loggers, cfg, {**metrics, "params/total": sum(p.numel() for p in module.parameters())})
+    tracking.use_adapters(trainer.loggers, adapter_store.READ)
 
     if cfg.zero_shot:
         module.prefix["test"] = "zero_shot/test"
@@ -168,6 +176,8 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
             })
             if folder:
                 log.info("adapter exported to %s", folder)
+                tracking.log_adapter(trainer.loggers, folder)
+        tracking.log_results(trainer.loggers, metrics, "test", REPORT_KEYS)
         for lg in trainer.loggers:
             lg.log_metrics({k: v for k, v in metrics.items() if "/" in k}, step=trainer.global_step)
             lg.finalize("success")
@@ -247,6 +257,7 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
         run_cfg.data.protocol, run_cfg.data.num_negatives = "paper", cfg.data.num_negatives
         run_cfg.data.paper = cfg.data.paper
     out_dir = Path(cfg.paths.output_dir)
+    adapter_store.READ.clear()
     L.seed_everything(run_cfg.seed, workers=True)
     backbone = build_backbone(run_cfg)
     dm = build_datamodule(run_cfg, backbone)
@@ -276,7 +287,13 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
     else:
         module = build_module(run_cfg, backbone, dm, store)
     speed.apply(apply_protocol(module, dm), cfg.get("speed"))
-    trainer = hydra.utils.instantiate(run_cfg.trainer, callbacks=[], logger=False, max_epochs=0)
+    # this evaluation's loggers (eval.yaml: none by default), named after the evaluated run's method and data
+    log_cfg = OmegaConf.merge(run_cfg, {k: OmegaConf.to_container(cfg, resolve=False).get(k)
+                                        for k in ("logger", "job_type", "tags", "group", "run_name")
+                                        if k in cfg and (k in ("logger", "job_type") or k not in run_cfg)})
+    loggers = [hydra.utils.instantiate(c) for c in (log_cfg.get("logger") or {}).values() if c]
+    trainer = hydra.utils.instantiate(run_cfg.trainer, callbacks=[], logger=loggers or False, max_epochs=0)
+    tracking.log_hyperparameters(trainer.loggers, log_cfg, {"params/total": sum(p.numel() for p in module.parameters())})
     dm.prepare_data()
     dm.setup("test")
     run = trainer.validate if split == "val" else trainer.test
@@ -287,6 +304,11 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
         write_json(out_dir / "metrics.json", metrics)
         text = results_table(metrics, f"evaluate {run_cfg.method.name} on {run_cfg.data.target}", split)
         (out_dir / "results.txt").write_text(text)
+        tracking.use_adapters(trainer.loggers, adapter_store.READ)
+        tracking.log_results(trainer.loggers, metrics, split, REPORT_KEYS)
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics)
+            lg.finalize("success")
     return float(metrics.get(f"{split}/ndcg@10", math.nan)), metrics
 
 

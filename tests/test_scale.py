@@ -293,7 +293,7 @@ def test_optuna_three_trials(tmp_path):
     The rank may be 0 here: those trials fail (failed.json), optuna marks them failed, the search goes on."""
     t0 = time.time()
     run("hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2",
-        'hydra.sweeper.params={method.module.r:"choice(0,4)"}', *TINY, "trainer.limit_train_batches=2",
+        'hydra.sweeper.params={method.module.r:"choice(0,4)"}', *TINY, "logger=csv", "trainer.limit_train_batches=2",
         "data.max_eval_users=8", "data.max_train_examples=64", f"hydra.sweep.dir={tmp_path}/sweep",
         f"paths.adapter_store={tmp_path}/store")
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if (p / ".hydra").is_dir())
@@ -303,6 +303,9 @@ def test_optuna_three_trials(tmp_path):
     failed = [j for j in jobs if (j / "failed.json").is_file()]
     assert ok and failed and sorted(ok + failed) == jobs
     assert all(rank[j] == 0 for j in failed) and all(rank[j] == 4 for j in ok)
+    for j in ok:  # each trial logged as trial-<number>, in the study's group (the CSV logger's hparams)
+        hp = OmegaConf.load(j / "csv" / "hparams.yaml")
+        assert (hp.run_name, hp.group) == (f"trial-{j.name}", "optuna-lora-tools")
     result = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml")
     assert result.best_params["method.module.r"] == 4 and 1e-4 <= result.best_params["method.module.optimizer.lr"] <= 1e-2
     assert result.best_value == max(metrics(j)["val/ndcg@10"] for j in ok)

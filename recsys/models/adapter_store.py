@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
 HEAD = "head.safetensors"
+READ: list[Path] = []  # adapter folders this process has read (load_head), in order: a run's inputs (recsys/tracking.py)
 
 
 def hybrid_name(*domains: str) -> str:
@@ -82,5 +83,6 @@ class AdapterStore:
 
     @staticmethod
     def load_head(folder: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+        READ.append(Path(folder))
         f = Path(folder) / HEAD
         return load_file(str(f)) if f.is_file() else None
