@@ -365,3 +365,34 @@ def test_shared_amazon_beauty():
     assert ref["random"]["hr@1"] == pytest.approx(0.05, abs=0.01)
     assert ref["popularity"]["hr@1"] > ref["random"]["hr@1"]
     assert took < 60, took
+
+
+# ------------------------------------------------------------------------------------------ a folder of domains
+def test_domains_found_under_root(tmp_path, monkeypatch):
+    """data=amazon with data.root=<folder>: every sub-folder with items.jsonl and sequences.jsonl is a
+    domain; the root comes from RECSYS_DATA when set; a missing target lists the domains found."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    for name, seed in (("garden", 0), ("kitchen", 1)):
+        write_plain(tmp_path / name, 30, 40, seed)
+    (tmp_path / "notes").mkdir()  # not a domain: no plain files
+    (tmp_path / "notes" / "items.jsonl").write_text("")
+    monkeypatch.setenv("RECSYS_DATA", str(tmp_path))
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=["data=amazon", "data.target=kitchen", "paths.output_dir=/tmp/x"])
+    assert cfg.data.root == str(tmp_path)
+    dm = instantiate(cfg.data, _convert_="all")
+    assert sorted(dm.domain_specs) == ["garden", "kitchen"]
+    dm.setup("fit")
+    assert dm.domains["kitchen"].num_users == 30
+    with pytest.raises(DataError, match=r"unknown domain 'beauty'.*\['garden', 'kitchen'\].*found under data.root="):
+        RecDataModule({}, target="beauty", root=str(tmp_path))
+    # a spec in the config replaces the one found
+    dm = RecDataModule({"garden": {"source": "plain", "path": str(tmp_path / "kitchen")}}, target="garden", root=str(tmp_path))
+    assert dm.domain_specs["garden"]["path"] == str(tmp_path / "kitchen")
+    monkeypatch.delenv("RECSYS_DATA")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=["data=amazon", "paths.output_dir=/tmp/x"])
+    assert cfg.data.root == "../shared/data/amazon"
