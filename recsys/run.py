@@ -35,9 +35,14 @@ PAPER_KEYS = ("ndcg@1", "ndcg@3", "ndcg@5", "mrr")  # the paper protocol's table
 
 
 # ---------------------------------------------------------------------------------------------- build
+HF_OPTIONS = ("revision", "trust_remote_code", "attn_implementation")  # backbone keys passed to from_pretrained
+
+
 def build_backbone(cfg: DictConfig):
-    return load_backbone(cfg.backbone.name, dtype=cfg.backbone.get("dtype", "float32"),
-                         cache_dir=os.path.join(cfg.paths.cache_dir, "backbones"))
+    b = cfg.backbone
+    options = {k: b[k] for k in HF_OPTIONS if b.get(k) is not None}
+    return load_backbone(b.name, dtype=b.get("dtype", "float32"), cache_dir=os.path.join(cfg.paths.cache_dir, "backbones"),
+                         tokenizer=b.get("tokenizer"), lora_targets=b.get("lora_target_modules"), **options)
 
 
 def build_datamodule(cfg: DictConfig, backbone) -> RecDataModule:
