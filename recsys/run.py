@@ -322,7 +322,7 @@ def train_source_adapters(cfg: DictConfig, sources: list[str]) -> None:
     and merge_sources), with this run's backbone, data and trainer, on all of the domain's data
     (``data.target_fraction`` is the calling run's target share only); each run's folder is
     ``<run>/sources/<source>``. Reseeds afterwards, so the caller starts as it would with stored adapters."""
-    lora = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "method" / "lora.yaml")
+    lora = OmegaConf.load(Path(__file__).resolve().parent / "conf" / "method" / "lora.yaml")
     for s in sources:
         sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
         sub.method = lora

@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "recsys" / "conf"
 PRESETS = {  # preset -> the transformers config class of its architecture
     "qwen2_7b_instruct": "Qwen2Config", "qwen2_5_0_5b": "Qwen2Config", "qwen2_5_1_5b": "Qwen2Config",
     "llama3_2_1b": "LlamaConfig",

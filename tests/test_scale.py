@@ -24,7 +24,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = REPO / "recsys" / "conf"
 TINY = ["backbone=tiny_encoder", "logger=none", "callbacks.rich_progress_bar=null", "export_adapter=false"]
 
 

@@ -159,7 +159,7 @@ def test_mode_follows_wandb_mode(monkeypatch):
             monkeypatch.delenv("WANDB_MODE", raising=False)
         else:
             monkeypatch.setenv("WANDB_MODE", env)
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(REPO / "recsys" / "conf"), version_base="1.3"):
             c = compose("train", overrides=["logger=wandb", "paths.output_dir=/tmp/x"])
         assert c.logger.wandb.mode == mode
         assert "offline" not in c.logger.wandb  # nothing overrides the mode
