@@ -84,6 +84,8 @@ def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
         from lightning.pytorch.callbacks import LearningRateMonitor
 
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if "plugins" not in overrides and "plugins" not in cfg.trainer and scale.slurm_plugins():
+        overrides["plugins"] = scale.slurm_plugins()  # one requeue mechanism: scale.SlurmRequeue, not Lightning's
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
