@@ -134,7 +134,8 @@ def global_rank() -> int:
 # ---------------------------------------------------------------------------------------------- resume
 # keys that may change between a run and its restart: where files go, what logs, how it is launched
 _RESUME_FREE = re.compile(
-    r"^(paths|logger|hydra|auto_resume|ckpt_path|speed|callbacks\.rich_progress_bar|callbacks\.[^.]+\.dirpath"
+    r"^(paths|logger|hydra|auto_resume|ckpt_path|speed|run_name|group|tags|job_type"
+    r"|callbacks\.(rich_progress_bar|learning_rate_monitor|slurm_requeue)|callbacks\.[^.]+\.dirpath"
     r"|trainer\.(devices|num_nodes|accelerator|strategy|enable_progress_bar|default_root_dir)"
     r"|data\.(num_workers|cache_dir))(\.|$)"
 )
