@@ -295,9 +295,9 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
         module = build_module(run_cfg, backbone, dm, store)
     speed.apply(apply_protocol(module, dm), cfg.get("speed"))
     # this evaluation's loggers (eval.yaml: none by default), named after the evaluated run's method and data
-    log_cfg = OmegaConf.merge(run_cfg, {k: OmegaConf.to_container(cfg, resolve=False).get(k)
-                                        for k in ("logger", "job_type", "tags", "group", "run_name")
-                                        if k in cfg and (k in ("logger", "job_type") or k not in run_cfg)})
+    own = OmegaConf.to_container(cfg, resolve=False)
+    log_cfg = OmegaConf.merge(run_cfg, {k: own[k] for k in ("logger", "job_type", "tags", "group", "run_name")
+                                        if k in own and (k in ("logger", "job_type") or k not in run_cfg)})
     loggers = [hydra.utils.instantiate(c) for c in (log_cfg.get("logger") or {}).values() if c]
     trainer = hydra.utils.instantiate(run_cfg.trainer, callbacks=[], logger=loggers or False, max_epochs=0)
     tracking.log_hyperparameters(trainer.loggers, log_cfg, {"params/total": sum(p.numel() for p in module.parameters())})

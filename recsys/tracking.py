@@ -45,6 +45,8 @@ def hyperparameters(cfg: DictConfig, params: dict) -> dict:
 
 def log_hyperparameters(loggers, cfg: DictConfig, params: dict) -> None:
     """Every logger gets the config and parameter counts (wandb: the run's config; CSV: hparams.yaml)."""
+    if not loggers:
+        return
     hp = hyperparameters(cfg, params)
     for lg in loggers:
         lg.log_hyperparams(hp)

@@ -412,6 +412,7 @@ def test_global_batch_trains_alike_on_one_and_two_processes(tmp_path):
     steps = [torch.load(p / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
              for p in (tmp_path / "one", tmp_path / "two")]
     assert steps[0] == steps[1] == 40, steps  # 640 examples / 16
+    print(f"global batch 16: test NDCG@10 {one['test/ndcg@10']:.4f} (1 process) vs {two['test/ndcg@10']:.4f} (2)")
     assert one["test/ndcg@10"] > 0.5  # it learned (zero-shot is ~0.18)
     assert abs(one["test/ndcg@10"] - two["test/ndcg@10"]) <= 0.02, (one["test/ndcg@10"], two["test/ndcg@10"])
     with pytest.raises(AssertionError, match="must divide evenly over the 2 processes"):
