@@ -1,18 +1,33 @@
-# GPU image: CUDA build of torch, the project, the embedded backbones. Entry point: train.py.
+# GPU image: the base image's own Python 3.12, the CUDA 12.8 build of the pinned torch (its wheels bring
+# the CUDA libraries; the host needs only the NVIDIA driver and the container toolkit), the package with
+# its console scripts, and the embedded backbones. Runs as a non-root user; outputs, adapters, caches
+# and data are volumes.
 #   docker build -t recsys .
-#   docker run --gpus all -v $PWD/outputs:/app/outputs recsys trainer=gpu data=amazon data.root=/data/amazon
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
-ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-RUN apt-get update && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3-pip git \
-    && rm -rf /var/lib/apt/lists/*
-RUN python3.11 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-WORKDIR /app
-COPY requirements.txt requirements-embedded.txt ./
-# the CUDA build of the pinned torch, then everything else (torch already satisfied)
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128 \
-    && pip install -r requirements.txt \
-    && pip install --no-deps -r requirements-embedded.txt
-COPY . .
-ENTRYPOINT ["python", "train.py"]
+#   docker run --gpus 1 -v $PWD/outputs:/work/outputs -v $PWD/artifacts:/work/artifacts recsys trainer=gpu
+#   docker run --gpus all --shm-size 8g -v ... recsys trainer=ddp trainer.devices=4
+FROM python:3.12-slim-bookworm
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    RECSYS_CACHE=/cache/recsys \
+    HF_HOME=/cache/huggingface \
+    RECSYS_DATA=/data
+
+WORKDIR /opt/recsys
+# the CUDA build of the pinned torch first: `pip install .` then finds torch==2.13.0 satisfied
+RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
+COPY requirements-embedded.txt ./
+RUN pip install --no-cache-dir --no-deps -r requirements-embedded.txt
+COPY pyproject.toml README.md ./
+COPY recsys ./recsys
+COPY hydra_plugins ./hydra_plugins
+RUN pip install --no-cache-dir .
+
+RUN useradd --create-home --uid 1000 --user-group recsys \
+    && mkdir -p /work/outputs /work/artifacts /cache /data \
+    && chown -R 1000:1000 /work /cache /data
+USER 1000:1000
+WORKDIR /work
+VOLUME ["/work/outputs", "/work/artifacts", "/cache", "/data"]
+ENTRYPOINT ["recsys-train"]
 CMD ["trainer=gpu"]

@@ -304,12 +304,11 @@ def jobs_frame(jobs: list[Job]) -> pd.DataFrame:
 
 
 def log_to_wandb(out: Path, df: pd.DataFrame, jobs: pd.DataFrame, plots: list[Path], project: str) -> str:
-    """The tables and plots as a wandb run of its own (``job_type=report``); offline unless
-    WANDB_OFFLINE=false (as the wandb logger config). Returns the run's folder."""
+    """The tables and plots as a wandb run of its own (``job_type=report``); the mode from WANDB_MODE,
+    offline when unset (as the wandb logger config). Returns the run's folder."""
     import wandb
 
-    mode = os.environ.get("WANDB_MODE") or (
-        "online" if os.environ.get("WANDB_OFFLINE", "true").lower() in ("0", "false") else "offline")
+    mode = os.environ.get("WANDB_MODE") or "offline"
     run = wandb.init(project=project, job_type="report", name=f"report-{out.name}", dir=str(out), mode=mode,
                      config={"folders": sorted({str(Path(d).parent) for d in jobs["dir"]})})
     def table(frame: pd.DataFrame):  # missing values as None (wandb types a column once)

@@ -22,10 +22,11 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from recsys import scale, speed
+from recsys import scale, speed, tracking
 from recsys.data.datamodule import RecDataModule
 from recsys.errors import UserError
 from recsys.files import write_json
+from recsys.models import adapter_store
 from recsys.models.adapter_store import AdapterStore
 from recsys.models.backbone import load_backbone
 
@@ -36,9 +37,14 @@ PAPER_KEYS = ("ndcg@1", "ndcg@3", "ndcg@5", "mrr")  # the paper protocol's table
 
 
 # ---------------------------------------------------------------------------------------------- build
+HF_OPTIONS = ("revision", "trust_remote_code", "attn_implementation")  # backbone keys passed to from_pretrained
+
+
 def build_backbone(cfg: DictConfig):
-    return load_backbone(cfg.backbone.name, dtype=cfg.backbone.get("dtype", "float32"),
-                         cache_dir=os.path.join(cfg.paths.cache_dir, "backbones"))
+    b = cfg.backbone
+    options = {k: b[k] for k in HF_OPTIONS if b.get(k) is not None}
+    return load_backbone(b.name, dtype=b.get("dtype", "float32"), cache_dir=os.path.join(cfg.paths.cache_dir, "backbones"),
+                         tokenizer=b.get("tokenizer"), lora_targets=b.get("lora_target_modules"), **options)
 
 
 def prompt_layout(backbone, scoring: str) -> bool:
@@ -90,6 +96,12 @@ def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
         if cfg.get("auto_resume") and str(c.get("_target_", "")).endswith("WandbLogger"):
             kwargs = scale.wandb_resume_kwargs(cfg.paths.output_dir)
         loggers.append(hydra.utils.instantiate(c, **kwargs))
+    if not loggers:  # LearningRateMonitor refuses a trainer without a logger (logger=none)
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if "plugins" not in overrides and "plugins" not in cfg.trainer and scale.slurm_plugins():
+        overrides["plugins"] = scale.slurm_plugins()  # one requeue mechanism: scale.SlurmRequeue, not Lightning's
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
@@ -157,12 +169,15 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
     backbone = build_backbone(cfg)
     attach_backbone(cfg, dm, backbone)
     store = AdapterStore(cfg.paths.adapter_store, seed=cfg.seed)
+    adapter_store.READ.clear()
     module = speed.apply(apply_protocol(build_module(cfg, backbone, dm, store), dm), cfg.get("speed"))
     trainer = build_trainer(cfg)
     dm.prepare_data()
     dm.setup("fit")
     metrics: dict = {"params/trainable": module.num_trainable()}
     metrics.update(module.extra_params())
+    tracking.log_hyperparameters(trainer.loggers, cfg, {**metrics, "params/total": sum(p.numel() for p in module.parameters())})
+    tracking.use_adapters(trainer.loggers, adapter_store.READ)
 
     if cfg.zero_shot:
         module.prefix["test"] = "zero_shot/test"
@@ -220,6 +235,8 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
             })
             if folder:
                 log.info("adapter exported to %s", folder)
+                tracking.log_adapter(trainer.loggers, folder)
+        tracking.log_results(trainer.loggers, metrics, "test", REPORT_KEYS)
         # last: a re-run of this folder reports these figures and changes nothing (completed_metrics)
         write_json(out_dir / "run.json", {"best_checkpoint": best, "trained": trained, "complete": True})
         for lg in trainer.loggers:
@@ -322,6 +339,7 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
         scale.load_checkpoint(ckpt)  # a clear error for a cut-short or unsafe file, before anything heavy
     dm = build_datamodule(run_cfg)  # bad data settings and files fail here, before the backbone loads
     dm.load_domains()
+    adapter_store.READ.clear()
     L.seed_everything(run_cfg.seed, workers=True)
     store = AdapterStore(run_cfg.paths.adapter_store, seed=run_cfg.seed)
     adapter = AdapterStore.resolve(cfg.adapter, run_cfg.seed) if cfg.get("adapter") else None
@@ -354,7 +372,13 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
     else:
         module = build_module(run_cfg, backbone, dm, store)
     speed.apply(apply_protocol(module, dm), cfg.get("speed"))
-    trainer = hydra.utils.instantiate(run_cfg.trainer, callbacks=[], logger=False, max_epochs=0)
+    # this evaluation's loggers (eval.yaml: none by default), named after the evaluated run's method and data
+    own = OmegaConf.to_container(cfg, resolve=False)
+    log_cfg = OmegaConf.merge(run_cfg, {k: own[k] for k in ("logger", "job_type", "tags", "group", "run_name")
+                                        if k in own and (k in ("logger", "job_type") or k not in run_cfg)})
+    loggers = [hydra.utils.instantiate(c) for c in (log_cfg.get("logger") or {}).values() if c]
+    trainer = hydra.utils.instantiate(run_cfg.trainer, callbacks=[], logger=loggers or False, max_epochs=0)
+    tracking.log_hyperparameters(trainer.loggers, log_cfg, {"params/total": sum(p.numel() for p in module.parameters())})
     dm.prepare_data()
     dm.setup("test")
     run = trainer.validate if split == "val" else trainer.test
@@ -366,6 +390,11 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
         write_json(out_dir / "metrics.json", metrics)
         text = results_table(metrics, f"evaluate {run_cfg.method.name} on {run_cfg.data.target}", split)
         (out_dir / "results.txt").write_text(text)
+        tracking.use_adapters(trainer.loggers, adapter_store.READ)
+        tracking.log_results(trainer.loggers, metrics, split, REPORT_KEYS)
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics)
+            lg.finalize("success")
     return float(metrics.get(f"{split}/ndcg@10", math.nan)), metrics
 
 
@@ -374,7 +403,7 @@ def train_source_adapters(cfg: DictConfig, sources: list[str]) -> None:
     and merge_sources), with this run's backbone, data and trainer, on all of the domain's data
     (``data.target_fraction`` is the calling run's target share only); each run's folder is
     ``<run>/sources/<source>``. Reseeds afterwards, so the caller starts as it would with stored adapters."""
-    lora = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "method" / "lora.yaml")
+    lora = OmegaConf.load(Path(__file__).resolve().parent / "conf" / "method" / "lora.yaml")
     for s in sources:
         sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
         sub.method = lora

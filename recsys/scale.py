@@ -7,6 +7,7 @@
   random number generators: a resumed run trains on the batches, with the dropout masks, of an
   uninterrupted one.
 - :func:`wandb_resume_kwargs`: a run restarted in its folder continues the same wandb run.
+- :class:`SlurmRequeue`: the one requeue mechanism on SLURM (checkpoint at a step end on USR1, requeue).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import pickle
 import random
 import time
 import re
+import signal
+import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -134,7 +137,8 @@ def global_rank() -> int:
 # ---------------------------------------------------------------------------------------------- resume
 # keys that may change between a run and its restart: where files go, what logs, how it is launched
 _RESUME_FREE = re.compile(
-    r"^(paths|logger|hydra|auto_resume|ckpt_path|speed|callbacks\.rich_progress_bar|callbacks\.[^.]+\.dirpath"
+    r"^(paths|logger|hydra|auto_resume|ckpt_path|speed|run_name|group|tags|job_type"
+    r"|callbacks\.(rich_progress_bar|learning_rate_monitor|slurm_requeue)|callbacks\.[^.]+\.dirpath"
     r"|trainer\.(devices|num_nodes|accelerator|strategy|enable_progress_bar|default_root_dir)"
     r"|data\.(num_workers|cache_dir))(\.|$)"
 )
@@ -196,21 +200,18 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def resume_checkpoint(run_dir: str | Path, cfg=None) -> str | None:
-    """The checkpoint a restarted run continues from: ``checkpoints/last.ckpt`` (written every
-    ``callbacks.resume_checkpoint.every_n_train_steps`` steps and after each validation), else the newest
-    other checkpoint; one that cannot be read (a kill while writing) is skipped. None: start afresh.
+    """The checkpoint a restarted run continues from: the newest training checkpoint, whichever wrote it:
+    ``checkpoints/last.ckpt`` (every ``callbacks.resume_checkpoint.every_n_train_steps`` steps and after each
+    validation), the model-selection ones, or ``hpc_ckpt_<n>.ckpt`` in the run folder (Lightning's SLURM
+    requeue writes it on USR1); one that cannot be read (a kill while writing) is skipped. None: afresh.
 
     With ``cfg``, the settings are checked first (:func:`check_config`)."""
     folder = Path(run_dir) / "checkpoints"
     if cfg is not None:
         check_config(run_dir, cfg)
-    if not folder.is_dir():
-        return None
-    others = sorted((p for p in folder.glob("*.ckpt") if p.name != "last.ckpt"), key=lambda p: p.stat().st_mtime,
-                    reverse=True)
-    for path in [folder / "last.ckpt", *others]:
-        if not path.is_file():
-            continue
+    candidates = [*folder.glob("*.ckpt"), *Path(run_dir).glob("hpc_ckpt_*.ckpt")]
+    # newest first; at equal times last.ckpt (Lightning writes it after the others of the same step)
+    for path in sorted(candidates, key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True):
         try:
             state = load_checkpoint(path)
             if "loops" not in state:
@@ -306,3 +307,62 @@ def wandb_resume_kwargs(run_dir: str | Path) -> dict:
         if global_rank() == 0:
             write_text(path, run_id + "\n")
     return {"id": run_id, "resume": "allow"}
+
+
+# ---------------------------------------------------------------------------------------------- SLURM requeue
+class SlurmRequeue(Callback):
+    """The one requeue mechanism on SLURM (``hydra/launcher=slurm`` asks SLURM for ``--signal=USR1@<delay>``;
+    submitit does not requeue): on USR1, at the end of the training step under way, every rank saves
+    ``<run folder>/hpc_ckpt_<n>.ckpt`` (Lightning's name and folder for it), rank 0 calls
+    ``scontrol requeue <job>``, and the run stops (exit 143). The requeued job runs the same command in the
+    same folder and ``auto_resume`` continues from the newest checkpoint, this one.
+
+    Lightning's own auto-requeue saves from inside the signal handler, in the middle of a step, where the
+    loaders' position and the step counter disagree (the resumed run trains on other batches); it is
+    switched off (``SLURMEnvironment(auto_requeue=False)``, :func:`slurm_plugins`). The ranks agree on
+    the step to stop at through an all-reduce of the flag at each step end (only inside a SLURM job).
+    """
+
+    def __init__(self, signum: int = 10):  # 10: SIGUSR1
+        self.signum = signal.Signals(signum)
+        self._received = False
+        self._active = False
+
+    def _handler(self, signum, frame) -> None:
+        self._received = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        self._active = SLURMEnvironment.detect()
+        if self._active:
+            signal.signal(self.signum, self._handler)  # Lightning restores its saved handlers at teardown
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._active:
+            return
+        flag = torch.tensor(float(self._received), device=pl_module.device)
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce(flag, reduce_op="max")
+        if not flag.item():
+            return
+        from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        path = trainer.strategy.broadcast(_CheckpointConnector.hpc_save_path(trainer.default_root_dir))
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            job = os.environ.get("SLURM_JOB_ID", "")
+            if os.environ.get("SLURM_ARRAY_JOB_ID"):
+                job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+            code = subprocess.call(["scontrol", "requeue", job])
+            log.warning("%s: saved %s at step %d; scontrol requeue %s -> %s", self.signum.name, path,
+                        trainer.global_step, job, "requeued" if code == 0 else f"failed ({code})")
+        raise SIGTERMException  # job_scope: exit 143 (SLURM ends the job anyway on requeue)
+
+
+def slurm_plugins() -> list:
+    """Inside a SLURM job, Lightning's cluster environment without its own auto-requeue (see SlurmRequeue)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []

@@ -323,6 +323,31 @@ def test_train_shards_follow_epoch(monkeypatch):
     assert [[i for i, _ in b] for b in e0] != [[i for i, _ in b] for b in e1]
 
 
+def test_batch_size_is_global(monkeypatch):
+    """``data.batch_size`` is the global batch: at every step, the examples of the W ranks together are
+    the examples of that step in a 1-process run (same steps, same optimisation); W must divide it."""
+    from recsys.models.backbone import load_backbone
+
+    dm = make(batch_size=8, max_eval_users=4)
+    dm.attach(load_backbone("tiny:encoder").tokenizer, "encoder")
+
+    def steps(world):
+        per_rank = []
+        for rank in range(world):
+            monkeypatch.setattr(dmod, "_dist", lambda rank=rank: (rank, world))
+            per_rank.append([[i for i, _ in b] for b in dm.train_dataloader().batch_sampler])
+        assert all(len(b) == 8 // world for r in per_rank for b in r[:-1])
+        return [sorted(i for r in per_rank for i in r[k]) for k in range(len(per_rank[0]))]
+
+    one, two, four = steps(1), steps(2), steps(4)
+    n = len(dm.train_entries["train"])
+    assert len(one) == len(two) == len(four) == -(-n // 8)  # the same number of optimizer steps
+    assert one[:-1] == two[:-1] == four[:-1]  # the same examples at every full step
+    monkeypatch.setattr(dmod, "_dist", lambda: (0, 3))
+    with pytest.raises(DataError, match="global training batch.*3 processes"):
+        dm.train_dataloader()
+
+
 def _padding(batches, lengths):
     return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
 
@@ -389,3 +414,34 @@ def test_train_on_val_holds_out_a_selection_split():
     assert dm.eval_sets["test"].examples == base.eval_sets["test"].examples
     with pytest.raises(DataError, match="selection_share"):
         make(train_on_val=True, selection_share=0.0)
+
+
+# ------------------------------------------------------------------------------------------ a folder of domains
+def test_domains_found_under_root(tmp_path, monkeypatch):
+    """data=amazon with data.root=<folder>: every sub-folder with items.jsonl and sequences.jsonl is a
+    domain; the root comes from RECSYS_DATA when set; a missing target lists the domains found."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    for name, seed in (("garden", 0), ("kitchen", 1)):
+        write_plain(tmp_path / name, 30, 40, seed)
+    (tmp_path / "notes").mkdir()  # not a domain: no plain files
+    (tmp_path / "notes" / "items.jsonl").write_text("")
+    monkeypatch.setenv("RECSYS_DATA", str(tmp_path))
+    conf = Path(__file__).resolve().parents[1] / "recsys" / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=["data=amazon", "data.target=kitchen", "paths.output_dir=/tmp/x"])
+    assert cfg.data.root == str(tmp_path)
+    dm = instantiate(cfg.data, _convert_="all")
+    assert sorted(dm.domain_specs) == ["garden", "kitchen"]
+    dm.setup("fit")
+    assert dm.domains["kitchen"].num_users == 30
+    with pytest.raises(DataError, match=r"unknown domain 'beauty'.*\['garden', 'kitchen'\].*found under data.root="):
+        RecDataModule({}, target="beauty", root=str(tmp_path))
+    # a spec in the config replaces the one found
+    dm = RecDataModule({"garden": {"source": "plain", "path": str(tmp_path / "kitchen")}}, target="garden", root=str(tmp_path))
+    assert dm.domain_specs["garden"]["path"] == str(tmp_path / "kitchen")
+    monkeypatch.delenv("RECSYS_DATA")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=["data=amazon", "paths.output_dir=/tmp/x"])
+    assert cfg.data.root == "../shared/data/amazon"

@@ -42,7 +42,7 @@ SYNTH = {"tools": {"source": "synthetic", "kind": "tools", "n_users": 40, "n_ite
 
 def config(out: Path, *overrides: str, name: str = "train"):
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "recsys" / "conf"), version_base="1.3"):
         return compose(name, overrides=[f"paths.output_dir={out}", f"paths.adapter_store={out.parent / 'store'}",
                                         f"paths.cache_dir={out.parent / 'cache'}", *overrides])
 

@@ -35,7 +35,7 @@ from recsys.models.scoring import likelihood_scores, pair_scores
 from recsys.run import build_datamodule, build_module, evaluate, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # steps run without a Trainer
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "recsys" / "conf"
 ROWS = ("hr@1", "hr@3", "hr@5", "hr@10", "ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "mrr")
 TINY = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.precision=32-true", "logger=none",
         "data.max_eval_users=8", "data.batch_size=4", "data.eval_batch_size=8", "zero_shot=false",

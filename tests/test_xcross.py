@@ -37,7 +37,7 @@ from recsys.run import build_backbone, build_datamodule, build_module, evaluate,
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = REPO / "recsys" / "conf"
 ROWS = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr")
 CONTRACT = (
     [f"test/{k}" for k in ROWS] + [f"val/{k}" for k in ROWS]

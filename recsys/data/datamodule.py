@@ -40,6 +40,18 @@ PROTOCOLS = ("ranking", "paper")  # our candidate ranking | WeaveRec's released 
 SOURCES = ("synthetic", "plain", "raw")
 
 
+PLAIN_FILES = ("items.jsonl", "sequences.jsonl")  # what makes a folder a plain-format domain (readers.read_plain)
+
+
+def plain_domains(root: str | Path | None) -> dict[str, dict]:
+    """The plain-format domains under ``root``: ``{name: {source: plain, path}}`` for each sub-folder that
+    holds items.jsonl and sequences.jsonl (``data.root``: a folder of your own domains just works)."""
+    if not root or not Path(root).is_dir():
+        return {}
+    return {p.name: {"source": "plain", "path": str(p)} for p in sorted(Path(root).iterdir())
+            if p.is_dir() and all((p / f).is_file() for f in PLAIN_FILES)}
+
+
 def load_domain(name: str, spec: dict, cache_dir: str | None = None) -> Domain:
     """Load one domain from its config spec (see the module docstring)."""
     spec = dict(spec or {})
@@ -278,7 +290,8 @@ class RecDataModule(L.LightningDataModule):
         collection: str | None = None,
     ):
         super().__init__()
-        self.domain_specs = {k: dict(v or {}) for k, v in dict(domains).items()}
+        # the config's domains, and the plain-format ones found under root (the config's own specs win)
+        self.domain_specs = {**plain_domains(root), **{k: dict(v or {}) for k, v in dict(domains or {}).items()}}
         self.target, self.sources = target, list(sources or [])
         self.target_fraction, self.mix, self.hybrid_cap = float(target_fraction), mix, int(hybrid_cap)
         self.max_history, self.num_negatives = int(max_history), int(num_negatives)
@@ -306,7 +319,8 @@ class RecDataModule(L.LightningDataModule):
         known = sorted(self.domain_specs)
         for key, name in [("data.target", self.target)] + [("data.sources", s) for s in self.sources]:
             if name not in self.domain_specs:
-                raise DataError(f"{key}: unknown domain {name!r}; the data config defines {known}")
+                raise DataError(f"{key}: unknown domain {name!r}; the data config defines {known}"
+                                + (f" (with the plain domains found under data.root={self.root})" if self.root else ""))
         if self.target in self.sources:
             raise DataError(
                 f"data.sources={self.sources} lists the target {self.target!r}: a target cannot be its own "
@@ -480,13 +494,25 @@ class RecDataModule(L.LightningDataModule):
         titles = {n: self.text.title_ids(n) for n in self.domains}
         return [sum(len(titles[d][i]) for i in ex.history) for d, ex in entries]
 
+    def rank_batch_size(self) -> int:
+        """This process's share of ``batch_size``, which is the global training batch: with W processes
+        (``trainer.devices`` x ``trainer.num_nodes``) each takes ``batch_size / W`` of every step's
+        examples, so a config trains the same optimisation on 1 process or 64."""
+        world = self.trainer.world_size if self.trainer is not None else _dist()[1]
+        if self.batch_size % world:
+            raise DataError(
+                f"data.batch_size={self.batch_size} is the global training batch and must divide evenly over "
+                f"the {world} processes (trainer.devices x trainer.num_nodes): use a multiple of {world}"
+            )
+        return self.batch_size // world
+
     def train_loaders(self) -> dict[str, DataLoader]:
         """One loader per training stream (a module training several adapters gets one stream each)."""
         self._text()
         out = {}
         for name, entries in self.train_entries.items():
             ds = TrainDataset(entries, self.samplers, self.num_train_negatives, stable_seed(self.seed, name))
-            out[name] = self._loader(ds, self.batch_size, True, self._lengths(entries), name)
+            out[name] = self._loader(ds, self.rank_batch_size(), True, self._lengths(entries), name)
         return out
 
     def train_dataloader(self):

@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from recsys.data.domain import DataError, Domain, drop_short_users
+from recsys.progress import status
 from recsys.data.readers import find_raw_files, read_plain, read_raw
 
 log = logging.getLogger("recsys.data")
@@ -57,22 +58,29 @@ def _k_core(
     ``user_items`` holds distinct items per user. Returns the kept users (items in the same
     order) and the number of rounds."""
     rounds = 0
-    while True:
-        rounds += 1
-        item_users = Counter(i for items in user_items.values() for i in items)
-        weak_items = {i for i, c in item_users.items() if c < k}
-        kept = {}
-        changed = False
-        for u, items in user_items.items():
-            if weak_items:
-                items = [i for i in items if i not in weak_items]
-            if len(items) >= k:
-                kept[u] = items
-            if len(items) != len(user_items[u]) or len(items) < k:
-                changed = True
-        user_items = kept
-        if not changed:
-            return user_items, rounds
+    with status(f"k-core filtering (k={k}, rounds)") as step:
+        while True:
+            rounds += 1
+            user_items, changed = _k_core_round(user_items, k)
+            step(1, f"round {rounds}: {len(user_items):,} users left")
+            if not changed:
+                return user_items, rounds
+
+
+def _k_core_round(user_items: dict[str, list[str]], k: int) -> tuple[dict[str, list[str]], bool]:
+    """One round of :func:`_k_core`: the users kept, and whether anything was dropped."""
+    item_users = Counter(i for items in user_items.values() for i in items)
+    weak_items = {i for i, c in item_users.items() if c < k}
+    kept = {}
+    changed = False
+    for u, items in user_items.items():
+        if weak_items:
+            items = [i for i in items if i not in weak_items]
+        if len(items) >= k:
+            kept[u] = items
+        if len(items) != len(user_items[u]) or len(items) < k:
+            changed = True
+    return kept, changed
 
 
 def build_domain(

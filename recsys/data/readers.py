@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from recsys.data.domain import DataError, Domain, drop_short_users
+from recsys.progress import track
 
 log = logging.getLogger("recsys.data")
 
@@ -292,7 +293,7 @@ _META_ITEM = {2014: "asin", 2018: "asin", 2023: "parent_asin"}
 def _read_reviews(path: Path, year: int) -> list[tuple[str, str, int]]:
     ukey, ikey, tkey, per_second = _REVIEW_FIELDS[year]
     out: list[tuple[str, str, int]] = []
-    for lineno, line in iter_lines(path):
+    for lineno, line in track(iter_lines(path), f"reading reviews {path.name} (lines)"):
         obj = _parse_json(path, lineno, line)
         user = _str_id(_field(obj, ukey, path, lineno), ukey, path, lineno)
         item = _str_id(_field(obj, ikey, path, lineno), ikey, path, lineno)
@@ -314,7 +315,7 @@ def _read_titles(path: Path, year: int, wanted: set[str]) -> dict[str, str]:
     id_pattern = re.compile(rb"""['"]""" + key.encode() + rb"""['"]\s*:\s*['"]([^'"]+)['"]""")
     parse = _parse_json_or_literal if year == 2014 else _parse_json
     titles: dict[str, str] = {}
-    for lineno, line in iter_lines(path):
+    for lineno, line in track(iter_lines(path), f"reading titles {path.name} (lines)"):
         m = id_pattern.search(line)
         if m is not None:
             try:

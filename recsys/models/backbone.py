@@ -38,6 +38,7 @@ class Backbone:
     model: nn.Module  # a transformers PreTrainedModel
     tokenizer: object  # a transformers tokenizer; right padding, pad token set
     kind: str  # "encoder" | "decoder"
+    lora_targets: list[str] | None = None  # the preset's LoRA target modules (None: default_lora_targets' choice)
 
     @property
     def hidden_size(self) -> int:
@@ -187,7 +188,8 @@ DECODER_MODEL_TYPES = frozenset({
 
 
 def load_backbone(
-    name: str, dtype: str = "float32", cache_dir: str | None = None, kind: str | None = None, **kwargs
+    name: str, dtype: str = "float32", cache_dir: str | None = None, kind: str | None = None,
+    tokenizer: str | None = None, lora_targets: list[str] | None = None, **kwargs
 ) -> Backbone:
     """Load a frozen backbone in eval mode, with a right-padding tokenizer that has a pad token.
 
@@ -199,8 +201,12 @@ def load_backbone(
             default ``$RECSYS_CACHE/backbones``, ``$RECSYS_CACHE`` defaulting to ``~/.cache/recsys``.
         kind: ``"encoder"`` or ``"decoder"`` to override the guess from the config (HF names only;
             for a built-in name it must match).
+        tokenizer: HF names: the tokenizer's hub name or folder (None: the model's own).
+        lora_targets: the LoRA target modules this backbone is used with (a preset's choice), kept on
+            the Backbone for :func:`default_lora_targets`.
         **kwargs: for ``tiny:*``, :func:`build_tiny`'s ``seed``, ``hidden_size``, ``num_layers``;
-            for HF names, passed on to ``from_pretrained`` (``revision``, ``trust_remote_code``...).
+            for HF names, passed on to ``from_pretrained`` (``revision``, ``trust_remote_code``,
+            ``attn_implementation``...).
     """
     if dtype not in DTYPES:
         raise UserError(f"backbone.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -213,8 +219,8 @@ def load_backbone(
             raise UserError(f"unknown backbone {name!r}; the built-in backbones are {', '.join(BACKBONES)}")
         if kind is not None and kind != known[name]:
             raise UserError(f"backbone {name!r} is of kind {known[name]!r}, cannot load it as {kind!r}")
-        if prefix == "embedded:" and kwargs:
-            raise TypeError(f"backbone {name!r} takes no extra arguments, got {sorted(kwargs)}")
+        if prefix == "embedded:" and (kwargs or tokenizer):
+            raise TypeError(f"backbone {name!r} takes no extra arguments, got {sorted(kwargs) or ['tokenizer']}")
     if name in TINY:
         backbone = build_tiny(name, **kwargs)
         if dtype not in ("float32", "auto"):
@@ -228,7 +234,8 @@ def load_backbone(
         )
         backbone = _load_pretrained(name, path, "decoder", dtype)
     else:
-        backbone = _load_hf(name, dtype, kind, **kwargs)
+        backbone = _load_hf(name, dtype, kind, tokenizer=tokenizer, **kwargs)
+    backbone.lora_targets = list(lora_targets) if lora_targets else None
     backbone.model.requires_grad_(False)
     backbone.model.eval()
     return backbone
@@ -243,16 +250,16 @@ def backbone_cache_dir(cache_dir: str | None = None) -> str:
     return os.path.join(os.path.expanduser(root), "backbones")
 
 
-def _load_pretrained(name: str, path: str, kind: str, dtype: str, **kwargs) -> Backbone:
+def _load_pretrained(name: str, path: str, kind: str, dtype: str, tokenizer: str | None = None, **kwargs) -> Backbone:
     from transformers import AutoModel, AutoModelForCausalLM
 
     auto = AutoModel if kind == "encoder" else AutoModelForCausalLM
     model = auto.from_pretrained(path, dtype=DTYPES[dtype], **kwargs)
-    tok = _tokenizer(path, kind, **_hub_kwargs(kwargs))
+    tok = _tokenizer(os.path.expanduser(tokenizer) if tokenizer else path, kind, **_hub_kwargs(kwargs))
     return Backbone(name=name, model=model, tokenizer=tok, kind=kind)
 
 
-def _load_hf(name: str, dtype: str, kind: str | None, **kwargs) -> Backbone:
+def _load_hf(name: str, dtype: str, kind: str | None, tokenizer: str | None = None, **kwargs) -> Backbone:
     """A hub name or a local folder; the kind comes from the config unless given."""
     from transformers import AutoConfig
 
@@ -274,7 +281,7 @@ def _load_hf(name: str, dtype: str, kind: str | None, **kwargs) -> Backbone:
                          "only encoder-only and decoder-only backbones are supported")
     kind = kind or config_kind(config)
     try:
-        return _load_pretrained(name, path, kind, dtype, **kwargs)
+        return _load_pretrained(name, path, kind, dtype, tokenizer=tokenizer, **kwargs)
     except OSError as e:
         raise UserError(f"cannot load the weights or tokenizer of backbone {name!r} ({e}). {_BUILTIN_HINT}") from e
 
@@ -426,12 +433,15 @@ FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "in_p
 
 
 def default_lora_targets(backbone: Backbone | nn.Module, kind: str | None = None) -> list[str]:
-    """peft ``target_modules``: the names of linear layers inside the transformer blocks.
+    """peft ``target_modules``: the names of linear layers inside the transformer blocks (a backbone
+    preset's ``lora_target_modules`` when it names them).
 
     Encoders: the query and value projections (BERT ``["query", "value"]``, or a fused qkv layer).
     Decoders: every linear layer of a block (Llama/Qwen ``q_proj k_proj v_proj o_proj gate_proj
     up_proj down_proj``). ``kind`` is needed when passing a bare model.
     """
+    if isinstance(backbone, Backbone) and backbone.lora_targets:
+        return list(backbone.lora_targets)  # the backbone preset's (conf/backbone/*.yaml lora_target_modules)
     model = backbone.model if isinstance(backbone, Backbone) else backbone
     if kind is None:
         kind = backbone.kind if isinstance(backbone, Backbone) else config_kind(unwrap_peft(model).config)

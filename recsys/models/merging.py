@@ -78,6 +78,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from recsys.progress import track
+
 MERGE_RULES = ("weaverec", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 _LOW_RANK_RULES = ("weaverec", "task_arithmetic")  # exact sums of products, via peft's "cat"
 GRANULARITIES = ("module", "block")
@@ -569,7 +571,7 @@ def learn_merge_weights(
         model.eval()
         with model.disable_adapter():
             iterator = iter(batches)
-            for _ in range(steps):
+            for _ in track(range(steps), "AdaMerging: learning the merge weights (steps)"):
                 try:
                     batch = next(iterator)
                 except StopIteration:

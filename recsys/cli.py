@@ -1,0 +1,41 @@
+"""The installed commands (``pip install .``), each a Hydra app on the configs shipped in the package
+(``recsys/conf``), usable from any folder:
+
+    recsys-train [group=option ...] [key=value ...]      # = python train.py
+    recsys-evaluate run_dir=<run folder>                 # = python evaluate.py
+    recsys-report <sweep folders> --out <folder>         # = python report.py
+    recsys-download --category Beauty --year 2014        # = python -m recsys.data.download
+
+A folder of your own configs adds or overrides groups: ``--config-dir <folder>`` (Hydra's flag) or
+``RECSYS_CONFIG_DIR=<folder>``; e.g. ``<folder>/backbone/mine.yaml`` is ``backbone=mine``, and
+``<folder>/local/slurm.yaml`` holds a cluster's settings for ``hydra/launcher=slurm``.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from recsys.run import evaluate as _evaluate
+from recsys.run import guarded
+from recsys.run import train as _train
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def train(cfg: DictConfig) -> float:
+    """Train one method on one target domain; writes metrics.json and prints the results table."""
+    metric, _ = guarded(_train, cfg)
+    return metric
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def evaluate(cfg: DictConfig) -> float:
+    """Score a trained run, checkpoint or stored adapter on the validation or test split."""
+    metric, _ = guarded(_evaluate, cfg)
+    return metric
+
+
+def report() -> None:
+    """Results tables and plots from run and sweep folders (``recsys.report.main`` returns its result: a
+    console script would take it for an exit status)."""
+    from recsys.report import main
+
+    main()

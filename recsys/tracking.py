@@ -1,0 +1,114 @@
+"""What a run tells its loggers (wandb, CSV) besides the metrics Lightning logs while training.
+
+- :func:`hyperparameters`: the resolved config (without Hydra's own node) and the parameter counts,
+  logged on every logger, so runs can be filtered and grouped by method, target, lr, r, seed;
+- :func:`log_adapter`: an exported adapter as a ``wandb.Artifact`` of type ``model`` (its manifest as
+  the metadata);
+- :func:`use_adapters`: the store adapters a run read (X-Cross and merge sources, WeaveRec's reused
+  hybrids, ``evaluate.py adapter=``) as the run's inputs, so the dashboard shows the lineage;
+- :func:`log_results`: the results table (model and reference rows) as a ``wandb.Table``.
+
+wandb cannot record an input artifact offline (``use_artifact`` refuses), so the names of the inputs
+are always kept in the config under ``lineage/inputs``; online they are also ``use_artifact``-ed by
+name (``<name>:latest``, logged by the run that trained them).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("recsys")
+
+ROWS = ("model", "zero_shot", "random", "popularity")
+
+
+def wandb_runs(loggers) -> list:
+    """The wandb runs behind ``loggers`` (rank 0 only: other ranks get none)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    from lightning.pytorch.loggers import WandbLogger
+
+    if getattr(rank_zero_only, "rank", 0):
+        return []
+    return [lg.experiment for lg in loggers if isinstance(lg, WandbLogger)]
+
+
+def hyperparameters(cfg: DictConfig, params: dict) -> dict:
+    """The resolved config without ``hydra``, plus ``params`` (``params/trainable``, ...)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("hydra", None)
+    return {**config, **params}
+
+
+def log_hyperparameters(loggers, cfg: DictConfig, params: dict) -> None:
+    """Every logger gets the config and parameter counts (wandb: the run's config; CSV: hparams.yaml)."""
+    if not loggers:
+        return
+    hp = hyperparameters(cfg, params)
+    for lg in loggers:
+        lg.log_hyperparams(hp)
+
+
+def artifact_name(manifest: dict) -> str:
+    """A store adapter's artifact name: ``<collection>-<backbone>-<name>`` in wandb's alphabet."""
+    collection = (manifest.get("data") or {}).get("collection") or "custom"
+    raw = f"{collection}-{manifest.get('backbone', 'backbone')}-{manifest.get('name', 'adapter')}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", raw)
+
+
+def log_adapter(loggers, folder: str | Path) -> list[str]:
+    """Log the adapter folder (peft files, head, manifest) as a model artifact; returns the names."""
+    import json
+
+    import wandb
+
+    folder = Path(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    names = []
+    for run in wandb_runs(loggers):
+        art = wandb.Artifact(artifact_name(manifest), type="model", metadata=manifest,
+                             description=f"{manifest.get('method', '')} adapter {manifest.get('name', '')}")
+        art.add_dir(str(folder))
+        run.log_artifact(art, aliases=["latest", f"seed{manifest.get('seed', 0)}"])
+        names.append(art.name)
+    return names
+
+
+def use_adapters(loggers, folders: list[str | Path]) -> list[str]:
+    """Declare the store adapters a run read as its inputs; returns their artifact names."""
+    import json
+
+    names = []
+    for f in dict.fromkeys(Path(f) for f in folders):
+        manifest_file = f / "manifest.json"
+        if manifest_file.is_file():
+            names.append(artifact_name(json.loads(manifest_file.read_text())))
+    if not names:
+        return names
+    for run in wandb_runs(loggers):
+        run.config.update({"lineage/inputs": names}, allow_val_change=True)
+        if run.settings._offline:
+            log.info("wandb offline: inputs %s kept in the config (use_artifact needs a server)", names)
+            continue
+        for name in names:
+            try:
+                run.use_artifact(f"{name}:latest", type="model")
+            except Exception as e:  # noqa: BLE001 - an adapter trained without wandb has no artifact
+                log.warning("wandb: could not use artifact %s (%s): was its run logged to wandb?", name, e)
+    return names
+
+
+def log_results(loggers, metrics: dict, split: str = "test", keys: tuple[str, ...] = ()) -> None:
+    """The results table (one row a model/reference ranker, one column a metric) as a ``wandb.Table``."""
+    import wandb
+
+    rows = []
+    for row in ROWS:
+        prefix = f"{split}/" if row == "model" else f"{row}/{split}/"
+        if f"{prefix}hr@1" in metrics:
+            rows.append([row, *[metrics.get(prefix + k) for k in keys]])
+    for run in wandb_runs(loggers):
+        run.log({"results": wandb.Table(columns=["row", *keys], data=rows)})
