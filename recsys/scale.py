@@ -188,7 +188,7 @@ def load_checkpoint(path: str | Path) -> dict:
             f"{path}: refused, it holds objects other than tensors and plain values, which loading could run as "
             f"code ({str(e).splitlines()[0]}); use a checkpoint written by this project's train.py"
         ) from None
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
+    except Exception as e:  # a cut-short file fails anywhere in the unpickler (EOFError, KeyError, RuntimeError ...)
         raise UserError(
             f"{path}: not a readable checkpoint, probably cut short while written or copied ({e}); copy it again, "
             "train again (python train.py with the run's settings, same hydra.run.dir: auto_resume goes on from "

@@ -178,7 +178,7 @@ def test_resume_takes_the_newest_checkpoint_whoever_wrote_it(tmp_path):
     files = {"last": tmp_path / "checkpoints" / "last.ckpt", "best": tmp_path / "checkpoints" / "epoch00.ckpt",
              "hpc": tmp_path / "hpc_ckpt_1.ckpt"}
     for i, (name, path) in enumerate(files.items()):
-        torch.save({"loops": {}, "global_step": i, "name": name}, path)
+        torch.save({"loops": {}, "state_dict": {}, "global_step": i, "name": name}, path)
     def touch(name, t):
         os.utime(files[name], (t, t))
     touch("last", 100), touch("best", 50), touch("hpc", 200)

@@ -94,7 +94,7 @@ def test_config_and_parameter_counts_on_every_logger(runs):
 
 def test_exported_adapter_is_a_model_artifact(runs):
     (art,) = [a for a in of_type(wandb_records(runs / "toys"), "artifact") if a.type == "model"]
-    manifest = json.loads((runs / "store" / "tiny-encoder" / "toys" / "manifest.json").read_text())
+    manifest = json.loads((runs / "store" / "tiny-encoder" / "toys" / "seed-0" / "manifest.json").read_text())
     assert art.name == "synthetic-tiny-encoder-toys"
     assert json.loads(art.metadata) == json.loads(json.dumps(manifest))
     files = {c.path for c in art.manifest.contents}
