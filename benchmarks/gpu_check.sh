@@ -128,7 +128,6 @@ step bench "${LIMIT_BENCH:-130}" $PY benchmarks/bench.py "${BENCH[@]}" --json "$
 QUALITY=(experiment=amazon_lora_cpu logger=csv "data.root=$PWD/$PREP/data" "data.target=$DOMAIN"
          zero_shot=false export_adapter=false task_name=gpu_quality "hydra.run.dir=$WORK/quality"
          "paths.adapter_store=$WORK/store" callbacks.rich_progress_bar=null)
-for d in beauty toys games; do [ "$d" = "$DOMAIN" ] || QUALITY+=("~data.domains.$d"); done  # only $DOMAIN is carried
 if [ $SMOKE = 1 ]; then
   QUALITY+=(trainer=cpu data.max_train_examples=64 data.max_eval_users=16 recipe.batch_size=8)
 else  # all training users, one epoch, the full validation and test splits

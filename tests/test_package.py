@@ -91,7 +91,7 @@ def test_installed_commands_run_from_another_folder(wheel, tmp_path):
 
     sources = yaml.safe_load((elsewhere / "run" / ".hydra" / "hydra.yaml").read_text())["hydra"]["runtime"]["config_sources"]
     assert {"path": "recsys.conf", "schema": "pkg", "provider": "main"} in sources  # the packaged configs
-    assert (elsewhere / "artifacts" / "adapters" / "synthetic" / "embedded-minilm-l6" / "tools" / "manifest.json").is_file()
+    assert (elsewhere / "artifacts" / "adapters" / "synthetic" / "embedded-minilm-l6" / "tools" / "seed-0" / "manifest.json").is_file()
     cmd(venv / "bin" / "recsys-evaluate", "run_dir=run", "hydra.run.dir=eval")
     assert json.loads((elsewhere / "eval" / "metrics.json").read_text())["test/ndcg@10"] == pytest.approx(
         metrics["test/ndcg@10"], abs=1e-6)
@@ -110,4 +110,4 @@ def test_installed_commands_run_from_another_folder(wheel, tmp_path):
         "hydra.run.dir=mine", extra_env={"RECSYS_CONFIG_DIR": str(mine)})
     m = json.loads((elsewhere / "mine" / "metrics.json").read_text())
     assert m["data/test_examples"] == 5
-    assert (elsewhere / "artifacts" / "adapters" / "mine" / "tiny-encoder" / "garden" / "manifest.json").is_file()
+    assert (elsewhere / "artifacts" / "adapters" / "mine" / "tiny-encoder" / "garden" / "seed-0" / "manifest.json").is_file()
