@@ -257,7 +257,7 @@ class XCrossModel(nn.Module):
             Integrator(self.n, d, beta=beta, gamma=gamma, mode=mode, init=init, kind=kind, normalize=normalize)
             for _ in range(len(self._layers[0]))
         )
-        self._effect: list[torch.Tensor] | None = None  # [sum of ratios, tokens] while measuring (measure_effect)
+        self._effect: list | None = None  # [sum of ratios, tokens] while measuring (measure_effect)
         w0 = torch.full((self.n,), 1.0 / self.n) if w_init is None else torch.as_tensor(w_init, dtype=torch.float)
         if w0.shape != (self.n,):
             raise ValueError(f"w_init must have {self.n} values, got {tuple(w0.shape)}")
@@ -291,11 +291,11 @@ class XCrossModel(nn.Module):
         layers, streams and real tokens of ||h~_m - h_m|| / ||h_m|| (the integrated hidden state
         against the stream's own) since the start, None if nothing ran."""
         if on:
-            self._effect = [torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)]
+            self._effect = [0.0, 0.0]  # sums stay on the states' device until the stop: no sync a layer
             return None
         total, count = self._effect or (None, None)
         self._effect = None
-        return float(total / count) if count else None
+        return float(total) / float(count) if count else None
 
     def _record_effect(self, h: torch.Tensor, refined: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Add one layer's ||h~_m - h_m|| / ||h_m|| over the real tokens of (n, B, T, d) states."""
@@ -303,8 +303,8 @@ class XCrossModel(nn.Module):
             h, refined = h.float(), refined.float()
             ratio = (refined - h).norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-12)  # (n, B, T)
             mask = attention_mask.bool().unsqueeze(0).expand_as(ratio)
-            self._effect[0] += ratio[mask].sum().double().cpu()
-            self._effect[1] += mask.sum().double().cpu()
+            self._effect[0] = self._effect[0] + ratio[mask].double().sum()
+            self._effect[1] = self._effect[1] + mask.sum()
 
     @staticmethod
     def integrator_param_count(n: int, d: int, num_layers: int) -> int:
