@@ -124,6 +124,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--sources", type=int, default=2, help="X-Cross: number of source adapters n")
+    p.add_argument("--xcross-normalize", choices=("layernorm", "none"), default="layernorm",
+                   help="X-Cross: what W_concat reads (method.module.normalize)")
     p.add_argument("--weave-sources", default="1,2", help="WeaveRec: numbers of sources N (N+1 branches)")
     p.add_argument("--merged", default="1,2,3", help="numbers of adapters merged for the merged-inference rows")
     p.add_argument("--naive-loop-batches", type=int, default=1,
@@ -1048,7 +1050,7 @@ class Bench:
         with tempfile.TemporaryDirectory() as tmp:
             adapters = self.source_adapters(n, tmp)
             torch.manual_seed(a.seed)
-            module = XCrossModule(self.models.fresh(), adapters,
+            module = XCrossModule(self.models.fresh(), adapters, normalize=a.xcross_normalize,
                                   optimizer=partial(make_optimizer, args=a, device=self.device))
         self.models.place(module)
         lora = self.lora()
@@ -1071,7 +1073,7 @@ class Bench:
 
         ev = alternate({"xcross": infer(module), "xcross_peft": infer(module, "peft"), "lora": infer(lora)},
                        a.eval_steps, a.rounds, a.warmup, a.rewarm, self.meter)
-        sec = f"5. X-Cross, n = {n} sources (direct calls)"
+        sec = f"5. X-Cross, n = {n} sources, normalize={a.xcross_normalize} (direct calls)"
         t_x, t_l = per_step(tr["xcross"]), per_step(tr["lora"])
         r = t_x / (n * t_l)
         spread = round_ratios(tr["xcross"], tr["lora"], n)

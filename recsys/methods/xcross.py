@@ -73,6 +73,8 @@ class XCrossModule(RecModule):
         routing: ``slice`` (default) | ``peft``: how each stream gets its adapter (both exact; see
             ``XCrossModel``) **[ours]**.
         normalize: ``layernorm`` (default) | ``none``: what W_concat reads (see ``Integrator``) **[ours]**.
+        compile_integrators: ``auto`` (default: on CUDA) | ``true`` | ``false``: ``torch.compile`` the
+            integrators' fused step.
         integrator_lr: the integrators' learning rate (None: the recipe's) **[ours]**.
         head_init: ``mean`` (average of the source adapters' heads, default) | ``fresh`` | a source
             name (that source's head) **[ours]**.
@@ -84,7 +86,7 @@ class XCrossModule(RecModule):
     def __init__(self, backbone: Backbone, adapters: dict[str, str], beta: float = 1.0, gamma: float = 1.0,
                  mode: str = "token", init: str = "zero", w_init: list[float] | None = None,
                  combine: str = "after_norm", head_init: str = "mean", head_dropout: float = 0.0,
-                 routing: str = "slice", normalize: str = "layernorm",
+                 routing: str = "slice", normalize: str = "layernorm", compile_integrators: bool | str = "auto",
                  integrator_lr: float | None = None, **kwargs):
         if kwargs.get("scoring", "head") != "head":
             raise ValueError("method.module.scoring: X-Cross scores with its head; use scoring=head")
@@ -107,7 +109,7 @@ class XCrossModule(RecModule):
         self.source_fingerprints = {n: fingerprint(folders[n]) for n in names}
         self.xcross = XCrossModel(peft_model, names, backbone.kind, beta=beta, gamma=gamma, mode=mode, init=init,
                                   w_init=w_init, head_state=head_state, head_dropout=head_dropout, combine=combine,
-                                  routing=routing, normalize=normalize)
+                                  routing=routing, normalize=normalize, compile_integrators=compile_integrators)
         self.effect_history: dict[int, float] = {}  # epoch -> xcross/integrator_effect on validation
         self.effect_last: float | None = None
         self.lora_reference = sum(

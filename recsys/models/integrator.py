@@ -108,6 +108,8 @@ class Integrator(nn.Module):
         init: ``"zero"`` (default) or ``"normal"`` (N(0, init_std^2)) for W_concat.
         kind: ``"encoder"`` | ``"decoder"``; only used by ``mode="pooled"`` to find the pooled token.
         normalize: ``"layernorm"`` (default) | ``"none"``: what W_concat reads (see above).
+        compile: ``"auto"`` (default: ``torch.compile`` the fused step when the states are on CUDA) |
+            ``True`` (everywhere) | ``False``.
     """
 
     def __init__(
@@ -121,8 +123,12 @@ class Integrator(nn.Module):
         kind: str = "encoder",
         init_std: float = 0.02,
         normalize: str = "layernorm",
+        compile: bool | str = "auto",
     ):
         super().__init__()
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be true, false or 'auto', got {compile!r}")
+        self.compile = compile
         if mode not in ("token", "pooled"):
             raise ValueError(f"mode must be 'token' or 'pooled', got {mode!r}")
         if normalize not in ("layernorm", "none"):
@@ -146,12 +152,46 @@ class Integrator(nn.Module):
         self.register_buffer(
             "offdiag", torch.tensor([m * n + k for m, k in self.pairs], dtype=torch.long), persistent=False
         )
+        # M - I = C z: C[m n + m', p] = beta for a_{m,m'}, -gamma for b_{m,m'}; C[m n + m, P + p] += gamma
+        z_to_m = torch.zeros(n * n, 2 * num_pairs, dtype=torch.float64)  # beta, gamma unrounded until cast
+        for p, (m, k) in enumerate(self.pairs):
+            z_to_m[m * n + k, p] = beta
+            z_to_m[m * n + k, num_pairs + p] = -gamma
+            z_to_m[m * n + m, num_pairs + p] = gamma
+        self.register_buffer("z_to_m", z_to_m, persistent=False)
+
+    def combined_weight(self) -> torch.Tensor:
+        """(n^2, n d): W_concat folded with the equation's constant map from z to M - I.
+
+        The equation is ``h~_m = sum_k M[m, k] h_k`` with ``M = I + C z`` for a constant (n^2, 2P) matrix C
+        (``M[m, m'] = beta a_{m,m'} - gamma b_{m,m'}``, ``M[m, m] = 1 + gamma sum_{m'} b_{m,m'}``), so
+        ``M - I = (C W_concat) x`` for x what W_concat reads: one small matmul a layer and step, differentiable.
+        """
+        return self.z_to_m.to(self.W_concat.weight.dtype) @ self.W_concat.weight
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(n, B, T, d) layer outputs, (B, T) attention mask -> (n, B, T, d) refined outputs.
 
-        Computed in the integrator's dtype (float32), returned in ``h``'s dtype.
+        Computed in the integrator's dtype (float32), returned in ``h``'s dtype. Fused: the coefficients
+        ``M - I`` come from one batched matmul of the states (as they lie, no concatenation) with the
+        combined weights (:meth:`combined_weight`), the layer norm folded in from per-token statistics;
+        the weighted sums are n in-place ``addcmul_``; ``torch.compile``d on CUDA (``compile``). The
+        same maths as :meth:`forward_reference` (the unfused original, kept for the tests).
         """
+        if self.W_concat is None:
+            return h
+        hf = h.to(self.W_concat.weight.dtype)
+        reads = hf if self.mode == "token" else pooled_states(hf, attention_mask, self.kind)
+        step = integrate_compiled if self.use_compile(h) else integrate
+        return step(hf, reads, self.combined_weight(), self.normalize == "layernorm").to(h.dtype)
+
+    def use_compile(self, h: torch.Tensor) -> bool:
+        """Whether this call runs the ``torch.compile``d step: ``compile`` True, or ``"auto"`` and h on CUDA."""
+        return self.compile is True or (self.compile == "auto" and h.is_cuda)
+
+    def forward_reference(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The unfused computation, as the equations read (concatenate, normalise, W_concat, build M, sum):
+        the reference :meth:`forward` is tested against."""
         if self.W_concat is None:
             return h
         n, B, T, d = h.shape
@@ -173,6 +213,60 @@ class Integrator(nn.Module):
         return refined.to(h.dtype)
 
 
+LAYER_NORM_EPS = 1e-5  # F.layer_norm's default, as forward_reference uses it
+
+
+def pooled_states(h: torch.Tensor, attention_mask: torch.Tensor, kind: str) -> torch.Tensor:
+    """(n, B, T, d) states -> (n, B, 1, d): every stream's pooled token (:func:`~recsys.models.head.pool`)."""
+    if kind == "encoder":
+        return h[:, :, :1]
+    last = attention_mask.long().sum(dim=1).clamp(min=1) - 1  # right padding
+    return h[:, torch.arange(h.size(1), device=h.device), last].unsqueeze(2)
+
+
+def integrate(h: torch.Tensor, reads: torch.Tensor, weight: torch.Tensor, layernorm: bool) -> torch.Tensor:
+    """One integrator step, fused: ``h~_m = h_m + sum_k (M - I)[m, k] h_k``.
+
+    Args:
+        h: (n, B, T, d) float states.
+        reads: what W_concat reads, unnormalised: ``h`` (mode token) or (n, B, 1, d) pooled states.
+        weight: (n^2, n d) combined weights (:meth:`Integrator.combined_weight`).
+        layernorm: W_concat reads ``LN(h_cat) / sqrt(n d)``; folded in as
+            ``W LN(x) / s = (W x - mean(x) W 1) * rstd(x) / s``, from per-token statistics, so the
+            normalised concatenation is never built.
+    Returns:
+        (n, B, T, d).
+    """
+    n, B, Tr, d = reads.shape
+    w = weight.view(n * n, n, d).permute(1, 2, 0)  # (n, d, n^2): stream k's block, transposed
+    coef = torch.bmm(reads.reshape(n, B * Tr, d), w).sum(0)  # (B Tr, n^2) = W [h_1; ...; h_n], no concatenation
+    if layernorm:
+        var, mean = torch.var_mean(reads, dim=(0, 3), correction=0)  # (B, Tr): over the n d concatenated values
+        scale = torch.rsqrt(var + LAYER_NORM_EPS) / math.sqrt(n * d)
+        coef = (coef - mean.reshape(-1, 1) * weight.sum(-1)) * scale.reshape(-1, 1)
+    coef = coef.t().reshape(n, n, B, Tr, 1)  # (M - I)[m, k] per token (or per sequence: broadcast over T)
+    refined = torch.addcmul(h, coef[:, 0], h[0])  # h_m + (M - I)[m, 0] h_0, all m at once
+    for k in range(1, n):  # over the n streams, in place (addcmul_'s backward needs only coef and h)
+        refined.addcmul_(coef[:, k], h[k])
+    return refined
+
+
+def _compiled(fn):
+    """``torch.compile(fn)`` on first use (compiling costs seconds: only where a call asks for it)."""
+    compiled = None
+
+    def call(*args):
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=True)
+        return compiled(*args)
+
+    return call
+
+
+integrate_compiled = _compiled(integrate)
+
+
 class XCrossModel(nn.Module):
     """X-Cross over a peft ``PeftModel`` holding the frozen backbone and n source LoRA adapters.
 
@@ -191,6 +285,8 @@ class XCrossModel(nn.Module):
         adapter_names: the n source adapters, in stream order.
         kind: ``"encoder"`` (pooled token: first) | ``"decoder"`` (pooled token: last non-pad).
         beta, gamma, mode, init, normalize: passed to every :class:`Integrator`.
+        compile_integrators: ``"auto"`` (on CUDA) | ``True`` | ``False``: ``torch.compile`` the integrators'
+            fused step (every :class:`Integrator`'s ``compile``).
         w_init: initial w, n values; ``None`` -> 1/n each **[ours]**.
         head_state: a ``ScoringHead`` state dict to start the head from (e.g. the target LoRA's head).
         head_dropout: the head's dropout.
@@ -222,6 +318,7 @@ class XCrossModel(nn.Module):
         combine: str = "after_norm",
         routing: str = "slice",
         normalize: str = "layernorm",
+        compile_integrators: bool | str = "auto",
     ):
         super().__init__()
         if routing not in ("slice", "peft"):
@@ -254,7 +351,8 @@ class XCrossModel(nn.Module):
             self.routing = "peft"  # an adapter type the slice path does not know: peft's own routing
 
         self.integrators = nn.ModuleList(
-            Integrator(self.n, d, beta=beta, gamma=gamma, mode=mode, init=init, kind=kind, normalize=normalize)
+            Integrator(self.n, d, beta=beta, gamma=gamma, mode=mode, init=init, kind=kind, normalize=normalize,
+                       compile=compile_integrators)
             for _ in range(len(self._layers[0]))
         )
         self._effect: list | None = None  # [sum of ratios, tokens] while measuring (measure_effect)
