@@ -126,6 +126,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sources", type=int, default=2, help="X-Cross: number of source adapters n")
     p.add_argument("--xcross-normalize", choices=("layernorm", "none"), default="layernorm",
                    help="X-Cross: what W_concat reads (method.module.normalize)")
+    p.add_argument("--xcross-compare", choices=("peft", "unfused", "both"), default="peft",
+                   help="X-Cross: the extra variant(s) timed beside the default model: peft's mixed-adapter routing "
+                        "(inference), and/or the unfused reference integrators (Integrator.forward_reference: "
+                        "training and inference)")
     p.add_argument("--weave-sources", default="1,2", help="WeaveRec: numbers of sources N (N+1 branches)")
     p.add_argument("--merged", default="1,2,3", help="numbers of adapters merged for the merged-inference rows")
     p.add_argument("--naive-loop-batches", type=int, default=1,
@@ -1056,39 +1060,78 @@ class Bench:
         lora = self.lora()
         xt = DirectTrainer(module, a, self.device, self.total_steps(), self.train_batch)
         lt = self.lora_direct()
-        tr = alternate({"xcross": partial(direct, xt.step), "lora": partial(direct, lt.step)},
-                       a.steps, a.rounds, a.warmup, a.rewarm, self.meter)
+        peft_routing, unfused = a.xcross_compare in ("peft", "both"), a.xcross_compare in ("unfused", "both")
 
-        def infer(m, routing=None):
+        @contextlib.contextmanager
+        def integrators(impl):
+            """``unfused``: every integrator runs ``forward_reference`` (the unfused original) inside the block."""
+            if impl == "unfused":
+                for integ in module.xcross.integrators:
+                    integ.forward = integ.forward_reference
+            try:
+                yield
+            finally:
+                for integ in module.xcross.integrators:
+                    integ.__dict__.pop("forward", None)
+
+        def train(impl):
+            def run(first, warmup, k, block):
+                with integrators(impl):
+                    return direct(xt.step, first, warmup, k, block)
+            return run
+
+        variants = {"xcross": train("fused"), "lora": partial(direct, lt.step)}
+        if unfused:
+            variants["xcross_unfused"] = train("unfused")
+        tr = alternate(variants, a.steps, a.rounds, a.warmup, a.rewarm, self.meter)
+
+        def infer(m, routing=None, impl="fused"):
             def run(first, warmup, k, block):
                 default = module.xcross.routing
                 if routing:  # the same X-Cross module with the other adapter routing
                     module.xcross.routing = routing
                 try:
-                    with eval_mode(m):
+                    with eval_mode(m), integrators(impl):
                         return direct(infer_step(m.score, a, self.test_batch), first, warmup, k, block)
                 finally:
                     module.xcross.routing = default
             return run
 
-        ev = alternate({"xcross": infer(module), "xcross_peft": infer(module, "peft"), "lora": infer(lora)},
-                       a.eval_steps, a.rounds, a.warmup, a.rewarm, self.meter)
+        variants = {"xcross": infer(module), "lora": infer(lora)}
+        if peft_routing:
+            variants["xcross_peft"] = infer(module, "peft")
+        if unfused:
+            variants["xcross_unfused"] = infer(module, impl="unfused")
+        ev = alternate(variants, a.eval_steps, a.rounds, a.warmup, a.rewarm, self.meter)
         sec = f"5. X-Cross, n = {n} sources, normalize={a.xcross_normalize} (direct calls)"
-        t_x, t_l = per_step(tr["xcross"]), per_step(tr["lora"])
-        r = t_x / (n * t_l)
-        spread = round_ratios(tr["xcross"], tr["lora"], n)
-        self.add(sec, f"training step (ms): X-Cross vs LoRA; ratio to {n} x LoRA", 1e3 * t_x, 1e3 * t_l, r,
-                 "<= 1.15", verdict(r, "<=", 1.15, spread), span(spread), key="xcross/train_ratio_to_n_lora")
+        for what, res, target in (("training step", tr, 1.15), ("inference batch", ev, 1.1)):
+            stem = "train" if what == "training step" else "infer"
+            t_x, t_l = per_step(res["xcross"]), per_step(res["lora"])
+            r, spread = t_x / (n * t_l), round_ratios(res["xcross"], res["lora"], n)
+            self.add(sec, f"{what} (ms): X-Cross vs LoRA; ratio to {n} x LoRA", 1e3 * t_x, 1e3 * t_l, r,
+                     f"<= {target}", verdict(r, "<=", target, spread), span(spread), key=f"xcross/{stem}_ratio_to_n_lora")
+            self.figures[f"xcross/{stem}_ratio_to_n_lora_rounds"] = spread
+            if unfused:
+                t_u = per_step(res["xcross_unfused"])
+                r, spread = t_u / (n * t_l), round_ratios(res["xcross_unfused"], res["lora"], n)
+                self.add(sec, f"{what} (ms): X-Cross, unfused integrators, vs LoRA; ratio to {n} x LoRA", 1e3 * t_u,
+                         1e3 * t_l, r, f"<= {target}", verdict(r, "<=", target, spread), span(spread),
+                         key=f"xcross/{stem}_ratio_to_n_lora_unfused")
+                self.figures[f"xcross/{stem}_ratio_to_n_lora_unfused_rounds"] = spread
+                spread = round_ratios(res["xcross"], res["xcross_unfused"], 1)
+                self.add(sec, f"{what} (ms): fused integrators (default) vs unfused", 1e3 * t_x, 1e3 * t_u, t_x / t_u,
+                         "<= 1.0", verdict(t_x / t_u, "<=", 1.0, spread), span(spread),
+                         key=f"xcross/{stem}_fused_over_unfused")
+                self.figures[f"xcross/{stem}_fused_over_unfused_rounds"] = spread
         e_x, e_l = per_step(ev["xcross"]), per_step(ev["lora"])
-        r = e_x / (n * e_l)
-        spread = round_ratios(ev["xcross"], ev["lora"], n)
-        self.add(sec, f"inference batch (ms): X-Cross vs LoRA; ratio to {n} x LoRA", 1e3 * e_x, 1e3 * e_l, r,
-                 "<= 1.1", verdict(r, "<=", 1.1, spread), span(spread), key="xcross/infer_ratio_to_n_lora")
-        e_p = per_step(ev["xcross_peft"])
-        spread = round_ratios(ev["xcross"], ev["xcross_peft"], 1)
-        self.add(sec, "inference batch (ms): slice routing (default) vs peft's mixed-adapter batch", 1e3 * e_x,
-                 1e3 * e_p, e_x / e_p, "<= 1.0", verdict(e_x / e_p, "<=", 1.0, spread), span(spread),
-                 key="xcross/infer_slice_over_peft_routing")
+        t_x, t_l = per_step(tr["xcross"]), per_step(tr["lora"])
+        e_p = None
+        if peft_routing:
+            e_p = per_step(ev["xcross_peft"])
+            spread = round_ratios(ev["xcross"], ev["xcross_peft"], 1)
+            self.add(sec, "inference batch (ms): slice routing (default) vs peft's mixed-adapter batch", 1e3 * e_x,
+                     1e3 * e_p, e_x / e_p, "<= 1.0", verdict(e_x / e_p, "<=", 1.0, spread), span(spread),
+                     key="xcross/infer_slice_over_peft_routing")
         px, pl = tr["xcross"]["peak"] / 2**20, tr["lora"]["peak"] / 2**20
         self.add(sec, "training peak memory above weights (MiB)", px, pl, mem_ratio(px, pl))
         self.figures.update({"xcross/train_step_s": t_x, "xcross/lora_train_step_s": t_l,
