@@ -243,12 +243,14 @@ def integrate(h: torch.Tensor, reads: torch.Tensor, weight: torch.Tensor, layern
         w = torch.cat([w, w.new_full((n, 1, d), 1.0 / (n * d))], dim=1)
     coef = torch.bmm(reads.reshape(n, B * Tr, d), w.contiguous().transpose(1, 2)).sum(0)  # (B Tr, n^2 [+ 1]) = W [h_1; ...; h_n], no concatenation
     if layernorm:
-        coef, mean = coef[:, :-1], coef[:, -1:]
-        # var = E[x^2] - mean^2, E[x^2] from each stream's norm (a contiguous reduction; torch.var_mean over
-        # the n and d dims is ~10x slower on the CPU)
-        var = torch.linalg.vector_norm(reads, dim=-1).square().mean(0).reshape(-1, 1) / d - mean.square()
-        scale = torch.rsqrt(var + LAYER_NORM_EPS) / math.sqrt(n * d)
-        coef = (coef - mean * weight.sum(-1)) * scale
+        stat = torch.promote_types(reads.dtype, torch.float32)  # bf16 states: statistics in float32
+        coef, mean = coef[:, :-1], coef[:, -1:].to(stat)
+        # var = E[x^2] - mean^2 (at least float32), E[x^2] from each stream's norm (a contiguous reduction;
+        # torch.var_mean over the n and d dims is ~10x slower on the CPU). Exact up to rounding; it loses
+        # precision only where |mean| >> std over a token's n d values, which hidden states do not show.
+        sq = torch.linalg.vector_norm(reads, dim=-1, dtype=stat).square().mean(0).reshape(-1, 1) / d
+        scale = (torch.rsqrt(sq - mean.square() + LAYER_NORM_EPS) / math.sqrt(n * d)).to(coef.dtype)
+        coef = (coef - mean.to(coef.dtype) * weight.sum(-1)) * scale
     coef = coef.t().reshape(n, n, B, Tr, 1)  # (M - I)[m, k] per token (or per sequence: broadcast over T)
     streams, coefs = h.unbind(0), coef.unbind(1)  # unbind: one gradient copy in backward, not n zero-filled ones
     refined = torch.addcmul(h, coefs[0], streams[0])  # h_m + (M - I)[m, 0] h_0, all m at once
