@@ -527,3 +527,15 @@ def test_compiled_integrator_step_on_cpu_equals_eager():
     eager = _fused_and_reference(integ, h, mask)["fused"]
     for fused, ref in zip(compiled, eager):
         assert _rel(fused, ref) < 1e-5
+
+
+@pytest.mark.parametrize("normalize", ["none", "layernorm"])
+def test_fused_integrator_in_bf16_close_to_reference(normalize):
+    """bf16 integrators (bf16-true): the fused step (layer-norm statistics in float32) stays within bf16
+    rounding of the reference."""
+    torch.manual_seed(0)
+    integ = Integrator(2, 64, init="normal", init_std=0.3, normalize=normalize, compile=False).to(torch.bfloat16)
+    h, mask = (torch.randn(2, 3, 6, 64) + 0.5).to(torch.bfloat16), torch.ones(3, 6, dtype=torch.long)
+    with torch.no_grad():
+        fused, ref = integ(h, mask).float(), integ.forward_reference(h, mask).float()
+    assert _rel(fused, ref) < 2e-2 and _rel(fused, h.float()) > 5e-2
