@@ -126,6 +126,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sources", type=int, default=2, help="X-Cross: number of source adapters n")
     p.add_argument("--xcross-normalize", choices=("layernorm", "none"), default="layernorm",
                    help="X-Cross: what W_concat reads (method.module.normalize)")
+    p.add_argument("--xcross-compile", choices=("auto", "true", "false"), default="auto",
+                   help="X-Cross: torch.compile the integrators' fused step (method.module.compile_integrators; "
+                        "auto: on CUDA)")
     p.add_argument("--xcross-compare", choices=("peft", "unfused", "both"), default="peft",
                    help="X-Cross: the extra variant(s) timed beside the default model: peft's mixed-adapter routing "
                         "(inference), and/or the unfused reference integrators (Integrator.forward_reference: "
@@ -1054,7 +1057,9 @@ class Bench:
         with tempfile.TemporaryDirectory() as tmp:
             adapters = self.source_adapters(n, tmp)
             torch.manual_seed(a.seed)
+            compile_integrators = {"auto": "auto", "true": True, "false": False}[a.xcross_compile]
             module = XCrossModule(self.models.fresh(), adapters, normalize=a.xcross_normalize,
+                                  compile_integrators=compile_integrators,
                                   optimizer=partial(make_optimizer, args=a, device=self.device))
         self.models.place(module)
         lora = self.lora()

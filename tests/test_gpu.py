@@ -45,7 +45,8 @@ def bench():
 
 
 BENCH_SMALL = ["--device", "cuda", "--precision", "bf16", "--steps", "2", "--eval-steps", "1", "--rounds", "1",
-               "--warmup", "0", "--num-users", "40", "--batch-size", "4", "--eval-batch-size", "2"]
+               "--warmup", "0", "--num-users", "40", "--batch-size", "4", "--eval-batch-size", "2",
+               "--xcross-compile", "false"]  # compiling costs seconds: test_compiled_integrator_on_cuda_... covers it
 
 
 def test_xcross_and_weaverec_steps(bench):
