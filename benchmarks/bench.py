@@ -1128,6 +1128,8 @@ class Bench:
                          "<= 1.0", verdict(t_x / t_u, "<=", 1.0, spread), span(spread),
                          key=f"xcross/{stem}_fused_over_unfused")
                 self.figures[f"xcross/{stem}_fused_over_unfused_rounds"] = spread
+        if unfused:  # the integrators alone, on the states they saw in one inference batch
+            self._integrators_alone(sec, module, infer, per_step(ev["xcross"]), per_step(ev["xcross_unfused"]))
         e_x, e_l = per_step(ev["xcross"]), per_step(ev["lora"])
         t_x, t_l = per_step(tr["xcross"]), per_step(tr["lora"])
         e_p = None
@@ -1145,6 +1147,38 @@ class Bench:
                              "xcross/train_peak_mib": px, "xcross/lora_train_peak_mib": pl})
         del module, xt
         self.free()
+
+    def _integrators_alone(self, sec: str, module, infer, e_fused: float, e_unfused: float) -> None:
+        """Time every layer's integrator on the (n, B, T, d) states and mask it received in one X-Cross
+        inference batch (captured by forward hooks), fused against unfused, alternating; their share of
+        the whole inference batch."""
+        a, seen = self.args, []
+        integs = list(module.xcross.integrators)
+        hooks = [i.register_forward_hook(lambda mod, args, out: seen.append((mod, args[0], args[1]))) for i in integs]
+        try:
+            infer(module)(0, 0, 1, Block(self.meter))
+        finally:
+            for h in hooks:
+                h.remove()
+
+        def run(impl):
+            @torch.inference_mode()
+            def step(i):
+                for integ, h, mask in seen:
+                    (integ.forward if impl == "fused" else integ.forward_reference)(h, mask)
+            return partial(direct, step)
+
+        res = alternate({"fused": run("fused"), "unfused": run("unfused")}, 4 * a.eval_steps, a.rounds, a.warmup,
+                        a.rewarm, self.meter)
+        t_f, t_u = per_step(res["fused"]), per_step(res["unfused"])
+        spread = round_ratios(res["fused"], res["unfused"])
+        self.add(sec, f"the {len(seen)} integrators alone, one inference batch's states (ms): fused vs unfused",
+                 1e3 * t_f, 1e3 * t_u, t_f / t_u, "<= 1.0", verdict(t_f / t_u, "<=", 1.0, spread), span(spread),
+                 key="xcross/integrators_alone_fused_over_unfused")
+        self.figures["xcross/integrators_alone_fused_over_unfused_rounds"] = spread
+        self.add(sec, "integrators' share of an X-Cross inference batch: fused vs unfused", t_f / e_fused,
+                 t_u / e_unfused, key="xcross/integrators_share_of_inference")
+        self.figures["xcross/integrators_share_of_inference_unfused"] = t_u / e_unfused
 
     # ---------------------------------------------------------------- part 6: WeaveRec and merged inference
     def part_weaverec(self):
