@@ -1114,7 +1114,8 @@ class Bench:
             t_x, t_l = per_step(res["xcross"]), per_step(res["lora"])
             r, spread = t_x / (n * t_l), round_ratios(res["xcross"], res["lora"], n)
             self.add(sec, f"{what} (ms): X-Cross vs LoRA; ratio to {n} x LoRA", 1e3 * t_x, 1e3 * t_l, r,
-                     f"<= {target}", verdict(r, "<=", target, spread), span(spread), key=f"xcross/{stem}_ratio_to_n_lora")
+                     f"<= {target}", verdict(r, "<=", target, spread), span(spread),
+                     key=f"xcross/{stem}_ratio_to_n_lora")
             self.figures[f"xcross/{stem}_ratio_to_n_lora_rounds"] = spread
             if unfused:
                 t_u = per_step(res["xcross_unfused"])
@@ -1154,7 +1155,10 @@ class Bench:
         the whole inference batch."""
         a, seen = self.args, []
         integs = list(module.xcross.integrators)
-        hooks = [i.register_forward_hook(lambda mod, args, out: seen.append((mod, args[0], args[1]))) for i in integs]
+        def grab(mod, args, out):
+            seen.append((mod, args[0], args[1]))
+
+        hooks = [i.register_forward_hook(grab) for i in integs]
         try:
             infer(module)(0, 0, 1, Block(self.meter))
         finally:

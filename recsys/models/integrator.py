@@ -175,7 +175,8 @@ class Integrator(nn.Module):
         Computed in the integrator's dtype (float32), returned in ``h``'s dtype. Fused: the coefficients
         ``M - I`` come from one batched matmul of the states (as they lie, no concatenation) with the
         combined weights (:meth:`combined_weight`), the layer norm folded in from per-token statistics;
-        the weighted sums are n in-place ``addcmul_``; ``torch.compile``d on CUDA (``compile``). The
+        the weighted sums are one ``addcmul`` and n - 1 in-place ``addcmul_``; ``torch.compile``d on CUDA
+        (``compile``). The
         same maths as :meth:`forward_reference` (the unfused original, kept for the tests).
         """
         if self.W_concat is None:
@@ -241,7 +242,8 @@ def integrate(h: torch.Tensor, reads: torch.Tensor, weight: torch.Tensor, layern
     w = weight.view(n * n, n, d).transpose(0, 1)  # (n, n^2, d): stream k's block
     if layernorm:  # one more row: the mean over the n d concatenated values, from the same matmul
         w = torch.cat([w, w.new_full((n, 1, d), 1.0 / (n * d))], dim=1)
-    coef = torch.bmm(reads.reshape(n, B * Tr, d), w.contiguous().transpose(1, 2)).sum(0)  # (B Tr, n^2 [+ 1]) = W [h_1; ...; h_n], no concatenation
+    # (B Tr, n^2 [+ 1]) = W [h_1; ...; h_n], summed over the streams' blocks: no concatenation
+    coef = torch.bmm(reads.reshape(n, B * Tr, d), w.contiguous().transpose(1, 2)).sum(0)
     if layernorm:
         stat = torch.promote_types(reads.dtype, torch.float32)  # bf16 states: statistics in float32
         coef, mean = coef[:, :-1], coef[:, -1:].to(stat)
