@@ -311,7 +311,7 @@ class RecDataModule(L.LightningDataModule):
         self.kind, self.likelihood = kind, likelihood
         self.tokenizer = tokenizer
         self.domains: dict[str, Domain] = {}
-        self.skip_streams: set[str] = set()  # training streams a module does not train (set before setup)
+        self.skip_streams: set[str] = set()  # training streams the module does not train (``train_only``)
         self._validate()
 
     # ------------------------------------------------------------------ configuration checks
@@ -353,6 +353,17 @@ class RecDataModule(L.LightningDataModule):
         """Give the DataModule the backbone's tokenizer (the text layout depends on it)."""
         self.tokenizer, self.kind, self.likelihood = tokenizer, kind, likelihood
         return self
+
+    def stream_names(self) -> list[str]:
+        """The training streams of this mix: ``train``, or for ``hybrid`` ``target`` and ``hybrid/<S>`` a source."""
+        if self.mix != "hybrid":
+            return ["train"]
+        return ["target"] + [f"hybrid/{s}" for s in self.sources]
+
+    def train_only(self, streams: set[str] | None) -> None:
+        """Load only these training streams (None: all), e.g. not the stream of a WeaveRec hybrid reused from
+        the store; the pipeline calls it with the module's ``train_streams()`` before ``setup``."""
+        self.skip_streams = set() if streams is None else set(self.stream_names()) - set(streams)
 
     @property
     def used_domains(self) -> list[str]:

@@ -10,45 +10,21 @@ keyed by the input files and the settings, so the second load skips all of it.
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import logging
 import os
-import re
 import tempfile
 from collections import Counter
 from pathlib import Path
 
-from recsys.data.domain import DataError, Domain, drop_short_users
-from recsys.progress import status
+from recsys.data.domain import DataError, Domain, clean_title, drop_short_users
 from recsys.data.readers import find_raw_files, read_plain, read_raw
+from recsys.progress import status
 
 log = logging.getLogger("recsys.data")
 
 # Bump when build_domain or the cache layout changes: old cache files then stop matching.
 CACHE_FORMAT_VERSION = 1
-
-_TAG = re.compile(r"<!--.*?-->|</?[A-Za-z][^<>]*>", re.DOTALL)
-
-
-def clean_title(s) -> str:
-    """Unescape HTML entities (``&amp;`` -> ``&``), strip tags, collapse whitespace.
-
-    Anything that is not a string (a missing title) gives ``""``.
-    """
-    if not isinstance(s, str):
-        return ""
-    for _ in range(2):  # some dumps escape twice (``&amp;amp;``)
-        if "&" not in s:
-            break
-        unescaped = html.unescape(s)
-        if unescaped == s:
-            break
-        s = unescaped
-    if "<" in s:
-        s = _TAG.sub(" ", s)
-    return " ".join(s.split())
-
 
 def _k_core(
     user_items: dict[str, list[str]], k: int

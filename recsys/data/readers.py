@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from recsys.data.domain import DataError, Domain, drop_short_users
+from recsys.data.domain import DataError, Domain, clean_title, drop_short_users
 from recsys.progress import track
 
 log = logging.getLogger("recsys.data")
@@ -134,7 +134,6 @@ def read_plain(folder: str | Path, name: str | None = None) -> Domain:
     them and to ids missing from ``items.jsonl``; users left with fewer than 3 items are dropped.
     Every count lands in ``domain.stats``. ``name`` defaults to the folder name.
     """
-    from recsys.data.preprocess import clean_title  # preprocess imports this module
 
     folder = Path(folder)
     name = name or folder.name

@@ -53,74 +53,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
 from torch import nn
 
 from recsys.errors import UserError
-from recsys.methods.base import RecModule
+from recsys.methods.base import RecModule, RunInfo
 from recsys.methods.lora import lora_config
 from recsys.metrics import RankingMetrics
-from recsys.models.adapter_store import AdapterStore, hybrid_name
+from recsys.models.adapter_store import (
+    AdapterSpec, AdapterStore, hybrid_name, load_into, lora_record, save_head, weaverec_name,
+)
 from recsys.models.backbone import Backbone
 from recsys.models.head import ScoringHead
 from recsys.models.merging import (
-    GRANULARITIES, MERGE_RULES, learn_merge_weights, merge_adapters, save_dense, save_merged_adapter,
+    MERGED, MergeSettings, average_heads, check_weight_count, learn_merge_weights, save_dense, save_merged_adapter,
 )
 from recsys.models.scoring import likelihood_scores, pair_scores
 
 log = logging.getLogger("recsys.weaverec")
 
-MERGED = "merged"  # the peft adapter holding the merge of the branches
 TARGET = "target"  # the peft adapter of branch 0
 HEAD_MODES = ("per_branch", "shared")
-MERGE_DEFAULTS = {
-    "rule": "weaverec", "weights": None, "scaling": 1.0, "density": 0.5, "majority_sign_method": "total",
-    "seed": 0, "learn_weights": False, "learn_steps": 50, "learn_lr": 1e-3, "learn_batches": 8,
-    "granularity": "module",
-}
-# data settings (``cfg.data``) that change what a hybrid is trained on: a stored hybrid must match them
+# data settings (``data.*``) that change what a hybrid is trained on: a stored hybrid must match them
 HYBRID_DATA_KEYS = ("hybrid_cap", "max_train_examples", "max_history", "target_fraction", "prompt")
-
-
 HEAD_SEED = 0  # [ours] the initial weights of WeaveRec's heads, the same in every run (see _build_heads)
-
-
-def weaverec_name(target: str, sources) -> str:
-    """Store name of a WeaveRec merge: ``weaverec-games-from-beauty+toys`` (sources sorted)."""
-    return f"weaverec-{target}-from-" + "+".join(sorted(sources))
-
-
-def merge_settings(merge: dict | None) -> dict:
-    """The ``merge`` config with its defaults; ValueError on unknown keys, rules or granularities."""
-    merge = dict(merge or {})
-    unknown = sorted(set(merge) - set(MERGE_DEFAULTS))
-    if unknown:
-        raise UserError(f"unknown merge settings {unknown}; known: {sorted(MERGE_DEFAULTS)}")
-    merge = {**MERGE_DEFAULTS, **merge}
-    if merge["rule"] not in MERGE_RULES:
-        raise UserError(f"merge.rule={merge['rule']!r} is unknown; known rules: {', '.join(MERGE_RULES)}")
-    if merge["granularity"] not in GRANULARITIES:
-        raise UserError(f"merge.granularity={merge['granularity']!r} is unknown; known: {GRANULARITIES}")
-    return merge
-
-
-def check_weight_count(weights, adapters: list[str]) -> None:
-    """ValueError unless ``weights`` (None or a list) has one value per adapter."""
-    if weights is not None and len(weights) != len(adapters):
-        raise UserError(
-            f"merge.weights has {len(weights)} values {list(weights)} but {len(adapters)} adapters are merged "
-            f"({', '.join(adapters)}): give one lambda per adapter, in this order, or null for the default"
-        )
-
-
-def average_heads(heads: list[nn.Module], weights: list[float], into: nn.Module) -> None:
-    """Set ``into``'s parameters to the weighted average sum_i w_i theta_i / sum_i w_i of the heads'."""
-    total = sum(weights)
-    if total == 0:
-        raise UserError(f"the merge weights {weights} sum to 0: the heads cannot be averaged")
-    with torch.no_grad():
-        for name, p in into.named_parameters():
-            p.copy_(sum(w * dict(h.named_parameters())[name] for w, h in zip(weights, heads)) / total)
+__all__ = ["WeaveRecModule", "MERGED", "weaverec_name"]
 
 
 @dataclass
@@ -162,19 +119,19 @@ class WeaveRecModule(RecModule):
         reuse = dict(reuse or {})
         self.target, self.sources = target, list(sources)
         self.head_mode, self.validate_branches, self.export_dense = head, validate_branches, export_dense
-        self.merge_cfg = merge_settings(merge)
+        self.merge_cfg = MergeSettings.of(merge)
         self.lora = lora_config(backbone, r, alpha, dropout, target_modules)
         self.branches = [Branch(TARGET, "target", None, True)] + [
             Branch(hybrid_name(target, s), f"hybrid/{s}", s, s not in reuse) for s in self.sources
         ]
-        check_weight_count(self.merge_cfg["weights"], self.adapters)
+        check_weight_count(self.merge_cfg.weights, self.adapters)
 
         self.model = get_peft_model(backbone.model, self.lora, adapter_name=TARGET)
         for b in self.branches[1:]:
             if b.trained:
                 self.model.add_adapter(b.adapter, self.lora)
             else:
-                self.model.load_adapter(str(reuse[b.source]), adapter_name=b.adapter, is_trainable=False)
+                load_into(self.model, {b.adapter: reuse[b.source]})
         self.heads = self._build_heads(reuse)
         self.merged_head = None
         if self.heads is not None and head == "per_branch":
@@ -205,56 +162,34 @@ class WeaveRecModule(RecModule):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, backbone: Backbone, datamodule=None, store: AdapterStore | None = None, cfg=None,
-                    retrain_hybrids: bool = False, **kwargs) -> "WeaveRecModule":
-        """Build from the method config: target and sources from the DataModule (``mix=hybrid``),
-        compatible stored hybrids reused unless ``retrain_hybrids``."""
-        if datamodule is None or datamodule.mix != "hybrid":
+    def required_adapters(cls, run: RunInfo, backbone: Backbone, retrain_hybrids: bool = False, r: int = 8,
+                          alpha: float = 16, dropout: float = 0.05, target_modules=None, scoring: str = "head",
+                          head: str = "per_branch", **kwargs) -> list[AdapterSpec]:
+        """The stored hybrids it would reuse (optional: a missing or unfitting one is trained here), none with
+        ``retrain_hybrids``. A hybrid fits when its LoRA, scoring, head and the data settings that shape it match."""
+        if retrain_hybrids:
+            return []
+        lora = lora_config(backbone, r, alpha, dropout, target_modules)
+        mine = {"backbone": backbone.name, **lora_record(lora, scoring, head=head if scoring == "head" else None)}
+        mine |= {f"data.{k}": run.data.get(k) for k in HYBRID_DATA_KEYS}
+        return [AdapterSpec(hybrid_name(run.target, s), trainable=False, optional=True, strict=True,
+                            expect={**mine, **{f"data.domains.{d}": run.data.get("domains", {}).get(d)
+                                               for d in (run.target, s)}})
+                for s in run.sources]
+
+    @classmethod
+    def from_config(cls, backbone: Backbone, run: RunInfo, retrain_hybrids: bool = False,
+                    **kwargs) -> "WeaveRecModule":
+        """Target and sources from the run (``mix=hybrid``); the stored hybrids the pipeline found are reused."""
+        if run.mix != "hybrid":
             raise UserError("method=weaverec needs the DataModule with data mix 'hybrid' (method.mix: hybrid)")
-        target, sources = datamodule.target, list(datamodule.sources)
-        reuse = {}
-        if store is not None and not retrain_hybrids:
-            lora = lora_config(backbone, kwargs.get("r", 8), kwargs.get("alpha", 16), kwargs.get("dropout", 0.05),
-                               kwargs.get("target_modules"))
-            for s in sources:
-                name = hybrid_name(target, s)
-                if not store.exists(backbone.name, name):
-                    continue
-                folder = store.path(backbone.name, name)
-                why = cls._incompatible(store.load_manifest(folder), backbone, lora, kwargs, cfg, (target, s))
-                if why:
-                    log.warning("stored hybrid %s is not reused (%s): it is retrained and will be overwritten",
-                                folder, why)
-                else:
-                    log.info("reusing the stored hybrid %s (retrain with method.module.retrain_hybrids=true)", folder)
-                    reuse[s] = str(folder)
-        module = cls(backbone, target=target, sources=sources, reuse=reuse, **kwargs)
-        # reused hybrids train no more: their streams are not loaded
-        datamodule.skip_streams = {f"hybrid/{s}" for s in reuse}
-        return module
+        reuse = {s: str(run.adapters[hybrid_name(run.target, s)]) for s in run.sources
+                 if hybrid_name(run.target, s) in run.adapters}
+        return cls(backbone, target=run.target, sources=list(run.sources), reuse=reuse, **kwargs)
 
-    @staticmethod
-    def _incompatible(manifest: dict, backbone: Backbone, lora, kwargs: dict, cfg, domains) -> str:
-        """Why a stored hybrid cannot be reused here ('' if it can)."""
-        scoring, head = kwargs.get("scoring", "head"), kwargs.get("head", "per_branch")
-        mine = {"backbone": backbone.name, "r": lora.r, "alpha": lora.lora_alpha,
-                "target_modules": sorted(lora.target_modules), "scoring": scoring,
-                "head": head if scoring == "head" else None}
-        for key, value in mine.items():
-            if manifest.get(key) != value:
-                return f"{key} {manifest.get(key)!r} != {value!r}"
-        if cfg is not None and "data" in manifest:
-            from omegaconf import OmegaConf
-
-            data = OmegaConf.to_container(cfg.data, resolve=True)
-            stored = manifest["data"]
-            for key in HYBRID_DATA_KEYS:
-                if stored.get(key) != data.get(key):
-                    return f"data.{key} {stored.get(key)!r} != {data.get(key)!r}"
-            for d in domains:
-                if stored.get("domains", {}).get(d) != data["domains"].get(d):
-                    return f"data.domains.{d} differs"
-        return ""
+    def train_streams(self) -> set[str]:
+        """The target stream and the hybrid streams of the branches that train (a reused hybrid's is not loaded)."""
+        return {b.stream for b in self.branches if b.trained}
 
     def _build_heads(self, reuse: dict[str, str]) -> nn.ModuleList | None:
         """None (likelihood), one shared head, or one head a branch, all from the same initial weights.
@@ -305,11 +240,7 @@ class WeaveRecModule(RecModule):
 
     def merge_weights(self) -> list[float]:
         """The global lambda_i (config, or uniform 1/(N+1) for rule weaverec, 1 for the others)."""
-        w = self.merge_cfg["weights"]
-        if w is not None:
-            return [float(x) for x in w]
-        n = len(self.branches)
-        return [1.0 / n] * n if self.merge_cfg["rule"] == "weaverec" else [1.0] * n
+        return self.merge_cfg.global_weights(len(self.branches))
 
     def ensure_merged(self, batches=None) -> None:
         """(Re)build the merged adapter (and head) from the current branches, if they changed.
@@ -319,9 +250,8 @@ class WeaveRecModule(RecModule):
         """
         if not self._stale and MERGED in self.model.peft_config:
             return
-        m = self.merge_cfg
         weights = self.merge_weights()
-        if m["learn_weights"]:
+        if self.merge_cfg.learn_weights:
             if self._relearn or self.learned_weights is None:
                 if batches is None:
                     raise RuntimeError("merge.learn_weights needs validation batches to learn the lambdas")
@@ -331,9 +261,7 @@ class WeaveRecModule(RecModule):
         if MERGED in self.model.peft_config:
             self._activate(TARGET)  # never delete the active adapter
             self.model.delete_adapter(MERGED)
-        merge_adapters(self.model, self.adapters, rule=m["rule"], weights=weights, new_name=MERGED,
-                       scaling=m["scaling"], density=m["density"], majority_sign_method=m["majority_sign_method"],
-                       seed=m["seed"], activate=False)
+        self.merge_cfg.merge(self.model, self.adapters, weights, activate=False)
         self._restore_flags()
         for module in self.model.modules():  # the new adapter's dropout layers start in training mode
             if isinstance(module, nn.ModuleDict) and MERGED in module:
@@ -351,15 +279,15 @@ class WeaveRecModule(RecModule):
         taken = []
         for batch in batches:
             taken.append(move_data_to_device(batch, self.device))
-            if len(taken) >= m["learn_batches"]:
+            if len(taken) >= m.learn_batches:
                 break
         head = self.merged_head if self.merged_head is not None else self.head_of(0)
         if self.merged_head is not None:
             average_heads(list(self.heads), self.merge_weights(), self.merged_head)
         with torch.inference_mode(False), torch.enable_grad():
             learned = learn_merge_weights(self.model, self.adapters, lambda b: self._score(b, head), taken,
-                                          init=init, steps=m["learn_steps"], lr=m["learn_lr"],
-                                          granularity=m["granularity"])
+                                          init=init, steps=m.learn_steps, lr=m.learn_lr,
+                                          granularity=m.granularity)
         self._restore_flags()
         return learned
 
@@ -413,7 +341,7 @@ class WeaveRecModule(RecModule):
 
     def _merge_for(self, stage: str) -> None:
         batches = None
-        if self.merge_cfg["learn_weights"] and self._relearn and self.trainer.datamodule is not None:
+        if self.merge_cfg.learn_weights and self._relearn and self.trainer.datamodule is not None:
             batches = self.trainer.datamodule.val_dataloader()
         self.ensure_merged(batches)
 
@@ -496,7 +424,7 @@ class WeaveRecModule(RecModule):
     def extra_params(self) -> dict[str, float]:
         per_branch = sum(p.numel() for p, _ in self._branch_flags) // len(self.branches)
         out = {"params/per_branch_adapter": per_branch, "params/branches_trained": sum(b.trained for b in self.branches)}
-        if self.merge_cfg["rule"] in ("weaverec", "task_arithmetic"):  # rank sum_i r_i; ties/dare: dense
+        if self.merge_cfg.rule in ("weaverec", "task_arithmetic"):  # rank sum_i r_i; ties/dare: dense
             out["params/merged_adapter"] = per_branch * len(self.branches)
         return out
 
@@ -515,8 +443,7 @@ class WeaveRecModule(RecModule):
         (``weaverec-<T>-from-<S...>/``: the merged adapter in peft format, its head, every branch
         under ``branches/``, the dense model under ``dense/`` if ``export_dense``) to the store."""
         self.ensure_merged()
-        lora = {"r": self.lora.r, "alpha": self.lora.lora_alpha, "target_modules": sorted(self.lora.target_modules),
-                "scoring": self.scoring, "head": self.head_mode if self.scoring == "head" else None}
+        lora = lora_record(self.lora, self.scoring, head=self.head_mode if self.scoring == "head" else None)
         branch_metrics = self.extra_metrics()
         for i, b in enumerate(self.branches):
             if b.source is None or not b.trained:
@@ -531,10 +458,7 @@ class WeaveRecModule(RecModule):
             for i, b in enumerate(self.branches):
                 save_merged_adapter(self.model, b.adapter, str(folder / "branches" / b.adapter))
                 if self.head_of(i) is not None:
-                    from safetensors.torch import save_file
-
-                    save_file({k: v.detach().float().contiguous().cpu() for k, v in self.head_of(i).state_dict().items()},
-                              str(folder / "branches" / b.adapter / "head.safetensors"))
+                    save_head(self.head_of(i), folder / "branches" / b.adapter / "head.safetensors")
             if self.export_dense:
                 save_dense(self.model, MERGED, str(folder / "dense"), tokenizer=self.backbone.tokenizer)
 
@@ -542,6 +466,6 @@ class WeaveRecModule(RecModule):
         return store.save(self.backbone.name, weaverec_name(self.target, self.sources), self.model, MERGED, head, {
             **manifest, **lora, "sources": self.sources, "branches": self.adapters,
             "reused": [b.adapter for b in self.branches if not b.trained],
-            "merge": {**self.merge_cfg, "weights": self.merge_weights()},
+            "merge": {**self.merge_cfg.as_dict(), "weights": self.merge_weights()},
             "learned_weights": self.learned_weights,
         }, extra=extra)
