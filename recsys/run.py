@@ -25,9 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys import scale, speed, stages, tracking
 from recsys.data.datamodule import RecDataModule
-from recsys.errors import UserError
+from recsys.errors import UserError, checked
 from recsys.files import write_json
-from recsys.methods.base import RecModule, RunInfo, paper_protocol_error
+from recsys.methods.base import Recipe, RecModule, RunInfo, paper_protocol_error
 from recsys.metrics import PAPER_KEYS, REPORT_KEYS
 from recsys.models import adapter_store
 from recsys.models.adapter_store import AdapterStore
@@ -63,7 +63,7 @@ def build_datamodule(cfg: DictConfig, backbone=None) -> RecDataModule:
 def attach_backbone(cfg: DictConfig, dm: RecDataModule, backbone, scoring: str | None = None) -> RecDataModule:
     """``dm`` attached to ``backbone``'s tokenizer (nothing for a method without a backbone: id batches)."""
     if backbone is None:
-        return dm
+        return dm.attach_ids()
     likelihood = prompt_layout(backbone, scoring or cfg.method.module.get("scoring", "head"))
     return dm.attach(backbone.tokenizer, backbone.kind, likelihood=likelihood)
 
@@ -191,6 +191,8 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
         log.info("%s holds a finished run of these settings: nothing to do (metrics.json kept). A new "
                  "hydra.run.dir (or auto_resume=false) trains again", out_dir)
         return float(done.get(cfg.optimized_metric, math.nan)), done
+    if "recipe" in cfg:  # typed: a typo'd key or a wrong type fails now
+        checked(Recipe, OmegaConf.to_container(cfg.recipe, resolve=True), "recipe")
     if cfg.get("auto_resume") and not cfg.get("ckpt_path") and (out_dir / "checkpoints" / "config.json").is_file():
         scale.check_config(out_dir, cfg)  # this folder's checkpoints are of other settings: say so now
     dm = build_datamodule(cfg)  # bad data settings and files fail here, before the backbone loads
@@ -211,12 +213,24 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
 
     if cfg.zero_shot:
         metrics.update(zero_shot_test(trainer, module, dm))
+    trained, best = fit(cfg, trainer, module, dm, metrics)
+    metrics.update(best_test_metrics(trainer, module, dm, best))
+    metrics.update(module.extra_metrics())
+    if trained:
+        metrics.update(module.training_health())
+    if trainer.is_global_zero:
+        report_and_export(cfg, trainer, module, store, metrics, best, trained)
+    return float(metrics.get(cfg.optimized_metric, math.nan)), metrics
 
+
+def fit(cfg: DictConfig, trainer: L.Trainer, module: RecModule, dm: RecDataModule, metrics: dict) -> tuple[bool, str]:
+    """Train (resuming a run restarted in its folder) unless there is nothing to train; adds the training time
+    and the validation metrics of the selected epoch to ``metrics``; returns (trained, best checkpoint path)."""
     trained = cfg.trainer.max_epochs != 0 and not module.skip_training
     # a run restarted in its folder (fixed hydra.run.dir, a requeued SLURM job) goes on from its last checkpoint
     ckpt = cfg.get("ckpt_path")
     if not ckpt and cfg.get("auto_resume") and trained:
-        ckpt = scale.resume_checkpoint(out_dir, cfg)
+        ckpt = scale.resume_checkpoint(Path(cfg.paths.output_dir), cfg)
     t0 = time.time()
     if trained:
         if ckpt:
@@ -234,40 +248,44 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
         metrics.update(module.best_val_metrics(cfg.optimized_metric))
     else:
         metrics.update(_floats(trainer.validate(module, datamodule=dm, verbose=False)[0]))
+    return trained, best
+
+
+def best_test_metrics(trainer: L.Trainer, module: RecModule, dm: RecDataModule, best: str) -> dict:
+    """Test metrics of the best checkpoint (or the module as it is), the data sizes and the reference rows."""
     t0 = time.time()
     if best:
         scale.load_checkpoint(best)
-    metrics.update(_floats(trainer.test(module, datamodule=dm, ckpt_path=best or None, verbose=False,
-                                        weights_only=True)[0]))
+    metrics = _floats(trainer.test(module, datamodule=dm, ckpt_path=best or None, verbose=False, weights_only=True)[0])
     metrics["time/test_s"] = round(time.time() - t0, 3)
     metrics["data/test_examples"] = len(dm.eval_sets["test"])
     metrics["data/train_examples"] = sum(len(v) for v in dm.train_entries.values())
     for row, values in dm.reference_metrics("test").items():
         metrics.update({f"{row}/test/{k}": v for k, v in values.items()})
-    metrics.update(module.extra_metrics())
-    if trained:
-        metrics.update(module.training_health())
+    return metrics
 
-    if trainer.is_global_zero:
-        write_json(out_dir / "metrics.json", metrics)
-        write_json(out_dir / "run.json", {"best_checkpoint": best, "trained": trained, "complete": False})
-        title = f"{cfg.method.name} on {cfg.data.target} ({cfg.backbone.name}, seed {cfg.seed})"
-        text = results_table(metrics, title)
-        (out_dir / "results.txt").write_text(text)
-        if trained and cfg.export_adapter and cfg.method.get("export", False):
-            folder = module.export(store, manifest=adapter_store.run_record(
-                cfg.method.name, cfg.data.target, OmegaConf.to_container(cfg.data, resolve=True), cfg.seed, metrics,
-                str(out_dir), str(cfg.trainer.precision)))
-            if folder:
-                log.info("adapter exported to %s", folder)
-                tracking.log_adapter(trainer.loggers, folder)
-        tracking.log_results(trainer.loggers, metrics, "test", REPORT_KEYS)
-        # last: a re-run of this folder reports these figures and changes nothing (completed_metrics)
-        write_json(out_dir / "run.json", {"best_checkpoint": best, "trained": trained, "complete": True})
-        for lg in trainer.loggers:
-            lg.log_metrics({k: v for k, v in metrics.items() if "/" in k}, step=trainer.global_step)
-            lg.finalize("success")
-    return float(metrics.get(cfg.optimized_metric, math.nan)), metrics
+
+def report_and_export(cfg: DictConfig, trainer: L.Trainer, module: RecModule, store: AdapterStore, metrics: dict,
+                      best: str, trained: bool) -> None:
+    """metrics.json, run.json, the results table, the adapter export and the loggers' records (rank 0)."""
+    out_dir = Path(cfg.paths.output_dir)
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "run.json", {"best_checkpoint": best, "trained": trained, "complete": False})
+    title = f"{cfg.method.name} on {cfg.data.target} ({cfg.backbone.name}, seed {cfg.seed})"
+    (out_dir / "results.txt").write_text(results_table(metrics, title))
+    if trained and cfg.export_adapter and cfg.method.get("export", False):
+        folder = module.export(store, manifest=adapter_store.run_record(
+            cfg.method.name, cfg.data.target, OmegaConf.to_container(cfg.data, resolve=True), cfg.seed, metrics,
+            str(out_dir), str(cfg.trainer.precision)))
+        if folder:
+            log.info("adapter exported to %s", folder)
+            tracking.log_adapter(trainer.loggers, folder)
+    tracking.log_results(trainer.loggers, metrics, "test", REPORT_KEYS)
+    # last: a re-run of this folder reports these figures and changes nothing (completed_metrics)
+    write_json(out_dir / "run.json", {"best_checkpoint": best, "trained": trained, "complete": True})
+    for lg in trainer.loggers:
+        lg.log_metrics({k: v for k, v in metrics.items() if "/" in k}, step=trainer.global_step)
+        lg.finalize("success")
 
 
 def user_error(e: BaseException) -> UserError | None:

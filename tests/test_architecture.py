@@ -37,7 +37,6 @@ SIZE_EXCEPTIONS = {
     "recsys.data.readers.read_plain": "one pass over the plain format with a check a line",
     "recsys.data.synthetic.make_domain": "the synthetic generator's recipe, in its order",
     "recsys.models.merging.learn_merge_weights": "AdaMerging's loop (set-up, steps, read-out)",
-    "recsys.run.train": "the pipeline read top to bottom (to be split: fit, test and report)",
 }
 MAX_FUNCTION, MAX_CLASS = 60, 250
 

@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 from recsys.data.candidates import NegativeSampler, eval_candidates, stable_seed
 from recsys.data.domain import DataError, Domain, Example
 from recsys.data.paper_prompt import PaperCollator, PaperPrompt, PaperTemplate
-from recsys.data.text import Collator, PromptTemplate, TextEncoder
+from recsys.data.text import Collator, IdCollator, PromptTemplate, TextEncoder
+from recsys.errors import checked
 from recsys.metrics import reference_metrics
 
 log = logging.getLogger("recsys.data")
@@ -301,15 +302,13 @@ class RecDataModule(L.LightningDataModule):
         self.train_on_val, self.selection_share = bool(train_on_val), float(selection_share)
         self.seed, self.batch_size, self.eval_batch_size = int(seed), int(batch_size), int(eval_batch_size)
         self.num_workers, self.bucket_by_length = int(num_workers), bool(bucket_by_length)
-        self.template = PromptTemplate(**dict(prompt or {}))
-        unknown = sorted(set(dict(paper or {})) - set(PaperTemplate.__dataclass_fields__))
-        if unknown:
-            raise DataError(f"data.paper has unknown keys {unknown}: known are {sorted(PaperTemplate.__dataclass_fields__)}")
-        self.protocol, self.paper_template = protocol, PaperTemplate(**dict(paper or {}))
+        self.template = checked(PromptTemplate, prompt, "data.prompt", DataError)  # typed: a typo'd key or type fails here
+        self.protocol, self.paper_template = protocol, checked(PaperTemplate, paper, "data.paper", DataError)
         self.collection = collection  # the name of this set of domains (it names the adapter store)
         self.cache_dir, self.root = cache_dir, root
         self.kind, self.likelihood = kind, likelihood
         self.tokenizer = tokenizer
+        self.item_ids = False  # attach_ids: batches of item ids, no text
         self.domains: dict[str, Domain] = {}
         self.skip_streams: set[str] = set()  # training streams the module does not train (``train_only``)
         self._validate()
@@ -352,6 +351,12 @@ class RecDataModule(L.LightningDataModule):
     def attach(self, tokenizer, kind: str, likelihood: bool = False) -> "RecDataModule":
         """Give the DataModule the backbone's tokenizer (the text layout depends on it)."""
         self.tokenizer, self.kind, self.likelihood = tokenizer, kind, likelihood
+        return self
+
+    def attach_ids(self) -> "RecDataModule":
+        """Batches of item ids instead of text (``recsys.data.text.IdCollator``), for a method without a
+        language model (``needs_backbone = False``)."""
+        self.item_ids = True
         return self
 
     def stream_names(self) -> list[str]:
@@ -483,6 +488,8 @@ class RecDataModule(L.LightningDataModule):
         return self._paper
 
     def _collator(self):
+        if self.item_ids:  # a method without a language model (needs_backbone = False): item ids, no text
+            return IdCollator()
         if self.protocol == "paper":
             return PaperCollator(self.paper_prompt())
         return Collator(self._text(), self.likelihood)
@@ -502,7 +509,9 @@ class RecDataModule(L.LightningDataModule):
     def _lengths(self, entries) -> list[int] | None:
         if not self.bucket_by_length:
             return None
-        titles = {n: self.text.title_ids(n) for n in self.domains}
+        if self.item_ids:  # every history item is one position
+            return [len(ex.history) for _, ex in entries]
+        titles = {n: self._text().title_ids(n) for n in self.domains}
         return [sum(len(titles[d][i]) for i in ex.history) for d, ex in entries]
 
     def rank_batch_size(self) -> int:
@@ -519,7 +528,6 @@ class RecDataModule(L.LightningDataModule):
 
     def train_loaders(self) -> dict[str, DataLoader]:
         """One loader per training stream (a module training several adapters gets one stream each)."""
-        self._text()
         out = {}
         for name, entries in self.train_entries.items():
             ds = TrainDataset(entries, self.samplers, self.num_train_negatives, stable_seed(self.seed, name))

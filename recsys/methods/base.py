@@ -86,6 +86,19 @@ class RunInfo:
     paper: Any = None
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """The training recipe every method shares (``conf/recipe/default.yaml``), typed: ``recsys.run.train``
+    checks ``cfg.recipe`` against it first, so a typo'd key or a wrong type fails before anything loads."""
+
+    optimizer: Mapping[str, Any] = field(default_factory=dict)  # a partial optimizer (_target_, lr, ...)
+    scheduler: str = "cosine"  # cosine | constant (after warm-up)
+    warmup_ratio: float = 0.1  # share of the steps with linear warm-up
+    max_epochs: int = 1  # epochs (trainer.max_epochs)
+    batch_size: int = 16  # training users a batch (data.batch_size)
+    gradient_clip_val: float | None = 1.0  # gradient-norm clipping (trainer.gradient_clip_val)
+
+
 def paper_protocol_error(cls) -> str:
     return (f"protocol=paper needs a method that runs one language model (lora, joint, weaverec, merge_sources); "
             f"{cls.__name__} does not: use protocol=ranking")

@@ -48,8 +48,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,6 +67,7 @@ from recsys.models.merging import (
     MERGED, MergeSettings, average_heads, check_weight_count, learn_merge_weights, save_dense, save_merged_adapter,
 )
 from recsys.models.scoring import likelihood_scores, pair_scores
+from recsys.models.weaving import Branch, Weave
 
 log = logging.getLogger("recsys.weaverec")
 
@@ -78,16 +77,6 @@ HEAD_MODES = ("per_branch", "shared")
 HYBRID_DATA_KEYS = ("hybrid_cap", "max_train_examples", "max_history", "target_fraction", "prompt")
 HEAD_SEED = 0  # [ours] the initial weights of WeaveRec's heads, the same in every run (see _build_heads)
 __all__ = ["WeaveRecModule", "MERGED", "weaverec_name"]
-
-
-@dataclass
-class Branch:
-    """One weave branch: its peft adapter, the DataModule stream it trains on, and whether it trains."""
-
-    adapter: str  # peft adapter name: "target" or hybrid_name(T, S)
-    stream: str  # training stream: "target" or "hybrid/<S>"
-    source: str | None  # S for a hybrid, None for the target branch
-    trained: bool  # False: reused from the adapter store, frozen
 
 
 class WeaveRecModule(RecModule):
@@ -137,17 +126,7 @@ class WeaveRecModule(RecModule):
         if self.heads is not None and head == "per_branch":
             self.merged_head = copy.deepcopy(self.heads[0]).requires_grad_(False)
 
-        pattern = re.compile(r"\.lora_[AB]\.(" + "|".join(re.escape(a) for a in self.adapters) + r")\.")
-        trained = {b.adapter for b in self.branches if b.trained}
-        # (parameter, requires_grad) of every branch weight: peft's set_adapter flips these flags,
-        # so they are put back after every switch (see _activate)
-        self._branch_params: dict[str, list[nn.Parameter]] = {a: [] for a in self.adapters}
-        for n, p in self.model.named_parameters():
-            m = pattern.search(n)
-            if m:
-                self._branch_params[m.group(1)].append(p)
-        self._branch_flags = [(p, a in trained) for a, ps in self._branch_params.items() for p in ps]
-        self._restore_flags()
+        self.weave = Weave(self.model, self.branches)  # which adapter is active, which weights train
 
         self.branch_metrics = nn.ModuleList([RankingMetrics() for _ in self.branches])
         self.branch_val_history: dict[int, dict[str, float]] = {}
@@ -221,17 +200,6 @@ class WeaveRecModule(RecModule):
     def adapters(self) -> list[str]:
         return [b.adapter for b in self.branches]
 
-    def _restore_flags(self) -> None:
-        for p, flag in self._branch_flags:
-            p.requires_grad_(flag)
-
-    def _activate(self, adapter: str) -> None:
-        """Make ``adapter`` the one active adapter; no parameter changes ``requires_grad``."""
-        if self.model.base_model.active_adapter != adapter:
-            self.model.base_model.set_adapter(adapter, inference_mode=True)  # freezes every adapter ...
-            self.model.active_adapter = adapter
-            self._restore_flags()  # ... so the branches get their own flags back
-
     def head_of(self, i: int) -> nn.Module | None:
         """Branch ``i``'s head (None with likelihood scoring)."""
         if self.heads is None:
@@ -259,10 +227,10 @@ class WeaveRecModule(RecModule):
                 self._relearn = False
             weights = self.learned_weights
         if MERGED in self.model.peft_config:
-            self._activate(TARGET)  # never delete the active adapter
+            self.weave.activate(TARGET)  # never delete the active adapter
             self.model.delete_adapter(MERGED)
         self.merge_cfg.merge(self.model, self.adapters, weights, activate=False)
-        self._restore_flags()
+        self.weave.restore_flags()
         for module in self.model.modules():  # the new adapter's dropout layers start in training mode
             if isinstance(module, nn.ModuleDict) and MERGED in module:
                 module[MERGED].eval()
@@ -288,7 +256,7 @@ class WeaveRecModule(RecModule):
             learned = learn_merge_weights(self.model, self.adapters, lambda b: self._score(b, head), taken,
                                           init=init, steps=m.learn_steps, lr=m.learn_lr,
                                           granularity=m.granularity)
-        self._restore_flags()
+        self.weave.restore_flags()
         return learned
 
     # ------------------------------------------------------------------ scoring
@@ -299,13 +267,13 @@ class WeaveRecModule(RecModule):
 
     def branch_score(self, batch: dict, i: int) -> torch.Tensor:
         """(B, C) scores of branch ``i`` (its adapter alone, its head)."""
-        self._activate(self.branches[i].adapter)
+        self.weave.activate(self.branches[i].adapter)
         return self._score(batch, self.head_of(i))
 
     def score(self, batch: dict) -> torch.Tensor:
         """(B, C) scores of the merged model: the deployed WeaveRec model."""
         self.ensure_merged()
-        self._activate(MERGED)
+        self.weave.activate(MERGED)
         return self._score(batch, self.merged_head if self.merged_head is not None else self.head_of(0))
 
     # ------------------------------------------------------------------ steps
@@ -322,7 +290,7 @@ class WeaveRecModule(RecModule):
             sub = batch[b.stream]
             if sub is None:
                 continue
-            self._activate(self.branches[i].adapter)
+            self.weave.activate(self.branches[i].adapter)
             loss = self.objective(sub, lambda x: self._score(x, self.head_of(i)), stream=f"branch{i}/train")
             self.log(f"branch{i}/train/loss", loss, batch_size=sub["labels"].numel())
             self.branch_steps[i] += 1
@@ -377,23 +345,12 @@ class WeaveRecModule(RecModule):
             return
         if gradient_clip_algorithm not in (None, "norm"):
             return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)  # element-wise anyway
-        groups = {b.adapter: list(self._branch_params[b.adapter]) for b in self.branches if b.trained}
-        if self.heads is not None:
-            if self.head_mode == "shared":
-                groups["head"] = list(self.heads[0].parameters())
-            else:
-                for b, h in zip(self.branches, self.heads):
-                    if b.trained:
-                        groups[b.adapter] += list(h.parameters())
-        for params in groups.values():
-            params = [p for p in params if p.grad is not None]
-            if params:
-                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        self.weave.clip(self.heads, self.head_mode == "shared", gradient_clip_val)
 
     # ------------------------------------------------------------------ checkpoints
     def _branch_state_names(self) -> set[str]:
         """Every branch's weights (trained or reused) and heads: what a checkpoint must hold to rebuild the merge."""
-        ids = {id(p) for p, _ in self._branch_flags}
+        ids = self.weave.weight_ids()
         if self.heads is not None:
             ids |= {id(p) for p in self.heads.parameters()}
         return {n for n, p in self.named_parameters() if id(p) in ids}
@@ -422,7 +379,7 @@ class WeaveRecModule(RecModule):
 
     # ------------------------------------------------------------------ reports
     def extra_params(self) -> dict[str, float]:
-        per_branch = sum(p.numel() for p, _ in self._branch_flags) // len(self.branches)
+        per_branch = self.weave.per_branch_size()
         out = {"params/per_branch_adapter": per_branch, "params/branches_trained": sum(b.trained for b in self.branches)}
         if self.merge_cfg.rule in ("weaverec", "task_arithmetic"):  # rank sum_i r_i; ties/dare: dense
             out["params/merged_adapter"] = per_branch * len(self.branches)

@@ -78,7 +78,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from recsys.errors import UserError
+from recsys.errors import UserError, checked
 from recsys.progress import track
 
 MERGE_RULES = ("weaverec", "task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -111,24 +111,19 @@ class MergeSettings:
             raise UserError(f"merge.rule={self.rule!r} is unknown; known rules: {', '.join(MERGE_RULES)}")
         if self.granularity not in GRANULARITIES:
             raise UserError(f"merge.granularity={self.granularity!r} is unknown; known: {GRANULARITIES}")
-        for f in fields(self):
-            value, kind = getattr(self, f.name), {"float": (int, float), "int": int, "bool": bool, "str": str}.get(str(f.type))
-            if kind and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
-                raise UserError(f"merge.{f.name}={value!r} must be a {f.type}")
         if self.weights is not None:
             object.__setattr__(self, "weights", [float(w) for w in self.weights])
 
     @classmethod
     def of(cls, merge: "Mapping | MergeSettings | None") -> "MergeSettings":
-        """From the config's mapping (None: the defaults); UserError naming an unknown key."""
+        """From the config's mapping (None: the defaults); UserError naming an unknown key or a wrong type."""
         if isinstance(merge, MergeSettings):
             return merge
-        merge = dict(merge or {})
-        known = sorted(f.name for f in fields(cls))
-        unknown = sorted(set(merge) - set(known))
-        if unknown:
-            raise UserError(f"unknown merge settings {unknown}; known: {known}")
-        return cls(**merge)
+        values = dict(merge or {})
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:  # the message tests and users know
+            raise UserError(f"unknown merge settings {unknown}; known: {sorted(f.name for f in fields(cls))}")
+        return checked(cls, values, "merge")
 
     def as_dict(self) -> dict:
         return asdict(self)
