@@ -98,8 +98,8 @@ def build_module(cfg: DictConfig, backbone, dm: RecDataModule, store: AdapterSto
     run = run_info(cfg, dm, store)
     specs = cls.required_adapters(run, backbone, **kwargs)
     if specs:
-        found = stages.provide(cfg, specs, getattr(backbone, "name", ""), store, train_missing, train)
-        run = replace(run, adapters=found)
+        found, absent = stages.provide(cfg, specs, getattr(backbone, "name", ""), store, train_missing, train)
+        run = replace(run, adapters=found, absent=absent)
     module = cls.build(backbone, run, **kwargs)
     dm.train_only(module.train_streams())
     return module

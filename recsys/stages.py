@@ -40,9 +40,10 @@ def lookup(store: AdapterStore, backbone: str, spec: AdapterSpec) -> tuple[Path 
 
 
 def provide(cfg: DictConfig, specs: list[AdapterSpec], backbone: str, store: AdapterStore,
-            train_missing: bool, train: Callable[[DictConfig], object]) -> dict[str, Path]:
-    """The folders of ``specs``' adapters (name -> folder), after training the missing trainable ones with
-    ``train`` when ``train_missing``; SourceAdapterError for a required one still missing."""
+            train_missing: bool, train: Callable[[DictConfig], object]) -> tuple[dict[str, Path], dict[str, str]]:
+    """``(found, missing)``: the folders of ``specs``' adapters (name -> folder), after training the missing
+    trainable ones with ``train`` when ``train_missing``, and why each optional one is not there (name ->
+    reason); SourceAdapterError for a required one still missing."""
     found, missing = _find(specs, backbone, store)
     todo = [s.name for s in specs if s.name in missing and s.trainable and not s.optional]
     if todo and train_missing:
@@ -54,7 +55,7 @@ def provide(cfg: DictConfig, specs: list[AdapterSpec], backbone: str, store: Ada
         raise SourceAdapterError(
             f"missing source adapters for {list(required)} in {store.root}/ (backbone {backbone}, seed {store.seed}); "
             f"produce each with its command:\n{lines}\nor set method.module.train_missing=true to train them first.")
-    return found
+    return found, {n: why for n, why in missing.items() if n not in required}
 
 
 def _find(specs: list[AdapterSpec], backbone: str, store: AdapterStore) -> tuple[dict, dict]:
@@ -63,13 +64,8 @@ def _find(specs: list[AdapterSpec], backbone: str, store: AdapterStore) -> tuple
         folder, why = lookup(store, backbone, spec)
         if folder is not None:
             found[spec.name] = folder
-            if spec.optional:
-                log.info("reusing the stored adapter %s", folder)
         else:
             missing[spec.name] = why
-            if spec.optional and not why.startswith("no adapter"):
-                log.warning("stored adapter %s is not reused (%s): it is retrained and will be overwritten",
-                            spec.name, why)
     return found, missing
 
 

@@ -82,7 +82,7 @@ def provide_sources(store):
     """X-Cross's source adapters as the pipeline finds them before building the module (recsys.stages)."""
     run = RunInfo(target="tools", sources=("toys", "sports"), store=store)
     specs = XCrossModule.required_adapters(run, load_backbone("tiny:encoder"))
-    return stages.provide(None, specs, "tiny:encoder", store, False, train)
+    return stages.provide(None, specs, "tiny:encoder", store, False, train)[0]
 
 
 # ------------------------------------------------------------------------------ 2. complete or absent

@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys.errors import UserError
-from recsys.metrics import ChanceCheck, GenerationMetrics, RankingMetrics
+from recsys.metrics import ChanceCheck, RankingMetrics
 from recsys.models.adapter_store import AdapterSpec, AdapterStore
 from recsys.models.backbone import Backbone
-from recsys.models.generation import answer_loss, greedy_generate, match_ranks
+from recsys.models.generation import PaperProtocol
 
 log = logging.getLogger("recsys")
 
@@ -69,6 +69,7 @@ class RunInfo:
         data: the resolved data settings (recorded in manifests, compared by ``AdapterSpec.expect``).
         store: the adapter store of this run (its seed's adapters); None: no store.
         adapters: the required adapters the pipeline found or trained: spec name -> folder.
+        absent: the optional ones it did not find, and why (spec name -> reason).
         num_items: the target domain's number of items (for an ID-based method's embedding table).
         monitor: model selection's metric (``optimized_metric``).
         paper: the paper protocol's prompt builder (``data.protocol=paper``), else None.
@@ -81,6 +82,7 @@ class RunInfo:
     data: Mapping[str, Any] = field(default_factory=dict)
     store: AdapterStore | None = None
     adapters: Mapping[str, Path] = field(default_factory=dict)
+    absent: Mapping[str, str] = field(default_factory=dict)
     num_items: int = 0
     monitor: str = "val/ndcg@10"
     paper: Any = None
@@ -141,22 +143,21 @@ class RecModule(L.LightningModule):
         self.val_history: dict[int, dict[str, float]] = {}  # epoch -> validation metrics
         self.monitor = "val/ndcg@10"  # model selection's metric (``build`` sets the run's RunInfo.monitor)
         self.skip_training = False  # a method with nothing to train (e.g. a merge of stored adapters)
-        self.paper = None  # the paper protocol's prompt builder, when enabled (enable_paper_protocol)
+        self.paper: PaperProtocol | None = None  # the paper protocol, when enabled (enable_paper_protocol)
         self.chance = ChanceCheck()  # training losses after warm-up: a run that stays at ln C is flagged
         self.warmup_steps = 0  # set by configure_optimizers
 
     def enable_paper_protocol(self, prompt) -> None:
-        """WeaveRec's released protocol (``protocol=paper``): train on the answer tokens, and test by
-        greedy generation + exact title match (``<split>/gen/...``) beside the likelihood ranking of the
-        same candidates (the usual keys). Needs a decoder with ``scoring=likelihood`` and a method
+        """WeaveRec's released protocol (``protocol=paper``, :class:`PaperProtocol`): train on the answer tokens,
+        and test by greedy generation + exact title match (``<split>/gen/...``) beside the likelihood ranking
+        of the same candidates (the usual keys). Needs a decoder with ``scoring=likelihood`` and a method
         that runs one causal LM (``self.model``)."""
         if not self.one_language_model or not isinstance(getattr(self, "model", None), nn.Module):
             raise ValueError(paper_protocol_error(type(self)))
         if self.scoring != "likelihood":
             raise ValueError("protocol=paper ranks by likelihood and generates: set method.module.scoring=likelihood "
                              "(and a decoder backbone)")
-        self.paper = prompt
-        self.gen_metrics = nn.ModuleDict({"val": GenerationMetrics(), "test": GenerationMetrics()})
+        self.paper = PaperProtocol(prompt)
 
     # ------------------------------------------------------------------ the method contract
     @classmethod
@@ -236,7 +237,7 @@ class RecModule(L.LightningModule):
         the spread of a user's candidate scores (near 0: the model cannot tell them apart), and feeds
         the chance check after warm-up."""
         if self.paper is not None:
-            return answer_loss(self.model, batch)
+            return self.paper.loss(self.model, batch)
         scores = score_fn(batch)
         loss = self.loss(scores, batch["labels"])
         spread = scores.detach().float().std(dim=1).mean()
@@ -252,18 +253,8 @@ class RecModule(L.LightningModule):
 
     def _eval_step(self, stage: str, batch: dict) -> None:
         self.metrics[stage].update(self.score(batch).float(), batch["labels"])
-        if self.paper is not None and (stage == "test" or self.paper.t.generate_val):
-            self._generate_step(stage, batch)
-
-    def _generate_step(self, stage: str, batch: dict) -> None:
-        """Greedy answer with the model as ``score`` left it (e.g. WeaveRec's merged adapter active)."""
-        tok = self.backbone.tokenizer
-        eos = self.paper.text.eos[0] if self.paper.text.eos else None
-        out = greedy_generate(self.model, batch["prompt_ids"], batch["prompt_mask"], self.paper.max_new_tokens,
-                              eos, self.paper.text.pad_id)
-        ranks, matched, segments = match_ranks(out, batch["cand_ids"], batch["labels"], self.paper.sep, eos,
-                                               lambda ids: tok.decode(ids, skip_special_tokens=True))
-        self.gen_metrics[stage].update(ranks, matched, segments)
+        if self.paper is not None:  # generate with the model as ``score`` left it
+            self.paper.evaluate(stage, self.model, self.backbone.tokenizer, batch)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -273,9 +264,8 @@ class RecModule(L.LightningModule):
 
     def _log_metrics(self, stage: str) -> None:
         values = {f"{stage}/{k}": v for k, v in self.metrics[stage].compute().items()}
-        if self.paper is not None and self.gen_metrics[stage].update_count:
-            values.update({f"{stage}/gen/{k}": v for k, v in self.gen_metrics[stage].compute().items()})
-            self.gen_metrics[stage].reset()
+        if self.paper is not None:
+            values.update(self.paper.compute(stage))
         self.log_dict(values, prog_bar=stage == "val", sync_dist=False)  # already synchronised by torchmetrics
         self.metrics[stage].reset()
         if stage == "val" and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:

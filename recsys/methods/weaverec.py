@@ -164,6 +164,11 @@ class WeaveRecModule(RecModule):
             raise UserError("method=weaverec needs the DataModule with data mix 'hybrid' (method.mix: hybrid)")
         reuse = {s: str(run.adapters[hybrid_name(run.target, s)]) for s in run.sources
                  if hybrid_name(run.target, s) in run.adapters}
+        for folder in run.adapters.values():
+            log.info("reusing the stored hybrid %s (retrain with method.module.retrain_hybrids=true)", folder)
+        for name, why in run.absent.items():
+            if not why.startswith("no adapter"):
+                log.warning("stored hybrid %s is not reused (%s): it is retrained and will be overwritten", name, why)
         return cls(backbone, target=run.target, sources=list(run.sources), reuse=reuse, **kwargs)
 
     def train_streams(self) -> set[str]:
