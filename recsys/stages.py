@@ -14,14 +14,13 @@ adapter still missing is a ``SourceAdapterError`` naming each one, why, and the 
 from __future__ import annotations
 
 import logging
-import shlex
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from recsys.models.adapter_store import AdapterSpec, AdapterStore, SourceAdapterError, mismatch
+from recsys.models.adapter_store import AdapterSpec, AdapterStore, SourceAdapterError, lora_command, mismatch
 
 log = logging.getLogger("recsys.stages")
 
@@ -115,23 +114,20 @@ def _hydra_choices() -> tuple[Mapping, list[str]]:
 def train_command(cfg: DictConfig | None, domain: str) -> str:
     """The ``python train.py ...`` command that trains and stores ``domain``'s LoRA adapter with this run's
     settings: ``method.source_experiment`` (the LoRA preset the sources come from, if any), backbone, data
-    config, the ``data.*`` and store/cache ``paths.*`` overrides of this run's command line, and its seed."""
+    config, the ``data.*`` and store/cache ``paths.*`` overrides of this run's command line, and its seed
+    (``adapter_store.lora_command`` writes it)."""
     if cfg is None:
-        return f"python train.py method=lora data.target={domain}"
+        return lora_command(domain)
     choices, task = _hydra_choices()
-    parts = ["python", "train.py"]
     experiment = cfg.method.get("source_experiment")
-    if experiment:
-        parts.append(f"experiment={experiment}")
-    parts.append("method=lora")
-    parts += [f"{group}={choices[group]}" for group in ("backbone", "data") if choices.get(group)]
+    before = [f"experiment={experiment}"] if experiment else []
+    options = [f"{group}={choices[group]}" for group in ("backbone", "data") if choices.get(group)]
     if cfg.data.get("root"):
-        parts.append(f"data.root={cfg.data.root}")
+        options.append(f"data.root={cfg.data.root}")
     for o in task:  # this run's data settings, and where its adapter store (and caches) are
         key = o.lstrip("+~").split("=", 1)[0]
         if key.startswith("data.") and key not in _NOT_FOR_SOURCES and not key.startswith("data.root"):
-            parts.append(o)
+            options.append(o)
         elif key in _PATHS_FOR_SOURCES:
-            parts.append(o)
-    parts += [f"data.target={domain}", f"seed={cfg.seed}"]
-    return " ".join(shlex.quote(p) for p in parts)
+            options.append(o)
+    return lora_command(domain, cfg.seed, before, options)

@@ -62,12 +62,11 @@ from recsys.models.adapter_store import (
     AdapterSpec, AdapterStore, hybrid_name, load_into, lora_record, save_head, weaverec_name,
 )
 from recsys.models.backbone import Backbone
-from recsys.models.head import ScoringHead
 from recsys.models.merging import (
-    MERGED, MergeSettings, average_heads, check_weight_count, learn_merge_weights, save_dense, save_merged_adapter,
+    MERGED, MergeSettings, average_heads, check_weight_count, save_dense, save_merged_adapter,
 )
 from recsys.models.scoring import likelihood_scores, pair_scores
-from recsys.models.weaving import Branch, Weave
+from recsys.models.weaving import Branch, Weave, branch_heads
 
 log = logging.getLogger("recsys.weaverec")
 
@@ -77,6 +76,20 @@ HEAD_MODES = ("per_branch", "shared")
 HYBRID_DATA_KEYS = ("hybrid_cap", "max_train_examples", "max_history", "target_fraction", "prompt")
 HEAD_SEED = 0  # [ours] the initial weights of WeaveRec's heads, the same in every run (see _build_heads)
 __all__ = ["WeaveRecModule", "MERGED", "weaverec_name"]
+
+
+def hybrid_specs(run: RunInfo, backbone: Backbone, r: int = 8, alpha: float = 16, dropout: float = 0.05,
+                 target_modules=None, scoring: str = "head", head: str = "per_branch", **kwargs) -> list[AdapterSpec]:
+    """The stored hybrid of each source, optional (a missing or unfitting one is trained in the run): it fits
+    when its LoRA, scoring and head, and the data settings that shape a hybrid (``HYBRID_DATA_KEYS``, both
+    domains' specs) match this run's."""
+    lora = lora_config(backbone, r, alpha, dropout, target_modules)
+    mine = {"backbone": backbone.name, **lora_record(lora, scoring, head=head if scoring == "head" else None)}
+    mine |= {f"data.{k}": run.data.get(k) for k in HYBRID_DATA_KEYS}
+    domains = run.data.get("domains", {})
+    return [AdapterSpec(hybrid_name(run.target, s), trainable=False, optional=True, strict=True,
+                        expect={**mine, **{f"data.domains.{d}": domains.get(d) for d in (run.target, s)}})
+            for s in run.sources]
 
 
 class WeaveRecModule(RecModule):
@@ -121,7 +134,9 @@ class WeaveRecModule(RecModule):
                 self.model.add_adapter(b.adapter, self.lora)
             else:
                 load_into(self.model, {b.adapter: reuse[b.source]})
-        self.heads = self._build_heads(reuse)
+        # [ours] every run's heads start from the same weights (HEAD_SEED), so a reused hybrid's head aligns
+        self.heads = None if self.scoring != "head" else branch_heads(
+            self.branches, backbone.hidden_size, head == "shared", HEAD_SEED, reuse)
         self.merged_head = None
         if self.heads is not None and head == "per_branch":
             self.merged_head = copy.deepcopy(self.heads[0]).requires_grad_(False)
@@ -141,20 +156,10 @@ class WeaveRecModule(RecModule):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def required_adapters(cls, run: RunInfo, backbone: Backbone, retrain_hybrids: bool = False, r: int = 8,
-                          alpha: float = 16, dropout: float = 0.05, target_modules=None, scoring: str = "head",
-                          head: str = "per_branch", **kwargs) -> list[AdapterSpec]:
-        """The stored hybrids it would reuse (optional: a missing or unfitting one is trained here), none with
-        ``retrain_hybrids``. A hybrid fits when its LoRA, scoring, head and the data settings that shape it match."""
-        if retrain_hybrids:
-            return []
-        lora = lora_config(backbone, r, alpha, dropout, target_modules)
-        mine = {"backbone": backbone.name, **lora_record(lora, scoring, head=head if scoring == "head" else None)}
-        mine |= {f"data.{k}": run.data.get(k) for k in HYBRID_DATA_KEYS}
-        return [AdapterSpec(hybrid_name(run.target, s), trainable=False, optional=True, strict=True,
-                            expect={**mine, **{f"data.domains.{d}": run.data.get("domains", {}).get(d)
-                                               for d in (run.target, s)}})
-                for s in run.sources]
+    def required_adapters(cls, run: RunInfo, backbone: Backbone, retrain_hybrids: bool = False,
+                          **kwargs) -> list[AdapterSpec]:
+        """The stored hybrids it would reuse (:func:`hybrid_specs`), none with ``retrain_hybrids``."""
+        return [] if retrain_hybrids else hybrid_specs(run, backbone, **kwargs)
 
     @classmethod
     def from_config(cls, backbone: Backbone, run: RunInfo, retrain_hybrids: bool = False,
@@ -174,31 +179,6 @@ class WeaveRecModule(RecModule):
     def train_streams(self) -> set[str]:
         """The target stream and the hybrid streams of the branches that train (a reused hybrid's is not loaded)."""
         return {b.stream for b in self.branches if b.trained}
-
-    def _build_heads(self, reuse: dict[str, str]) -> nn.ModuleList | None:
-        """None (likelihood), one shared head, or one head a branch, all from the same initial weights.
-
-        The initial weights come from a fixed seed (``HEAD_SEED`` **[ours]**), not from the run's
-        random state, so that every WeaveRec run starts its heads from the same point: a hybrid
-        reused from the store (trained in another run, with other branches) then has a head that
-        was trained from this run's initial head too, and the merged head (their mean) averages
-        aligned units, as it does for branches trained together."""
-        if self.scoring != "head":
-            return None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(HEAD_SEED)
-            first = ScoringHead(self.backbone.hidden_size)
-        if self.head_mode == "shared":
-            return nn.ModuleList([first])
-        heads = nn.ModuleList([copy.deepcopy(first) for _ in self.branches])
-        for b, h in zip(self.branches, heads):
-            if not b.trained:
-                state = AdapterStore.load_head(reuse[b.source])
-                if state is None:
-                    raise UserError(f"stored hybrid {reuse[b.source]} has no head.safetensors: retrain it")
-                h.load_state_dict(state)
-                h.requires_grad_(False)
-        return heads
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -231,38 +211,17 @@ class WeaveRecModule(RecModule):
                 self.learned_weights = self._learn(batches, weights)
                 self._relearn = False
             weights = self.learned_weights
-        if MERGED in self.model.peft_config:
-            self.weave.activate(TARGET)  # never delete the active adapter
-            self.model.delete_adapter(MERGED)
-        self.merge_cfg.merge(self.model, self.adapters, weights, activate=False)
-        self.weave.restore_flags()
-        for module in self.model.modules():  # the new adapter's dropout layers start in training mode
-            if isinstance(module, nn.ModuleDict) and MERGED in module:
-                module[MERGED].eval()
+        self.weave.remerge(self.merge_cfg, weights, MERGED)
         if self.merged_head is not None:
             average_heads(list(self.heads), self.merge_weights(), self.merged_head)
         self._stale = False
 
     def _learn(self, batches, init: list[float]) -> dict[str, list[float]]:
-        """AdaMerging: per-module lambdas minimising the entropy of the merged model's candidate
-        distribution on unlabeled target validation batches."""
-        from lightning.pytorch.utilities import move_data_to_device
-
-        m = self.merge_cfg
-        taken = []
-        for batch in batches:
-            taken.append(move_data_to_device(batch, self.device))
-            if len(taken) >= m.learn_batches:
-                break
+        """AdaMerging's lambdas (``Weave.learn_weights``), scored with the merged head as it now stands."""
         head = self.merged_head if self.merged_head is not None else self.head_of(0)
         if self.merged_head is not None:
             average_heads(list(self.heads), self.merge_weights(), self.merged_head)
-        with torch.inference_mode(False), torch.enable_grad():
-            learned = learn_merge_weights(self.model, self.adapters, lambda b: self._score(b, head), taken,
-                                          init=init, steps=m.learn_steps, lr=m.learn_lr,
-                                          granularity=m.granularity)
-        self.weave.restore_flags()
-        return learned
+        return self.weave.learn_weights(self.merge_cfg, lambda b: self._score(b, head), batches, init, self.device)
 
     # ------------------------------------------------------------------ scoring
     def _score(self, batch: dict, head: nn.Module | None) -> torch.Tensor:
@@ -353,17 +312,10 @@ class WeaveRecModule(RecModule):
         self.weave.clip(self.heads, self.head_mode == "shared", gradient_clip_val)
 
     # ------------------------------------------------------------------ checkpoints
-    def _branch_state_names(self) -> set[str]:
-        """Every branch's weights (trained or reused) and heads: what a checkpoint must hold to rebuild the merge."""
-        ids = self.weave.weight_ids()
-        if self.heads is not None:
-            ids |= {id(p) for p in self.heads.parameters()}
-        return {n for n, p in self.named_parameters() if id(p) in ids}
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
         super().on_save_checkpoint(checkpoint)
-        keep = self._branch_state_names()
+        keep = self.weave.state_names(self, self.heads)  # every branch and head: the merge is rebuilt from them
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
         checkpoint["weaverec"] = {"learned_weights": self.learned_weights,
                                   "branch_val_history": self.branch_val_history,
@@ -401,33 +353,38 @@ class WeaveRecModule(RecModule):
         return {**self.branch_val_last, **steps}
 
     def export(self, store: AdapterStore, manifest: dict) -> Path:
-        """Write the newly trained hybrids (``hybrid-<a>+<b>/``) and the merge
-        (``weaverec-<T>-from-<S...>/``: the merged adapter in peft format, its head, every branch
-        under ``branches/``, the dense model under ``dense/`` if ``export_dense``) to the store."""
+        """Write the newly trained hybrids and the merge to the store (:func:`export_weave`)."""
         self.ensure_merged()
-        lora = lora_record(self.lora, self.scoring, head=self.head_mode if self.scoring == "head" else None)
-        branch_metrics = self.extra_metrics()
-        for i, b in enumerate(self.branches):
-            if b.source is None or not b.trained:
-                continue
-            metrics = {k.split("/", 1)[1]: v for k, v in branch_metrics.items() if k.startswith(f"branch{i}/")}
-            store.save(self.backbone.name, b.adapter, self.model, b.adapter, self.head_of(i), {
-                **manifest, **lora, "method": "weaverec-hybrid", "domain": b.adapter,
-                "domains": sorted([self.target, b.source]), "metrics": metrics,
-            })
+        return export_weave(self, store, manifest)
 
-        def extra(folder: Path) -> None:
-            for i, b in enumerate(self.branches):
-                save_merged_adapter(self.model, b.adapter, str(folder / "branches" / b.adapter))
-                if self.head_of(i) is not None:
-                    save_head(self.head_of(i), folder / "branches" / b.adapter / "head.safetensors")
-            if self.export_dense:
-                save_dense(self.model, MERGED, str(folder / "dense"), tokenizer=self.backbone.tokenizer)
 
-        head = self.merged_head if self.merged_head is not None else self.head_of(0)
-        return store.save(self.backbone.name, weaverec_name(self.target, self.sources), self.model, MERGED, head, {
-            **manifest, **lora, "sources": self.sources, "branches": self.adapters,
-            "reused": [b.adapter for b in self.branches if not b.trained],
-            "merge": {**self.merge_cfg.as_dict(), "weights": self.merge_weights()},
-            "learned_weights": self.learned_weights,
-        }, extra=extra)
+def export_weave(m: WeaveRecModule, store: AdapterStore, manifest: dict) -> Path:
+    """The newly trained hybrids (``hybrid-<a>+<b>/``) and the merge (``weaverec-<T>-from-<S...>/``: the merged
+    adapter in peft format, its head, every branch under ``branches/``, the dense model under ``dense/`` if
+    ``export_dense``), written to the store; returns the merge's folder."""
+    lora = lora_record(m.lora, m.scoring, head=m.head_mode if m.scoring == "head" else None)
+    branch_metrics = m.extra_metrics()
+    for i, b in enumerate(m.branches):
+        if b.source is None or not b.trained:
+            continue
+        metrics = {k.split("/", 1)[1]: v for k, v in branch_metrics.items() if k.startswith(f"branch{i}/")}
+        store.save(m.backbone.name, b.adapter, m.model, b.adapter, m.head_of(i), {
+            **manifest, **lora, "method": "weaverec-hybrid", "domain": b.adapter,
+            "domains": sorted([m.target, b.source]), "metrics": metrics,
+        })
+
+    def extra(folder: Path) -> None:
+        for i, b in enumerate(m.branches):
+            save_merged_adapter(m.model, b.adapter, str(folder / "branches" / b.adapter))
+            if m.head_of(i) is not None:
+                save_head(m.head_of(i), folder / "branches" / b.adapter / "head.safetensors")
+        if m.export_dense:
+            save_dense(m.model, MERGED, str(folder / "dense"), tokenizer=m.backbone.tokenizer)
+
+    head = m.merged_head if m.merged_head is not None else m.head_of(0)
+    return store.save(m.backbone.name, weaverec_name(m.target, m.sources), m.model, MERGED, head, {
+        **manifest, **lora, "sources": m.sources, "branches": m.adapters,
+        "reused": [b.adapter for b in m.branches if not b.trained],
+        "merge": {**m.merge_cfg.as_dict(), "weights": m.merge_weights()},
+        "learned_weights": m.learned_weights,
+    }, extra=extra)

@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,6 +193,14 @@ def _read_json(path: Path, folder: Path) -> dict:
     return obj
 
 
+def lora_command(domain: str, seed=None, before: Sequence[str] = (), options: Sequence[str] = ()) -> str:
+    """The command that trains and stores ``domain``'s per-domain LoRA adapter (the only place it is written):
+    ``python train.py <before> method=lora <options> data.target=<domain> [seed=<seed>]``, shell-quoted."""
+    parts = ["python", "train.py", *before, "method=lora", *options, f"data.target={domain}"]
+    parts += [f"seed={seed}"] if seed is not None else []
+    return " ".join(shlex.quote(p) for p in parts)
+
+
 def _rebuild_hint(folder: Path) -> str:
     """How to rebuild a broken stored adapter (from its manifest, when that one is readable)."""
     try:
@@ -199,10 +208,9 @@ def _rebuild_hint(folder: Path) -> str:
     except (OSError, ValueError):
         m = {}
     run = f" (its run folder: {m['run_dir']})" if m.get("run_dir") else ""
-    domain, seed = m.get("domain", "<domain>"), m.get("seed", "<seed>")
+    command = lora_command(m.get("domain", "<domain>"), m.get("seed", "<seed>"))
     return (f"rebuild it by running again the training that exported it{run}, e.g. for a per-domain LoRA "
-            f"'python train.py method=lora data.target={domain} seed={seed}' with that run's other settings: "
-            "the new export replaces it")
+            f"'{command}' with that run's other settings: the new export replaces it")
 
 
 def _check_safetensors(path: Path, folder: Path) -> None:

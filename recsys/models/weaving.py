@@ -10,8 +10,9 @@ weight's flag once and puts the flags back after every switch, so no parameter e
 
 from __future__ import annotations
 
+import copy
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +64,42 @@ class Weave:
             self.model.active_adapter = adapter
             self.restore_flags()  # ... so the branches get their own flags back
 
-    def weight_ids(self) -> set[int]:
-        """``id`` of every branch weight, trained or reused."""
-        return {id(p) for p, _ in self.flags}
+    def remerge(self, settings, weights, merged: str) -> None:
+        """(Re)build adapter ``merged`` from the branches by ``settings`` (``MergeSettings``) with ``weights``,
+        leaving every flag as it was and the new adapter's dropout in eval mode."""
+        if merged in self.model.peft_config:
+            self.activate(self.branches[0].adapter)  # never delete the active adapter
+            self.model.delete_adapter(merged)
+        settings.merge(self.model, self.adapters, weights, activate=False)
+        self.restore_flags()
+        for module in self.model.modules():  # the new adapter's dropout layers start in training mode
+            if isinstance(module, nn.ModuleDict) and merged in module:
+                module[merged].eval()
+
+    def learn_weights(self, settings, score, batches, init: list[float], device) -> dict[str, list[float]]:
+        """AdaMerging: per-module lambdas minimising the entropy of the merged model's candidate distribution
+        (``score(batch) -> (B, C)``) on up to ``settings.learn_batches`` unlabeled ``batches``."""
+        from lightning.pytorch.utilities import move_data_to_device
+
+        from recsys.models.merging import learn_merge_weights
+
+        taken = []
+        for batch in batches:
+            taken.append(move_data_to_device(batch, device))
+            if len(taken) >= settings.learn_batches:
+                break
+        with torch.inference_mode(False), torch.enable_grad():
+            learned = learn_merge_weights(self.model, self.adapters, score, taken, init=init,
+                                          steps=settings.learn_steps, lr=settings.learn_lr,
+                                          granularity=settings.granularity)
+        self.restore_flags()
+        return learned
+
+    def state_names(self, owner: nn.Module, heads: nn.Module | None) -> set[str]:
+        """``owner``'s state-dict names of every branch weight (trained or reused) and of ``heads``: what a
+        checkpoint must hold to rebuild the merge."""
+        ids = {id(p) for p, _ in self.flags} | ({id(p) for p in heads.parameters()} if heads is not None else set())
+        return {n for n, p in owner.named_parameters() if id(p) in ids}
 
     def per_branch_size(self) -> int:
         """Weights of one branch's adapter (every branch has the same LoRA)."""
@@ -90,3 +124,29 @@ class Weave:
             params = [p for p in params if p.grad is not None]
             if params:
                 torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def branch_heads(branches: Sequence[Branch], hidden_size: int, shared: bool, seed: int,
+                 reused: Mapping[str, str]) -> nn.ModuleList:
+    """One shared head, or one head a branch, all from the same initial weights (drawn under ``seed``, not
+    the run's random state: a hybrid reused from the store was trained from this very initial head, so the
+    merged head, their mean, averages aligned units); a reused branch's head is its stored one, frozen
+    (``reused``: source -> stored hybrid folder)."""
+    from recsys.errors import UserError
+    from recsys.models.adapter_store import AdapterStore
+    from recsys.models.head import ScoringHead
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        first = ScoringHead(hidden_size)
+    if shared:
+        return nn.ModuleList([first])
+    heads = nn.ModuleList([copy.deepcopy(first) for _ in branches])
+    for b, h in zip(branches, heads):
+        if not b.trained:
+            state = AdapterStore.load_head(reused[b.source])
+            if state is None:
+                raise UserError(f"stored hybrid {reused[b.source]} has no head.safetensors: retrain it")
+            h.load_state_dict(state)
+            h.requires_grad_(False)
+    return heads
