@@ -29,7 +29,6 @@ LAYERS = {
 SIZE_EXCEPTIONS = {
     "recsys.data.datamodule.RecDataModule": "one Lightning DataModule: settings checks, example selection, "
                                             "loaders; split further it would scatter the data contract",
-    "recsys.methods.weaverec.WeaveRecModule": "the paper's algorithm section: branches, weave steps, merge, export",
     # data readers and generators: one linear pass over a file format or a generative recipe each, with its
     # checks inline (split, the steps would pass a dozen locals around); not yet split
     "recsys.data.download.fetch": "one download with resume, checksum and retries, step by step",

@@ -57,7 +57,6 @@ from torch import nn
 from recsys.errors import UserError
 from recsys.methods.base import RecModule, RunInfo
 from recsys.methods.lora import lora_config
-from recsys.metrics import RankingMetrics
 from recsys.models.adapter_store import (
     AdapterSpec, AdapterStore, hybrid_name, load_into, lora_record, save_head, weaverec_name,
 )
@@ -66,7 +65,7 @@ from recsys.models.merging import (
     MERGED, MergeSettings, average_heads, check_weight_count, save_dense, save_merged_adapter,
 )
 from recsys.models.scoring import likelihood_scores, pair_scores
-from recsys.models.weaving import Branch, Weave, branch_heads
+from recsys.models.weaving import Branch, BranchValidation, Weave, branch_heads
 
 log = logging.getLogger("recsys.weaverec")
 
@@ -143,9 +142,7 @@ class WeaveRecModule(RecModule):
 
         self.weave = Weave(self.model, self.branches)  # which adapter is active, which weights train
 
-        self.branch_metrics = nn.ModuleList([RankingMetrics() for _ in self.branches])
-        self.branch_val_history: dict[int, dict[str, float]] = {}
-        self.branch_val_last: dict[str, float] = {}
+        self.branch_val = BranchValidation(len(self.branches))  # branch<i>/val/... (validate_branches)
         self.branch_steps = [0] * len(self.branches)  # optimizer steps each branch took (all epochs)
         self.learned_weights: dict[str, list[float]] | None = None  # AdaMerging's per-module lambdas
         self._stale = True  # the merged adapter must be (re)computed before it is used
@@ -271,36 +268,27 @@ class WeaveRecModule(RecModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self._stale = self._relearn = True
 
-    def _merge_for(self, stage: str) -> None:
+    def on_validation_epoch_start(self) -> None:
+        """The merged model is what validation and test score: (re)merge the branches if they changed."""
         batches = None
         if self.merge_cfg.learn_weights and self._relearn and self.trainer.datamodule is not None:
             batches = self.trainer.datamodule.val_dataloader()
         self.ensure_merged(batches)
 
-    def on_validation_epoch_start(self) -> None:
-        self._merge_for("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._merge_for("test")
+    on_test_epoch_start = on_validation_epoch_start
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if self.validate_branches:
             for i in range(len(self.branches)):
-                self.branch_metrics[i].update(self.branch_score(batch, i).float(), batch["labels"])
+                self.branch_val.update(i, self.branch_score(batch, i), batch["labels"])
         self._eval_step("val", batch)
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         if not self.validate_branches:
             return
-        values = {}
-        for i, metric in enumerate(self.branch_metrics):
-            values.update({f"branch{i}/val/{k}": float(v) for k, v in metric.compute().items()})
-            metric.reset()
-        self.log_dict(values, sync_dist=False)
-        self.branch_val_last = values
-        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
-            self.branch_val_history[self.current_epoch] = values
+        fitting = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+        self.log_dict(self.branch_val.compute(self.current_epoch if fitting else None), sync_dist=False)
 
     # ------------------------------------------------------------------ optimisation
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -318,7 +306,7 @@ class WeaveRecModule(RecModule):
         keep = self.weave.state_names(self, self.heads)  # every branch and head: the merge is rebuilt from them
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
         checkpoint["weaverec"] = {"learned_weights": self.learned_weights,
-                                  "branch_val_history": self.branch_val_history,
+                                  "branch_val_history": self.branch_val.history,
                                   "branch_steps": list(self.branch_steps),
                                   "branches": [b.adapter for b in self.branches]}
 
@@ -328,7 +316,7 @@ class WeaveRecModule(RecModule):
         saved = extra.get("branches")
         if saved is not None and saved != self.adapters:
             raise ValueError(f"checkpoint has the WeaveRec branches {saved}, this module {self.adapters}")
-        self.branch_val_history = dict(extra.get("branch_val_history", {}))
+        self.branch_val.history = dict(extra.get("branch_val_history", {}))
         self.branch_steps = list(extra.get("branch_steps", self.branch_steps))
         self.learned_weights = extra.get("learned_weights")
         self._stale = True
@@ -346,11 +334,7 @@ class WeaveRecModule(RecModule):
         """``branch<i>/val/...`` of the epoch that model selection chose (on the merged model), and
         ``branch<i>/train/steps``, the optimizer steps each trained branch took."""
         steps = {f"branch{i}/train/steps": float(self.branch_steps[i]) for i, b in enumerate(self.branches) if b.trained}
-        if self.val_history and self.branch_val_history:
-            best = self.best_epoch()
-            if best in self.branch_val_history:
-                return {**self.branch_val_history[best], **steps}
-        return {**self.branch_val_last, **steps}
+        return {**self.branch_val.of_epoch(self.best_epoch()), **steps}
 
     def export(self, store: AdapterStore, manifest: dict) -> Path:
         """Write the newly trained hybrids and the merge to the store (:func:`export_weave`)."""

@@ -150,3 +150,34 @@ def branch_heads(branches: Sequence[Branch], hidden_size: int, shared: bool, see
             h.load_state_dict(state)
             h.requires_grad_(False)
     return heads
+
+
+class BranchValidation(nn.Module):
+    """Every branch scored on validation on its own (``branch<i>/val/...``): the metrics, the last values and
+    those of each training epoch, so that the epoch model selection chose can be reported."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        from recsys.metrics import RankingMetrics
+
+        self.metrics = nn.ModuleList([RankingMetrics() for _ in range(n)])
+        self.history: dict[int, dict[str, float]] = {}  # epoch -> values
+        self.last: dict[str, float] = {}
+
+    def update(self, i: int, scores: torch.Tensor, labels: torch.Tensor) -> None:
+        self.metrics[i].update(scores.float(), labels)
+
+    def compute(self, epoch: int | None) -> dict[str, float]:
+        """This validation's ``branch<i>/val/<metric>`` (recorded for ``epoch`` unless None); resets."""
+        values = {}
+        for i, metric in enumerate(self.metrics):
+            values.update({f"branch{i}/val/{k}": float(v) for k, v in metric.compute().items()})
+            metric.reset()
+        self.last = values
+        if epoch is not None:
+            self.history[epoch] = values
+        return values
+
+    def of_epoch(self, epoch: int | None) -> dict[str, float]:
+        """The values of ``epoch`` if recorded, else the last ones."""
+        return self.history[epoch] if epoch in self.history else self.last
