@@ -27,8 +27,6 @@ LAYERS = {
 
 # functions and classes over the limits, and why (CONTRIBUTING.md, "Size limits")
 SIZE_EXCEPTIONS = {
-    "recsys.data.datamodule.RecDataModule": "one Lightning DataModule: settings checks, example selection, "
-                                            "loaders; split further it would scatter the data contract",
     # data readers and generators: one linear pass over a file format or a generative recipe each, with its
     # checks inline (split, the steps would pass a dozen locals around); not yet split
     "recsys.data.download.fetch": "one download with resume, checksum and retries, step by step",
