@@ -31,9 +31,7 @@ SIZE_EXCEPTIONS = {
     # checks inline (split, the steps would pass a dozen locals around); not yet split
     "recsys.data.download.fetch": "one download with resume, checksum and retries, step by step",
     "recsys.data.preprocess.build_domain": "the preprocessing recipe of docs/methods.md, in its order",
-    "recsys.data.readers.read_plain": "one pass over the plain format with a check a line",
     "recsys.data.synthetic.make_domain": "the synthetic generator's recipe, in its order",
-    "recsys.models.merging.learn_merge_weights": "AdaMerging's loop (set-up, steps, read-out)",
 }
 MAX_FUNCTION, MAX_CLASS = 60, 250
 

@@ -126,6 +126,58 @@ def _str_id(value, key: str, path: Path, lineno: int) -> str:
 # --------------------------------------------------------------------------- plain format
 
 
+def _read_plain_items(path: Path) -> tuple[list[str], list[str], dict[str, int], set[str]]:
+    """``items.jsonl``: (item ids, cleaned titles, id -> index, ids dropped for an empty title)."""
+    item_ids: list[str] = []
+    titles: list[str] = []
+    index: dict[str, int] = {}
+    untitled: set[str] = set()
+    for lineno, obj in _read_jsonl(path):
+        iid = _str_id(_field(obj, "item_id", path, lineno), "item_id", path, lineno)
+        if iid in index or iid in untitled:
+            raise DataError(f"{path}, line {lineno}: duplicate item_id {iid!r}")
+        title = clean_title(obj.get("title"))
+        if not title:
+            untitled.add(iid)
+            continue
+        index[iid] = len(item_ids)
+        item_ids.append(iid)
+        titles.append(title)
+    return item_ids, titles, index, untitled
+
+
+def _read_plain_sequences(path: Path, index: dict[str, int], untitled: set[str]):
+    """``sequences.jsonl``: (user ids, item-index sequences, references dropped for an untitled item, for an
+    unknown one)."""
+    user_ids: list[str] = []
+    sequences: list[list[int]] = []
+    seen_users: set[str] = set()
+    dropped_untitled = dropped_unknown = 0
+    for lineno, obj in _read_jsonl(path):
+        uid = _str_id(_field(obj, "user_id", path, lineno), "user_id", path, lineno)
+        if uid in seen_users:
+            raise DataError(f"{path}, line {lineno}: duplicate user_id {uid!r}")
+        seen_users.add(uid)
+        refs = _field(obj, "item_ids", path, lineno)
+        if not isinstance(refs, list):
+            raise DataError(f"{path}, line {lineno}: 'item_ids' must be a list")
+        try:
+            seq = [index[ref] for ref in refs]  # the common case: every id known
+        except (KeyError, TypeError):
+            seq = []
+            for ref in map(str, refs):
+                i = index.get(ref)
+                if i is not None:
+                    seq.append(i)
+                elif ref in untitled:
+                    dropped_untitled += 1
+                else:
+                    dropped_unknown += 1
+        user_ids.append(uid)
+        sequences.append(seq)
+    return user_ids, sequences, dropped_untitled, dropped_unknown
+
+
 def read_plain(folder: str | Path, name: str | None = None) -> Domain:
     """Read the plain format: ``items.jsonl`` ({"item_id","title"}) and ``sequences.jsonl``
     ({"user_id","item_ids"}, oldest first).
@@ -145,48 +197,8 @@ def read_plain(folder: str | Path, name: str | None = None) -> Domain:
                 "and sequences.jsonl, see shared/data/amazon/README.md)"
             )
 
-    item_ids: list[str] = []
-    titles: list[str] = []
-    index: dict[str, int] = {}
-    untitled: set[str] = set()
-    for lineno, obj in _read_jsonl(items_path):
-        iid = _str_id(_field(obj, "item_id", items_path, lineno), "item_id", items_path, lineno)
-        if iid in index or iid in untitled:
-            raise DataError(f"{items_path}, line {lineno}: duplicate item_id {iid!r}")
-        title = clean_title(obj.get("title"))
-        if not title:
-            untitled.add(iid)
-            continue
-        index[iid] = len(item_ids)
-        item_ids.append(iid)
-        titles.append(title)
-
-    user_ids: list[str] = []
-    sequences: list[list[int]] = []
-    seen_users: set[str] = set()
-    dropped_untitled = dropped_unknown = 0
-    for lineno, obj in _read_jsonl(seq_path):
-        uid = _str_id(_field(obj, "user_id", seq_path, lineno), "user_id", seq_path, lineno)
-        if uid in seen_users:
-            raise DataError(f"{seq_path}, line {lineno}: duplicate user_id {uid!r}")
-        seen_users.add(uid)
-        refs = _field(obj, "item_ids", seq_path, lineno)
-        if not isinstance(refs, list):
-            raise DataError(f"{seq_path}, line {lineno}: 'item_ids' must be a list")
-        try:
-            seq = [index[ref] for ref in refs]  # the common case: every id known
-        except (KeyError, TypeError):
-            seq = []
-            for ref in map(str, refs):
-                i = index.get(ref)
-                if i is not None:
-                    seq.append(i)
-                elif ref in untitled:
-                    dropped_untitled += 1
-                else:
-                    dropped_unknown += 1
-        user_ids.append(uid)
-        sequences.append(seq)
+    item_ids, titles, index, untitled = _read_plain_items(items_path)
+    user_ids, sequences, dropped_untitled, dropped_unknown = _read_plain_sequences(seq_path, index, untitled)
 
     stats = {
         "dropped_items_no_title": len(untitled),

@@ -638,26 +638,13 @@ def learn_merge_weights(
     first = [torch.tensor([start[m] for m in modules if groups[m] == k]).mean(0) for k in keys]
     lam = nn.Parameter(torch.stack(first).float())  # (groups, N), on the CPU
 
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
     optimizer = torch.optim.Adam([lam], lr=lr)
     handles = _install(model, adapters, lambda m: lam[index[m]])
     try:
-        for p in flags:
-            p.requires_grad_(False)
-        model.eval()
-        with model.disable_adapter():
-            iterator = iter(batches)
+        with _frozen(model), model.disable_adapter():
+            batch_stream = _cycle(batches)
             for _ in track(range(steps), "AdaMerging: learning the merge weights (steps)"):
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    iterator = iter(batches)
-                    try:
-                        batch = next(iterator)
-                    except StopIteration:
-                        raise ValueError("batches is empty") from None
-                scores = score_fn(batch)
+                scores = score_fn(next(batch_stream))
                 if scores.dim() != 2:
                     raise ValueError(f"score_fn must return (B, C) scores, got shape {tuple(scores.shape)}")
                 loss = prediction_entropy(scores).mean()
@@ -667,7 +654,31 @@ def learn_merge_weights(
     finally:
         for h in handles:
             h.remove()
+    return {m: lam[index[m]].detach().cpu().tolist() for m in modules}
+
+
+@contextmanager
+def _frozen(model):
+    """``model`` in eval mode with every parameter frozen; flags and mode restored on exit."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        model.eval()
+        yield model
+    finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    return {m: lam[index[m]].detach().cpu().tolist() for m in modules}
+
+
+def _cycle(batches: Iterable):
+    """The batches over and over (a DataLoader restarts each pass); ValueError if there are none."""
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("batches is empty")
