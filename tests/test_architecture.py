@@ -29,8 +29,6 @@ LAYERS = {
 SIZE_EXCEPTIONS = {
     # data readers and generators: one linear pass over a file format or a generative recipe each, with its
     # checks inline (split, the steps would pass a dozen locals around); not yet split
-    "recsys.data.download.fetch": "one download with resume, checksum and retries, step by step",
-    "recsys.data.preprocess.build_domain": "the preprocessing recipe of docs/methods.md, in its order",
     "recsys.data.synthetic.make_domain": "the synthetic generator's recipe, in its order",
 }
 MAX_FUNCTION, MAX_CLASS = 60, 250
