@@ -12,6 +12,8 @@ import torch
 from torchmetrics import Metric
 
 KS = (1, 3, 5, 10)
+REPORT_KEYS = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr")  # the results tables' metrics (every report)
+PAPER_KEYS = ("ndcg@1", "ndcg@3", "ndcg@5", "mrr")  # the paper protocol's table (WeaveRec's metrics)
 
 
 def target_rank(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,9 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-METRICS = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr")
+from recsys.metrics import REPORT_KEYS
+
+METRICS = REPORT_KEYS  # the tables' metrics (recsys.metrics)
 REFERENCES = ("random", "popularity")  # rankers without a model: they depend on target, seed, candidates
 # override keys that define a group or a seed, or do not change results: never part of a variant label
 _NOT_VARIANT = re.compile(

@@ -1,8 +1,8 @@
 """The pipeline behind ``train.py`` and ``evaluate.py``: build, fit, test, report.
 
-Reads top to bottom: seed, backbone, data, method, callbacks/loggers/trainer, zero-shot test, fit
-with validation-based checkpointing, test with the best checkpoint, ``metrics.json``, results
-table, adapter export.
+Reads top to bottom: seed, backbone, data, method (its stored adapters found or trained first by
+``recsys.stages``), callbacks/loggers/trainer, zero-shot test, fit with validation-based checkpointing,
+test with the best checkpoint, ``metrics.json``, results table, adapter export.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import traceback
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -22,18 +23,17 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from recsys import scale, speed, tracking
+from recsys import scale, speed, stages, tracking
 from recsys.data.datamodule import RecDataModule
-from recsys.errors import UserError
+from recsys.errors import UserError, checked
 from recsys.files import write_json
+from recsys.methods.base import Recipe, RecModule, RunInfo, paper_protocol_error
+from recsys.metrics import PAPER_KEYS, REPORT_KEYS
 from recsys.models import adapter_store
 from recsys.models.adapter_store import AdapterStore
 from recsys.models.backbone import load_backbone
 
 log = logging.getLogger("recsys")
-
-REPORT_KEYS = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr")
-PAPER_KEYS = ("ndcg@1", "ndcg@3", "ndcg@5", "mrr")  # the paper protocol's table (WeaveRec's metrics)
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -60,29 +60,48 @@ def build_datamodule(cfg: DictConfig, backbone=None) -> RecDataModule:
     return dm if backbone is None else attach_backbone(cfg, dm, backbone)
 
 
-def attach_backbone(cfg: DictConfig, dm: RecDataModule, backbone) -> RecDataModule:
-    likelihood = prompt_layout(backbone, cfg.method.module.get("scoring", "head"))
+def attach_backbone(cfg: DictConfig, dm: RecDataModule, backbone, scoring: str | None = None) -> RecDataModule:
+    """``dm`` attached to ``backbone``'s tokenizer (nothing for a method without a backbone: id batches)."""
+    if backbone is None:
+        return dm.attach_ids()
+    likelihood = prompt_layout(backbone, scoring or cfg.method.module.get("scoring", "head"))
     return dm.attach(backbone.tokenizer, backbone.kind, likelihood=likelihood)
 
 
-def build_module(cfg: DictConfig, backbone, dm: RecDataModule, store: AdapterStore):
-    """``cfg.method.module`` names the class; its ``from_config`` gets the backbone, data and store."""
+def method_class(cfg: DictConfig) -> tuple[type[RecModule], dict]:
+    """The method's class (``method.module._target_``) and its own config keys, instantiated."""
     factory = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")
-    if not isinstance(factory, partial):  # pragma: no cover
+    if not isinstance(factory, partial) or not isinstance(factory.func, type) \
+            or not issubclass(factory.func, RecModule):  # pragma: no cover
         raise ValueError("method.module must name a RecModule class in _target_")
-    if dm.protocol == "paper" and not getattr(factory.func, "one_language_model", True):
-        from recsys.methods.base import paper_protocol_error
-
-        raise UserError(paper_protocol_error(factory.func))  # before it trains missing source adapters
-    module = factory.func.from_config(backbone=backbone, datamodule=dm, store=store, cfg=cfg, **factory.keywords)
-    module.monitor = cfg.get("optimized_metric") or module.monitor  # model selection's metric
-    return module
+    return factory.func, dict(factory.keywords)
 
 
-def apply_protocol(module, dm: RecDataModule):
-    """``data.protocol=paper``: the module trains on and generates the released prompt's answers."""
-    if dm.protocol == "paper":
-        module.enable_paper_protocol(dm.paper_prompt())
+def run_info(cfg: DictConfig, dm: RecDataModule, store: AdapterStore | None) -> RunInfo:
+    """The narrow view of the run a method is built from (``RecModule.from_config``)."""
+    target = dm.domains.get(dm.target)
+    return RunInfo(target=dm.target, sources=tuple(dm.sources), mix=dm.mix, seed=int(cfg.seed),
+                   data=OmegaConf.to_container(cfg.data, resolve=True), store=store,
+                   num_items=target.num_items if target is not None else 0,
+                   monitor=cfg.get("optimized_metric") or "val/ndcg@10",
+                   paper=dm.paper_prompt() if dm.protocol == "paper" else None)
+
+
+def build_module(cfg: DictConfig, backbone, dm: RecDataModule, store: AdapterStore):
+    """The method's module: its required stored adapters found (the missing ones trained first with
+    ``method.module.train_missing``, ``recsys.stages``), then ``cls.build(backbone, run, **its config keys)``;
+    the DataModule then loads only the training streams the module trains."""
+    cls, kwargs = method_class(cfg)
+    if dm.protocol == "paper" and not cls.one_language_model:
+        raise UserError(paper_protocol_error(cls))  # before it trains missing source adapters
+    train_missing = any([kwargs.pop(k, False) for k in stages.PIPELINE_KEYS])
+    run = run_info(cfg, dm, store)
+    specs = cls.required_adapters(run, backbone, **kwargs)
+    if specs:
+        found, absent = stages.provide(cfg, specs, getattr(backbone, "name", ""), store, train_missing, train)
+        run = replace(run, adapters=found, absent=absent)
+    module = cls.build(backbone, run, **kwargs)
+    dm.train_only(module.train_streams())
     return module
 
 
@@ -153,6 +172,17 @@ def completed_metrics(cfg: DictConfig) -> dict | None:
     return json.loads(metrics.read_text())
 
 
+def zero_shot_test(trainer: L.Trainer, module: RecModule, dm: RecDataModule) -> dict:
+    """The untrained module's test metrics as ``zero_shot/test/...``: a test of its own, before training, that
+    the loggers get with the run's other metrics at the end (not as ``test/...`` at step 0)."""
+    loggers, trainer.loggers = trainer.loggers, []
+    try:
+        out = trainer.test(module, datamodule=dm, verbose=False, weights_only=True)[0]
+    finally:
+        trainer.loggers = loggers
+    return {f"zero_shot/{k}": v for k, v in _floats(out).items()}
+
+
 def train(cfg: DictConfig) -> tuple[float, dict]:
     """Train and test one method as configured; returns (optimized metric, metrics.json content)."""
     out_dir = Path(cfg.paths.output_dir)
@@ -161,16 +191,18 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
         log.info("%s holds a finished run of these settings: nothing to do (metrics.json kept). A new "
                  "hydra.run.dir (or auto_resume=false) trains again", out_dir)
         return float(done.get(cfg.optimized_metric, math.nan)), done
+    if "recipe" in cfg:  # typed: a typo'd key or a wrong type fails now
+        checked(Recipe, OmegaConf.to_container(cfg.recipe, resolve=True), "recipe")
     if cfg.get("auto_resume") and not cfg.get("ckpt_path") and (out_dir / "checkpoints" / "config.json").is_file():
         scale.check_config(out_dir, cfg)  # this folder's checkpoints are of other settings: say so now
     dm = build_datamodule(cfg)  # bad data settings and files fail here, before the backbone loads
     dm.load_domains()
     L.seed_everything(cfg.seed, workers=True)
-    backbone = build_backbone(cfg)
+    backbone = build_backbone(cfg) if method_class(cfg)[0].needs_backbone else None
     attach_backbone(cfg, dm, backbone)
     store = AdapterStore(cfg.paths.adapter_store, seed=cfg.seed)
     adapter_store.READ.clear()
-    module = speed.apply(apply_protocol(build_module(cfg, backbone, dm, store), dm), cfg.get("speed"))
+    module = speed.apply(build_module(cfg, backbone, dm, store), cfg.get("speed"))
     trainer = build_trainer(cfg)
     dm.prepare_data()
     dm.setup("fit")
@@ -180,15 +212,25 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
     tracking.use_adapters(trainer.loggers, adapter_store.READ)
 
     if cfg.zero_shot:
-        module.prefix["test"] = "zero_shot/test"
-        metrics.update(_floats(trainer.test(module, datamodule=dm, verbose=False, weights_only=True)[0]))
-        module.prefix["test"] = "test"
+        metrics.update(zero_shot_test(trainer, module, dm))
+    trained, best = fit(cfg, trainer, module, dm, metrics)
+    metrics.update(best_test_metrics(trainer, module, dm, best))
+    metrics.update(module.extra_metrics())
+    if trained:
+        metrics.update(module.training_health())
+    if trainer.is_global_zero:
+        report_and_export(cfg, trainer, module, store, metrics, best, trained)
+    return float(metrics.get(cfg.optimized_metric, math.nan)), metrics
 
+
+def fit(cfg: DictConfig, trainer: L.Trainer, module: RecModule, dm: RecDataModule, metrics: dict) -> tuple[bool, str]:
+    """Train (resuming a run restarted in its folder) unless there is nothing to train; adds the training time
+    and the validation metrics of the selected epoch to ``metrics``; returns (trained, best checkpoint path)."""
     trained = cfg.trainer.max_epochs != 0 and not module.skip_training
     # a run restarted in its folder (fixed hydra.run.dir, a requeued SLURM job) goes on from its last checkpoint
     ckpt = cfg.get("ckpt_path")
     if not ckpt and cfg.get("auto_resume") and trained:
-        ckpt = scale.resume_checkpoint(out_dir, cfg)
+        ckpt = scale.resume_checkpoint(Path(cfg.paths.output_dir), cfg)
     t0 = time.time()
     if trained:
         if ckpt:
@@ -206,43 +248,44 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
         metrics.update(module.best_val_metrics(cfg.optimized_metric))
     else:
         metrics.update(_floats(trainer.validate(module, datamodule=dm, verbose=False)[0]))
+    return trained, best
+
+
+def best_test_metrics(trainer: L.Trainer, module: RecModule, dm: RecDataModule, best: str) -> dict:
+    """Test metrics of the best checkpoint (or the module as it is), the data sizes and the reference rows."""
     t0 = time.time()
     if best:
         scale.load_checkpoint(best)
-    metrics.update(_floats(trainer.test(module, datamodule=dm, ckpt_path=best or None, verbose=False,
-                                        weights_only=True)[0]))
+    metrics = _floats(trainer.test(module, datamodule=dm, ckpt_path=best or None, verbose=False, weights_only=True)[0])
     metrics["time/test_s"] = round(time.time() - t0, 3)
     metrics["data/test_examples"] = len(dm.eval_sets["test"])
     metrics["data/train_examples"] = sum(len(v) for v in dm.train_entries.values())
     for row, values in dm.reference_metrics("test").items():
         metrics.update({f"{row}/test/{k}": v for k, v in values.items()})
-    metrics.update(module.extra_metrics())
-    if trained:
-        metrics.update(module.training_health())
+    return metrics
 
-    if trainer.is_global_zero:
-        write_json(out_dir / "metrics.json", metrics)
-        write_json(out_dir / "run.json", {"best_checkpoint": best, "trained": trained, "complete": False})
-        title = f"{cfg.method.name} on {cfg.data.target} ({cfg.backbone.name}, seed {cfg.seed})"
-        text = results_table(metrics, title)
-        (out_dir / "results.txt").write_text(text)
-        if trained and cfg.export_adapter and cfg.method.get("export", False):
-            folder = module.export(store, manifest={
-                "method": cfg.method.name, "domain": cfg.data.target,
-                "data": OmegaConf.to_container(cfg.data, resolve=True), "seed": cfg.seed,
-                "metrics": {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))},
-                "run_dir": str(out_dir), "precision": str(cfg.trainer.precision),
-            })
-            if folder:
-                log.info("adapter exported to %s", folder)
-                tracking.log_adapter(trainer.loggers, folder)
-        tracking.log_results(trainer.loggers, metrics, "test", REPORT_KEYS)
-        # last: a re-run of this folder reports these figures and changes nothing (completed_metrics)
-        write_json(out_dir / "run.json", {"best_checkpoint": best, "trained": trained, "complete": True})
-        for lg in trainer.loggers:
-            lg.log_metrics({k: v for k, v in metrics.items() if "/" in k}, step=trainer.global_step)
-            lg.finalize("success")
-    return float(metrics.get(cfg.optimized_metric, math.nan)), metrics
+
+def report_and_export(cfg: DictConfig, trainer: L.Trainer, module: RecModule, store: AdapterStore, metrics: dict,
+                      best: str, trained: bool) -> None:
+    """metrics.json, run.json, the results table, the adapter export and the loggers' records (rank 0)."""
+    out_dir = Path(cfg.paths.output_dir)
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "run.json", {"best_checkpoint": best, "trained": trained, "complete": False})
+    title = f"{cfg.method.name} on {cfg.data.target} ({cfg.backbone.name}, seed {cfg.seed})"
+    (out_dir / "results.txt").write_text(results_table(metrics, title))
+    if trained and cfg.export_adapter and cfg.method.get("export", False):
+        folder = module.export(store, manifest=adapter_store.run_record(
+            cfg.method.name, cfg.data.target, OmegaConf.to_container(cfg.data, resolve=True), cfg.seed, metrics,
+            str(out_dir), str(cfg.trainer.precision)))
+        if folder:
+            log.info("adapter exported to %s", folder)
+            tracking.log_adapter(trainer.loggers, folder)
+    tracking.log_results(trainer.loggers, metrics, "test", REPORT_KEYS)
+    # last: a re-run of this folder reports these figures and changes nothing (completed_metrics)
+    write_json(out_dir / "run.json", {"best_checkpoint": best, "trained": trained, "complete": True})
+    for lg in trainer.loggers:
+        lg.log_metrics({k: v for k, v in metrics.items() if "/" in k}, step=trainer.global_step)
+        lg.finalize("success")
 
 
 def user_error(e: BaseException) -> UserError | None:
@@ -309,14 +352,10 @@ def best_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def evaluate(cfg: DictConfig) -> tuple[float, dict]:
-    """Score a trained run (``run_dir``), a checkpoint (``ckpt_path``) or a stored adapter (``adapter``)
-    on the validation or test split with the same fixed candidates; writes metrics.json."""
-    split = cfg.split
-    if split not in ("val", "test"):
-        raise UserError(f"split={split!r}: use val or test")
-    ckpt = cfg.get("ckpt_path")
-    run_cfg = cfg
+def evaluated_config(cfg: DictConfig) -> tuple[DictConfig, Path | None]:
+    """The config of what ``evaluate.py`` scores (a ``run_dir``'s own, or ``cfg`` itself) and the checkpoint to
+    load (``ckpt_path``, or the run's best); UserError for a folder that is not a finished run's."""
+    ckpt, run_cfg = cfg.get("ckpt_path"), cfg
     if cfg.get("run_dir"):
         run_dir = Path(cfg.run_dir)
         saved = run_dir / ".hydra" / "config.yaml"
@@ -331,53 +370,61 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
         trained = json.loads(info.read_text()).get("trained", True) if info.is_file() else True
         if ckpt is None and trained:  # a run with nothing trained (merge_sources) is rebuilt from its config
             raise UserError(f"{run_dir}/checkpoints holds no checkpoint to evaluate")
-    if cfg.get("protocol") == "paper" and run_cfg is not cfg:  # evaluate.py protocol=paper on a run folder
-        run_cfg.data.protocol, run_cfg.data.num_negatives = "paper", cfg.data.num_negatives
-        run_cfg.data.paper = cfg.data.paper
-    out_dir = Path(cfg.paths.output_dir)
+        if cfg.get("protocol") == "paper":  # evaluate.py protocol=paper on a run folder
+            run_cfg.data.protocol, run_cfg.data.num_negatives = "paper", cfg.data.num_negatives
+            run_cfg.data.paper = cfg.data.paper
+    return run_cfg, (Path(ckpt) if ckpt else None)
+
+
+def adapter_module(cfg: DictConfig, run_cfg: DictConfig, dm: RecDataModule):
+    """``evaluate.py adapter=<folder>``: the LoRA module that training built, from the stored adapter."""
+    from recsys.methods.lora import LoRAModule
+
+    if run_cfg.method.name not in ("lora", "joint"):
+        raise UserError("adapter= evaluates a LoRA adapter folder: use method=lora (or run_dir= for other methods)")
+    folder = AdapterStore.resolve(cfg.adapter, run_cfg.seed)
+    AdapterStore.verify(folder)  # before the backbone loads
+    backbone = build_backbone(run_cfg)
+    _, kwargs = method_class(run_cfg)
+    module = LoRAModule.from_adapter(backbone, folder, str(run_cfg.trainer.precision), **kwargs)
+    attach_backbone(run_cfg, dm, backbone, scoring=module.scoring)
+    if dm.protocol == "paper":
+        module.enable_paper_protocol(dm.paper_prompt())
+    return module
+
+
+def eval_trainer(cfg: DictConfig, run_cfg: DictConfig) -> tuple[L.Trainer, DictConfig]:
+    """This evaluation's trainer and loggers (eval.yaml: none by default), named after the evaluated run's
+    method and data; returns the trainer and the config its loggers record."""
+    own = OmegaConf.to_container(cfg, resolve=False)
+    log_cfg = OmegaConf.merge(run_cfg, {k: own[k] for k in ("logger", "job_type", "tags", "group", "run_name")
+                                        if k in own and (k in ("logger", "job_type") or k not in run_cfg)})
+    loggers = [hydra.utils.instantiate(c) for c in (log_cfg.get("logger") or {}).values() if c]
+    return hydra.utils.instantiate(run_cfg.trainer, callbacks=[], logger=loggers or False, max_epochs=0), log_cfg
+
+
+def evaluate(cfg: DictConfig) -> tuple[float, dict]:
+    """Score a trained run (``run_dir``), a checkpoint (``ckpt_path``) or a stored adapter (``adapter``)
+    on the validation or test split with the same fixed candidates, in the module training built; writes
+    metrics.json."""
+    split = cfg.split
+    if split not in ("val", "test"):
+        raise UserError(f"split={split!r}: use val or test")
+    run_cfg, ckpt = evaluated_config(cfg)
     if ckpt:
         scale.load_checkpoint(ckpt)  # a clear error for a cut-short or unsafe file, before anything heavy
     dm = build_datamodule(run_cfg)  # bad data settings and files fail here, before the backbone loads
     dm.load_domains()
     adapter_store.READ.clear()
     L.seed_everything(run_cfg.seed, workers=True)
-    store = AdapterStore(run_cfg.paths.adapter_store, seed=run_cfg.seed)
-    adapter = AdapterStore.resolve(cfg.adapter, run_cfg.seed) if cfg.get("adapter") else None
-    if adapter is not None:
-        if run_cfg.method.name not in ("lora", "joint"):
-            raise UserError("adapter= evaluates a LoRA adapter folder: use method=lora (or run_dir= for other methods)")
-        AdapterStore.verify(adapter)
-    backbone = build_backbone(run_cfg)
-    attach_backbone(run_cfg, dm, backbone)
-    if adapter is not None:
-        kwargs = {k: v for k, v in OmegaConf.to_container(run_cfg.method.module, resolve=True).items()
-                  if k not in ("_target_", "optimizer", "r", "alpha", "dropout", "target_modules")}
-        from recsys.methods.lora import LoRAModule
-
-        manifest = store.load_manifest(adapter) if (Path(adapter) / "manifest.json").is_file() else {}
-        if manifest.get("backbone", backbone.name) != backbone.name:
-            raise UserError(f"adapter={adapter} was trained on backbone {manifest['backbone']!r}, not "
-                             f"{backbone.name!r}: set backbone.name={manifest['backbone']}")
-        kwargs["scoring"] = manifest.get("scoring", kwargs.get("scoring", "head"))  # as the adapter was trained
-        if manifest.get("precision", str(run_cfg.trainer.precision)) != str(run_cfg.trainer.precision):
-            log.warning("adapter %s was trained and tested with trainer.precision=%s, this evaluation uses %s: "
-                        "metrics may differ slightly from train.py's", adapter, manifest["precision"],
-                        run_cfg.trainer.precision)
-        head = store.load_head(adapter)
-        if kwargs["scoring"] == "head" and head is None:
-            raise UserError(f"adapter={adapter} has no head.safetensors: scoring=head needs the trained head")
-        dm.attach(backbone.tokenizer, backbone.kind, likelihood=prompt_layout(backbone, kwargs["scoring"]))
-        module = LoRAModule(backbone, adapter=str(adapter), **kwargs)
-        module.load_head(head)
+    if cfg.get("adapter"):
+        module = adapter_module(cfg, run_cfg, dm)
     else:
-        module = build_module(run_cfg, backbone, dm, store)
-    speed.apply(apply_protocol(module, dm), cfg.get("speed"))
-    # this evaluation's loggers (eval.yaml: none by default), named after the evaluated run's method and data
-    own = OmegaConf.to_container(cfg, resolve=False)
-    log_cfg = OmegaConf.merge(run_cfg, {k: own[k] for k in ("logger", "job_type", "tags", "group", "run_name")
-                                        if k in own and (k in ("logger", "job_type") or k not in run_cfg)})
-    loggers = [hydra.utils.instantiate(c) for c in (log_cfg.get("logger") or {}).values() if c]
-    trainer = hydra.utils.instantiate(run_cfg.trainer, callbacks=[], logger=loggers or False, max_epochs=0)
+        backbone = build_backbone(run_cfg) if method_class(run_cfg)[0].needs_backbone else None
+        attach_backbone(run_cfg, dm, backbone)
+        module = build_module(run_cfg, backbone, dm, AdapterStore(run_cfg.paths.adapter_store, seed=run_cfg.seed))
+    speed.apply(module, cfg.get("speed"))
+    trainer, log_cfg = eval_trainer(cfg, run_cfg)
     tracking.log_hyperparameters(trainer.loggers, log_cfg, {"params/total": sum(p.numel() for p in module.parameters())})
     dm.prepare_data()
     dm.setup("test")
@@ -387,29 +434,17 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
     for row, values in dm.reference_metrics(split).items():
         metrics.update({f"{row}/{split}/{k}": v for k, v in values.items()})
     if trainer.is_global_zero:
-        write_json(out_dir / "metrics.json", metrics)
-        text = results_table(metrics, f"evaluate {run_cfg.method.name} on {run_cfg.data.target}", split)
-        (out_dir / "results.txt").write_text(text)
-        tracking.use_adapters(trainer.loggers, adapter_store.READ)
-        tracking.log_results(trainer.loggers, metrics, split, REPORT_KEYS)
-        for lg in trainer.loggers:
-            lg.log_metrics(metrics)
-            lg.finalize("success")
+        write_results(trainer, cfg, metrics, f"evaluate {run_cfg.method.name} on {run_cfg.data.target}", split)
     return float(metrics.get(f"{split}/ndcg@10", math.nan)), metrics
 
 
-def train_source_adapters(cfg: DictConfig, sources: list[str]) -> None:
-    """Train ``method=lora`` on each missing store adapter first (``method.module.train_missing`` of X-Cross
-    and merge_sources), with this run's backbone, data and trainer, on all of the domain's data
-    (``data.target_fraction`` is the calling run's target share only); each run's folder is
-    ``<run>/sources/<source>``. Reseeds afterwards, so the caller starts as it would with stored adapters."""
-    lora = OmegaConf.load(Path(__file__).resolve().parent / "conf" / "method" / "lora.yaml")
-    for s in sources:
-        sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-        sub.method = lora
-        sub.data.target, sub.data.sources, sub.data.target_fraction = s, [], 1.0
-        sub.paths.output_dir = str(Path(cfg.paths.output_dir) / "sources" / s)
-        sub.zero_shot, sub.export_adapter, sub.ckpt_path = False, True, None
-        log.info("training the missing source adapter %s", s)
-        train(sub)
-    L.seed_everything(cfg.seed, workers=True)
+def write_results(trainer: L.Trainer, cfg: DictConfig, metrics: dict, title: str, split: str) -> None:
+    """An evaluation's metrics.json, results table and logger records."""
+    out_dir = Path(cfg.paths.output_dir)
+    write_json(out_dir / "metrics.json", metrics)
+    (out_dir / "results.txt").write_text(results_table(metrics, title, split))
+    tracking.use_adapters(trainer.loggers, adapter_store.READ)
+    tracking.log_results(trainer.loggers, metrics, split, REPORT_KEYS)
+    for lg in trainer.loggers:
+        lg.log_metrics(metrics)
+        lg.finalize("success")

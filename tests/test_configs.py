@@ -137,7 +137,7 @@ def recipe_of(c: dict) -> dict:
             "batch_size": c["data"]["batch_size"], "gradient_clip_val": c["trainer"]["gradient_clip_val"]}
 
 
-@pytest.mark.parametrize("setting", [[], ["experiment=amazon_lora_cpu"], ["experiment=[weaverec_games_from_beauty,weaverec_cpu]"],
+@pytest.mark.parametrize("setting", [[], ["experiment=amazon_lora_cpu"], ["experiment=[weaverec_amazon,weaverec_cpu]", "data.target=games"],
                                      ["experiment=weaverec_synthetic"], ["protocol=paper", "backbone=tiny_decoder"]])
 def test_every_method_trains_with_the_one_recipe(setting):
     """Rows of a table differ only in the method: every trained method composes to the same recipe,

@@ -21,11 +21,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from safetensors.torch import save_file
 
-from recsys import scale
+from recsys import scale, stages
 from recsys.data.datamodule import RecDataModule
 from recsys.data.domain import DataError
 from recsys.data.readers import read_plain
 from recsys.errors import UserError
+from recsys.methods.base import RunInfo
 from recsys.methods.lora import LoRAModule
 from recsys.methods.xcross import XCrossModule
 from recsys.models.adapter_store import AdapterStore, StoreError
@@ -77,6 +78,13 @@ def test_a_run_without_an_optimizer_step_fails_and_exports_nothing(tmp_path):
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+def provide_sources(store):
+    """X-Cross's source adapters as the pipeline finds them before building the module (recsys.stages)."""
+    run = RunInfo(target="tools", sources=("toys", "sports"), store=store)
+    specs = XCrossModule.required_adapters(run, load_backbone("tiny:encoder"))
+    return stages.provide(None, specs, "tiny:encoder", store, False, train)[0]
+
+
 # ------------------------------------------------------------------------------ 2. complete or absent
 def test_a_stored_adapter_without_its_head_does_not_exist(tmp_path):
     store = AdapterStore(tmp_path / "store")
@@ -86,8 +94,7 @@ def test_a_stored_adapter_without_its_head_does_not_exist(tmp_path):
     (folder / "head.safetensors").unlink()
     assert store.exists("tiny:encoder", "toys") and not store.exists("tiny:encoder", "sports")
     with pytest.raises(UserError) as e:
-        XCrossModule.from_config(load_backbone("tiny:encoder"), datamodule=SimpleNamespace(sources=["toys", "sports"]),
-                                 store=store)
+        provide_sources(store)
     assert str(folder) in str(e.value) and "head.safetensors" in str(e.value)
 
 
@@ -243,8 +250,7 @@ def test_a_broken_stored_file_is_named(tmp_path, name):
     f = store.path("tiny:encoder", "toys") / name
     f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
     with pytest.raises(UserError) as e:
-        XCrossModule.from_config(load_backbone("tiny:encoder"), datamodule=SimpleNamespace(sources=["toys", "sports"]),
-                                 store=store)
+        provide_sources(store)
     assert str(f) in str(e.value) and "rebuild" in str(e.value)
 
 

@@ -237,7 +237,7 @@ def test_weave_clipping_is_per_branch():
     module.training_step(batch, 0).backward()
     module.configure_gradient_clipping(None, gradient_clip_val=1e-3, gradient_clip_algorithm="norm")
     for b, h in zip(module.branches, module.heads):
-        params = module._branch_params[b.adapter] + list(h.parameters())
+        params = module.weave.params[b.adapter] + list(h.parameters())
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
         assert norm == pytest.approx(1e-3, rel=1e-3)
 
@@ -299,7 +299,7 @@ def test_store_reuses_a_hybrid_in_either_order(runs, tmp_path, caplog):
     a = module.branches[1].adapter
     state = {k.replace(f".{a}.", "."): v for k, v in module.model.state_dict().items() if f".{a}." in k}
     assert set(state) == set(stored) and all(torch.equal(state[k], stored[k]) for k in stored)
-    assert not any(p.requires_grad for p in module._branch_params[module.branches[1].adapter])
+    assert not any(p.requires_grad for p in module.weave.params[module.branches[1].adapter])
     # a full run with the reused hybrid trains only the target branch
     metrics = run_train(tmp_path / "run2", "backbone=tiny_encoder", "method=weaverec", "data.target=toys",
                         "data.sources=[tools]", store=store)

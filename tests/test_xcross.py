@@ -29,7 +29,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from recsys.methods.lora import LoRAModule
-from recsys.methods.xcross import SourceAdapterError, train_command
+from recsys.methods.xcross import SourceAdapterError
+from recsys.stages import train_command
 from recsys.models.adapter_store import AdapterStore
 from recsys.models.backbone import load_backbone
 from recsys.models.integrator import XCrossModel

@@ -27,10 +27,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from recsys.data import selection
 from recsys.data.candidates import NegativeSampler, eval_candidates, stable_seed
 from recsys.data.domain import DataError, Domain, Example
 from recsys.data.paper_prompt import PaperCollator, PaperPrompt, PaperTemplate
-from recsys.data.text import Collator, PromptTemplate, TextEncoder
+from recsys.data.text import Collator, IdCollator, PromptTemplate, TextEncoder
+from recsys.errors import checked
 from recsys.metrics import reference_metrics
 
 log = logging.getLogger("recsys.data")
@@ -225,6 +227,42 @@ class ResumableLoader(DataLoader):
         self.batch_sampler.resume(epoch, batches)
 
 
+def check_settings(dm: "RecDataModule") -> None:
+    """Every data setting of ``dm`` checked on construction: a DataError naming the key and the fix."""
+    known = sorted(dm.domain_specs)
+    for key, name in [("data.target", dm.target)] + [("data.sources", s) for s in dm.sources]:
+        if name not in dm.domain_specs:
+            raise DataError(f"{key}: unknown domain {name!r}; the data config defines {known}"
+                            + (f" (with the plain domains found under data.root={dm.root})" if dm.root else ""))
+    if dm.target in dm.sources:
+        raise DataError(
+            f"data.sources={dm.sources} lists the target {dm.target!r}: a target cannot be its own "
+            "source; remove it from data.sources"
+        )
+    if len(set(dm.sources)) != len(dm.sources):
+        raise DataError(f"data.sources={dm.sources} repeats a domain")
+    if not (0.0 < dm.target_fraction <= 1.0):
+        raise DataError(f"data.target_fraction={dm.target_fraction} must be in (0, 1]")
+    if dm.mix not in MIXES:
+        raise DataError(f"data.mix={dm.mix!r} is unknown: use one of {MIXES}")
+    if dm.mix in ("joint", "hybrid") and not dm.sources:
+        raise DataError(f"data.mix={dm.mix} needs data.sources (e.g. 'data.sources=[toys]')")
+    if dm.protocol not in PROTOCOLS:
+        raise DataError(f"data.protocol={dm.protocol!r} is unknown: use one of {PROTOCOLS}")
+    if dm.num_negatives < 1 or dm.num_train_negatives < 1:
+        raise DataError("data.num_negatives and data.num_train_negatives must be >= 1")
+    for key, value, least in [("batch_size", dm.batch_size, 1), ("eval_batch_size", dm.eval_batch_size, 1),
+                              ("hybrid_cap", dm.hybrid_cap, 1), ("max_history", dm.max_history, 1),
+                              ("num_workers", dm.num_workers, 0)]:
+        if value < least:
+            raise DataError(f"data.{key}={value} must be >= {least}")
+    for key, value in [("max_train_examples", dm.max_train_examples), ("max_eval_users", dm.max_eval_users)]:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise DataError(f"data.{key}={value!r} must be null (all) or an integer >= 1")
+    if dm.train_on_val and not (0.0 < dm.selection_share < 1.0):
+        raise DataError(f"data.selection_share={dm.selection_share} must be in (0, 1) with data.train_on_val=true")
+
+
 class RecDataModule(L.LightningDataModule):
     """One DataModule over Amazon-like domains for every method (see the module docstring).
 
@@ -301,58 +339,38 @@ class RecDataModule(L.LightningDataModule):
         self.train_on_val, self.selection_share = bool(train_on_val), float(selection_share)
         self.seed, self.batch_size, self.eval_batch_size = int(seed), int(batch_size), int(eval_batch_size)
         self.num_workers, self.bucket_by_length = int(num_workers), bool(bucket_by_length)
-        self.template = PromptTemplate(**dict(prompt or {}))
-        unknown = sorted(set(dict(paper or {})) - set(PaperTemplate.__dataclass_fields__))
-        if unknown:
-            raise DataError(f"data.paper has unknown keys {unknown}: known are {sorted(PaperTemplate.__dataclass_fields__)}")
-        self.protocol, self.paper_template = protocol, PaperTemplate(**dict(paper or {}))
+        self.template = checked(PromptTemplate, prompt, "data.prompt", DataError)  # typed: a typo'd key or type fails here
+        self.protocol, self.paper_template = protocol, checked(PaperTemplate, paper, "data.paper", DataError)
         self.collection = collection  # the name of this set of domains (it names the adapter store)
         self.cache_dir, self.root = cache_dir, root
         self.kind, self.likelihood = kind, likelihood
         self.tokenizer = tokenizer
+        self.item_ids = False  # attach_ids: batches of item ids, no text
         self.domains: dict[str, Domain] = {}
-        self.skip_streams: set[str] = set()  # training streams a module does not train (set before setup)
-        self._validate()
-
-    # ------------------------------------------------------------------ configuration checks
-    def _validate(self) -> None:
-        known = sorted(self.domain_specs)
-        for key, name in [("data.target", self.target)] + [("data.sources", s) for s in self.sources]:
-            if name not in self.domain_specs:
-                raise DataError(f"{key}: unknown domain {name!r}; the data config defines {known}"
-                                + (f" (with the plain domains found under data.root={self.root})" if self.root else ""))
-        if self.target in self.sources:
-            raise DataError(
-                f"data.sources={self.sources} lists the target {self.target!r}: a target cannot be its own "
-                "source; remove it from data.sources"
-            )
-        if len(set(self.sources)) != len(self.sources):
-            raise DataError(f"data.sources={self.sources} repeats a domain")
-        if not (0.0 < self.target_fraction <= 1.0):
-            raise DataError(f"data.target_fraction={self.target_fraction} must be in (0, 1]")
-        if self.mix not in MIXES:
-            raise DataError(f"data.mix={self.mix!r} is unknown: use one of {MIXES}")
-        if self.mix in ("joint", "hybrid") and not self.sources:
-            raise DataError(f"data.mix={self.mix} needs data.sources (e.g. 'data.sources=[toys]')")
-        if self.protocol not in PROTOCOLS:
-            raise DataError(f"data.protocol={self.protocol!r} is unknown: use one of {PROTOCOLS}")
-        if self.num_negatives < 1 or self.num_train_negatives < 1:
-            raise DataError("data.num_negatives and data.num_train_negatives must be >= 1")
-        for key, value, least in [("batch_size", self.batch_size, 1), ("eval_batch_size", self.eval_batch_size, 1),
-                                  ("hybrid_cap", self.hybrid_cap, 1), ("max_history", self.max_history, 1),
-                                  ("num_workers", self.num_workers, 0)]:
-            if value < least:
-                raise DataError(f"data.{key}={value} must be >= {least}")
-        for key, value in [("max_train_examples", self.max_train_examples), ("max_eval_users", self.max_eval_users)]:
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise DataError(f"data.{key}={value!r} must be null (all) or an integer >= 1")
-        if self.train_on_val and not (0.0 < self.selection_share < 1.0):
-            raise DataError(f"data.selection_share={self.selection_share} must be in (0, 1) with data.train_on_val=true")
+        self.skip_streams: set[str] = set()  # training streams the module does not train (``train_only``)
+        check_settings(self)
 
     def attach(self, tokenizer, kind: str, likelihood: bool = False) -> "RecDataModule":
         """Give the DataModule the backbone's tokenizer (the text layout depends on it)."""
         self.tokenizer, self.kind, self.likelihood = tokenizer, kind, likelihood
         return self
+
+    def attach_ids(self) -> "RecDataModule":
+        """Batches of item ids instead of text (``recsys.data.text.IdCollator``), for a method without a
+        language model (``needs_backbone = False``)."""
+        self.item_ids = True
+        return self
+
+    def stream_names(self) -> list[str]:
+        """The training streams of this mix: ``train``, or for ``hybrid`` ``target`` and ``hybrid/<S>`` a source."""
+        if self.mix != "hybrid":
+            return ["train"]
+        return ["target"] + [f"hybrid/{s}" for s in self.sources]
+
+    def train_only(self, streams: set[str] | None) -> None:
+        """Load only these training streams (None: all), e.g. not the stream of a WeaveRec hybrid reused from
+        the store; the pipeline calls it with the module's ``train_streams()`` before ``setup``."""
+        self.skip_streams = set() if streams is None else set(self.stream_names()) - set(streams)
 
     @property
     def used_domains(self) -> list[str]:
@@ -378,15 +396,15 @@ class RecDataModule(L.LightningDataModule):
         self.load_domains()
         self.samplers = {n: NegativeSampler(d, self.candidate_sampling) for n, d in self.domains.items()}
         tgt = self.domains[self.target]
-        self.eval_users = self._eval_users(tgt)
-        self.selection_users = self._selection_users(tgt) if self.train_on_val else None
+        self.eval_users = selection.eval_users(self, tgt)
+        self.selection_users = selection.selection_users(self, tgt) if self.train_on_val else None
         self.eval_sets: dict[str, EvalDataset] = {}
         for split in ("val", "test"):
             users = self.selection_users if split == "val" and self.train_on_val else self.eval_users
             exs = [e for e in tgt.examples(split, self.max_history) if e.user in users]
             cands, pos = eval_candidates(tgt, exs, split, self.num_negatives, self.seed, self.candidate_sampling)
             self.eval_sets[split] = EvalDataset(self.target, exs, cands, pos)
-        self.train_entries = self._train_entries()
+        self.train_entries = selection.train_streams(self)
         if self.tokenizer is not None:
             self._text()
 
@@ -399,70 +417,12 @@ class RecDataModule(L.LightningDataModule):
             self.text.add_titles(name, d.titles)
         return self.text
 
-    # ------------------------------------------------------------------ example selection
-    def _eval_users(self, d: Domain) -> set[int]:
-        users = list(range(d.num_users))
-        if self.max_eval_users and self.max_eval_users < len(users):
-            rng = np.random.default_rng(stable_seed("eval_users", d.name, self.seed))
-            users = rng.choice(len(users), size=self.max_eval_users, replace=False).tolist()
-        return set(users)
-
-    def _selection_users(self, d: Domain) -> set[int]:
-        """``train_on_val``: the held-out users whose validation examples select the model (seeded,
-        ``selection_share`` of the users, at most ``max_eval_users``); their validation never trains."""
-        n = max(1, round(self.selection_share * d.num_users))
-        if self.max_eval_users:
-            n = min(n, self.max_eval_users)
-        rng = np.random.default_rng(stable_seed("selection_users", d.name, self.seed))
-        return set(rng.choice(d.num_users, size=n, replace=False).tolist())
-
+    # ------------------------------------------------------------------ example selection (recsys/data/selection.py)
     def _domain_train(self, name: str) -> list[tuple[str, Example]]:
-        d = self.domains[name]
-        exs = d.examples("train", self.max_history)
-        if name == self.target and self.train_on_val:  # the release trains on validation examples too
-            exs = exs + [e for e in d.examples("val", self.max_history) if e.user not in self.selection_users]
-        if name == self.target and self.target_fraction < 1.0:
-            rng = np.random.default_rng(stable_seed("fraction", name, self.seed))
-            n_keep = max(1, round(self.target_fraction * d.num_users))
-            keep = set(rng.permutation(d.num_users)[:n_keep].tolist())
-            exs = [e for e in exs if e.user in keep]
-        cap = self.max_train_examples
-        if cap and name == self.target and self.cap_scales_with_fraction:
-            cap = max(1, round(self.target_fraction * cap))  # the share of a capped budget (data-efficiency sweeps)
-        if cap and len(exs) > cap:
-            rng = np.random.default_rng(stable_seed("train_cap", name, self.seed))
-            sel = sorted(rng.choice(len(exs), size=cap, replace=False).tolist())
-            exs = [exs[i] for i in sel]
-        if not exs:
-            raise DataError(f"domain {name!r} has no training example (users need >= 4 items)")
-        return [(name, e) for e in exs]
+        return selection.domain_train(self, name)
 
     def hybrid_entries(self, source: str) -> list[tuple[str, Example]]:
-        """WeaveRec's hybrid mixture as released: min(cap, |T|) target examples and, independently,
-        min(cap, |S|) of ``source`` (50/50 when both domains have at least ``hybrid_cap``)."""
-        tgt, src = self._domain_train(self.target), self._domain_train(source)
-        n, n_src = min(self.hybrid_cap, len(tgt)), min(self.hybrid_cap, len(src))
-        if n_src != n:
-            log.warning("hybrid %s+%s is not 50/50: %d target and %d source examples (hybrid_cap %d)",
-                        self.target, source, n, n_src, self.hybrid_cap)
-        rng = np.random.default_rng(stable_seed("hybrid", self.target, source, self.seed))
-        pick = lambda xs, k: [xs[i] for i in sorted(rng.choice(len(xs), size=k, replace=False).tolist())]  # noqa: E731
-        return pick(tgt, n) + pick(src, n_src)
-
-    def _train_entries(self) -> dict[str, list[tuple[str, Example]]]:
-        """Training streams: ``{"train": ...}`` or, for ``hybrid``, ``{"target": ..., "hybrid/<S>": ...}``."""
-        if self.mix == "target":
-            return {"train": self._domain_train(self.target)}
-        if self.mix == "joint":
-            pooled = self._domain_train(self.target)
-            for s in self.sources:
-                pooled += self._domain_train(s)
-            return {"train": pooled}
-        streams = {"target": self._domain_train(self.target)}
-        for s in self.sources:
-            if f"hybrid/{s}" not in self.skip_streams:  # e.g. a WeaveRec hybrid reused from the store
-                streams[f"hybrid/{s}"] = self.hybrid_entries(s)
-        return streams
+        return selection.hybrid_entries(self, source)
 
     # ------------------------------------------------------------------ loaders
     def paper_prompt(self) -> PaperPrompt:
@@ -472,6 +432,8 @@ class RecDataModule(L.LightningDataModule):
         return self._paper
 
     def _collator(self):
+        if self.item_ids:  # a method without a language model (needs_backbone = False): item ids, no text
+            return IdCollator()
         if self.protocol == "paper":
             return PaperCollator(self.paper_prompt())
         return Collator(self._text(), self.likelihood)
@@ -491,7 +453,9 @@ class RecDataModule(L.LightningDataModule):
     def _lengths(self, entries) -> list[int] | None:
         if not self.bucket_by_length:
             return None
-        titles = {n: self.text.title_ids(n) for n in self.domains}
+        if self.item_ids:  # every history item is one position
+            return [len(ex.history) for _, ex in entries]
+        titles = {n: self._text().title_ids(n) for n in self.domains}
         return [sum(len(titles[d][i]) for i in ex.history) for d, ex in entries]
 
     def rank_batch_size(self) -> int:
@@ -508,7 +472,6 @@ class RecDataModule(L.LightningDataModule):
 
     def train_loaders(self) -> dict[str, DataLoader]:
         """One loader per training stream (a module training several adapters gets one stream each)."""
-        self._text()
         out = {}
         for name, entries in self.train_entries.items():
             ds = TrainDataset(entries, self.samplers, self.num_train_negatives, stable_seed(self.seed, name))

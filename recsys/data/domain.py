@@ -7,6 +7,8 @@ internal indices; external ids are kept only to report and to key caches.
 
 from __future__ import annotations
 
+import html
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,6 +19,28 @@ Split = Literal["train", "val", "test"]
 
 class DataError(UserError):
     """Bad input data or data config: the message names the file, line or key and what to do."""
+
+
+_TAG = re.compile(r"<!--.*?-->|</?[A-Za-z][^<>]*>", re.DOTALL)
+
+
+def clean_title(s) -> str:
+    """Unescape HTML entities (``&amp;`` -> ``&``), strip tags, collapse whitespace.
+
+    Anything that is not a string (a missing title) gives ``""``.
+    """
+    if not isinstance(s, str):
+        return ""
+    for _ in range(2):  # some dumps escape twice (``&amp;amp;``)
+        if "&" not in s:
+            break
+        unescaped = html.unescape(s)
+        if unescaped == s:
+            break
+        s = unescaped
+    if "<" in s:
+        s = _TAG.sub(" ", s)
+    return " ".join(s.split())
 
 
 @dataclass(frozen=True)

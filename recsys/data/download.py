@@ -131,39 +131,54 @@ def fetch(
         offset = 0
         resp = _open(url, 0)
     with resp:
-        length = resp.headers.get("Content-Length")
-        length = int(length) if length is not None and length.isdigit() else None
-        total = length
-        mode = "wb"
-        if offset and resp.status == 206:
-            m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.headers.get("Content-Range", ""))
-            if m is None or int(m.group(1)) != offset:
-                raise DownloadError(f"{url}: unexpected Content-Range {resp.headers.get('Content-Range')!r}")
-            total = int(m.group(3)) if m.group(3) != "*" else (offset + length if length else None)
-            mode = "ab"
-            log.info("%s: resuming at byte %d", url, offset)
-        elif offset:
-            log.info("%s: the server ignored the Range request; restarting", url)
-            offset = 0
-        task = None
-        if progress is not None:
-            task = progress.add_task(dest.name, total=total, completed=offset)
-        done = offset
-        try:
-            with open(part, mode) as f:
-                while block := resp.read(CHUNK):
-                    f.write(block)
-                    done += len(block)
-                    if task is not None:
-                        progress.update(task, completed=done)
-                f.flush()
-                os.fsync(f.fileno())
-        except (OSError, http.client.HTTPException) as e:
-            raise DownloadError(
-                f"download of {url} interrupted after {done} bytes ({type(e).__name__}: {e}); "
-                "run the same command again to resume"
-            ) from None
+        total = _transfer(url, resp, part, offset, dest.name, progress)
+    size = _check_part(url, part, total, sha256)
+    os.replace(part, dest)
+    log.info("downloaded %s (%d bytes) to %s", url, size, dest)
+    return dest
 
+
+def _transfer(url: str, resp, part: Path, offset: int, label: str, progress) -> int | None:
+    """Write ``resp``'s body into ``part`` (appended from ``offset`` when the server resumes, else from the
+    start); returns the file's announced total size (None: unknown)."""
+    length = resp.headers.get("Content-Length")
+    length = int(length) if length is not None and length.isdigit() else None
+    total = length
+    mode = "wb"
+    if offset and resp.status == 206:
+        m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.headers.get("Content-Range", ""))
+        if m is None or int(m.group(1)) != offset:
+            raise DownloadError(f"{url}: unexpected Content-Range {resp.headers.get('Content-Range')!r}")
+        total = int(m.group(3)) if m.group(3) != "*" else (offset + length if length else None)
+        mode = "ab"
+        log.info("%s: resuming at byte %d", url, offset)
+    elif offset:
+        log.info("%s: the server ignored the Range request; restarting", url)
+        offset = 0
+    task = None
+    if progress is not None:
+        task = progress.add_task(label, total=total, completed=offset)
+    done = offset
+    try:
+        with open(part, mode) as f:
+            while block := resp.read(CHUNK):
+                f.write(block)
+                done += len(block)
+                if task is not None:
+                    progress.update(task, completed=done)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, http.client.HTTPException) as e:
+        raise DownloadError(
+            f"download of {url} interrupted after {done} bytes ({type(e).__name__}: {e}); "
+            "run the same command again to resume"
+        ) from None
+    return total
+
+
+def _check_part(url: str, part: Path, total: int | None, sha256: str | None) -> int:
+    """The downloaded ``part``'s size, after checking it against ``total`` and ``sha256`` (DownloadError, and
+    the file removed when it cannot be resumed)."""
     size = part.stat().st_size
     if total is not None and size != total:
         if size < total:
@@ -178,9 +193,7 @@ def fetch(
         if got != sha256:
             part.unlink()
             raise DownloadError(f"download of {url}: sha256 {got} is not the expected {sha256}")
-    os.replace(part, dest)
-    log.info("downloaded %s (%d bytes) to %s", url, size, dest)
-    return dest
+    return size
 
 
 def download(

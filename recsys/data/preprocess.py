@@ -10,45 +10,21 @@ keyed by the input files and the settings, so the second load skips all of it.
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import logging
 import os
-import re
 import tempfile
 from collections import Counter
 from pathlib import Path
 
-from recsys.data.domain import DataError, Domain, drop_short_users
-from recsys.progress import status
+from recsys.data.domain import DataError, Domain, clean_title, drop_short_users
 from recsys.data.readers import find_raw_files, read_plain, read_raw
+from recsys.progress import status
 
 log = logging.getLogger("recsys.data")
 
 # Bump when build_domain or the cache layout changes: old cache files then stop matching.
 CACHE_FORMAT_VERSION = 1
-
-_TAG = re.compile(r"<!--.*?-->|</?[A-Za-z][^<>]*>", re.DOTALL)
-
-
-def clean_title(s) -> str:
-    """Unescape HTML entities (``&amp;`` -> ``&``), strip tags, collapse whitespace.
-
-    Anything that is not a string (a missing title) gives ``""``.
-    """
-    if not isinstance(s, str):
-        return ""
-    for _ in range(2):  # some dumps escape twice (``&amp;amp;``)
-        if "&" not in s:
-            break
-        unescaped = html.unescape(s)
-        if unescaped == s:
-            break
-        s = unescaped
-    if "<" in s:
-        s = _TAG.sub(" ", s)
-    return " ".join(s.split())
-
 
 def _k_core(
     user_items: dict[str, list[str]], k: int
@@ -83,6 +59,34 @@ def _k_core_round(user_items: dict[str, list[str]], k: int) -> tuple[dict[str, l
     return kept, changed
 
 
+def _titled_sequences(interactions: list[tuple[str, str, int]], clean: dict[str, str]):
+    """Each user's titled items by time (stable), repeats dropped keeping the earliest: (user -> items, items
+    without a title, interactions dropped for them, duplicate interactions dropped)."""
+    per_user: dict[str, list[tuple[int, str]]] = {}
+    untitled_items: set[str] = set()
+    dropped_untitled = 0
+    for user, item, t in interactions:
+        if item not in clean:
+            untitled_items.add(item)
+            dropped_untitled += 1
+            continue
+        per_user.setdefault(user, []).append((t, item))
+    user_items: dict[str, list[str]] = {}
+    duplicates = 0
+    for user, events in per_user.items():
+        events.sort(key=lambda e: e[0])  # stable: equal times keep input order
+        seen: set[str] = set()
+        items = []
+        for _, item in events:
+            if item in seen:
+                duplicates += 1
+            else:
+                seen.add(item)
+                items.append(item)
+        user_items[user] = items
+    return user_items, untitled_items, dropped_untitled, duplicates
+
+
 def build_domain(
     name: str,
     interactions: list[tuple[str, str, int]],
@@ -99,36 +103,9 @@ def build_domain(
     """
     if isinstance(k_core, bool) or not isinstance(k_core, int) or k_core < 1:
         raise DataError(f"k_core must be an integer >= 1, got {k_core!r}")
-    clean = {}
-    for item, raw in titles.items():
-        t = clean_title(raw)
-        if t:
-            clean[item] = t
+    clean = {item: t for item, t in ((i, clean_title(raw)) for i, raw in titles.items()) if t}
 
-    per_user: dict[str, list[tuple[int, str]]] = {}
-    untitled_items: set[str] = set()
-    dropped_untitled = 0
-    for user, item, t in interactions:
-        if item not in clean:
-            untitled_items.add(item)
-            dropped_untitled += 1
-            continue
-        per_user.setdefault(user, []).append((t, item))
-
-    user_items: dict[str, list[str]] = {}
-    duplicates = 0
-    for user, events in per_user.items():
-        events.sort(key=lambda e: e[0])  # stable: equal times keep input order
-        seen: set[str] = set()
-        items = []
-        for _, item in events:
-            if item in seen:
-                duplicates += 1
-            else:
-                seen.add(item)
-                items.append(item)
-        user_items[user] = items
-
+    user_items, untitled_items, dropped_untitled, duplicates = _titled_sequences(interactions, clean)
     n_users = len(user_items)
     n_items = len({i for items in user_items.values() for i in items})
     n_inter = sum(len(s) for s in user_items.values())

@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from recsys.data.domain import DataError, Domain, drop_short_users
+from recsys.data.domain import DataError, Domain, clean_title, drop_short_users
 from recsys.progress import track
 
 log = logging.getLogger("recsys.data")
@@ -126,34 +126,16 @@ def _str_id(value, key: str, path: Path, lineno: int) -> str:
 # --------------------------------------------------------------------------- plain format
 
 
-def read_plain(folder: str | Path, name: str | None = None) -> Domain:
-    """Read the plain format: ``items.jsonl`` ({"item_id","title"}) and ``sequences.jsonl``
-    ({"user_id","item_ids"}, oldest first).
-
-    Titles are cleaned; items whose title is empty are dropped, and so are the references to
-    them and to ids missing from ``items.jsonl``; users left with fewer than 3 items are dropped.
-    Every count lands in ``domain.stats``. ``name`` defaults to the folder name.
-    """
-    from recsys.data.preprocess import clean_title  # preprocess imports this module
-
-    folder = Path(folder)
-    name = name or folder.name
-    items_path, seq_path = folder / "items.jsonl", folder / "sequences.jsonl"
-    for p in (items_path, seq_path):
-        if not p.is_file():
-            raise DataError(
-                f"plain domain {name!r}: missing {p} (a plain domain folder holds items.jsonl "
-                "and sequences.jsonl, see shared/data/amazon/README.md)"
-            )
-
+def _read_plain_items(path: Path) -> tuple[list[str], list[str], dict[str, int], set[str]]:
+    """``items.jsonl``: (item ids, cleaned titles, id -> index, ids dropped for an empty title)."""
     item_ids: list[str] = []
     titles: list[str] = []
     index: dict[str, int] = {}
     untitled: set[str] = set()
-    for lineno, obj in _read_jsonl(items_path):
-        iid = _str_id(_field(obj, "item_id", items_path, lineno), "item_id", items_path, lineno)
+    for lineno, obj in _read_jsonl(path):
+        iid = _str_id(_field(obj, "item_id", path, lineno), "item_id", path, lineno)
         if iid in index or iid in untitled:
-            raise DataError(f"{items_path}, line {lineno}: duplicate item_id {iid!r}")
+            raise DataError(f"{path}, line {lineno}: duplicate item_id {iid!r}")
         title = clean_title(obj.get("title"))
         if not title:
             untitled.add(iid)
@@ -161,19 +143,24 @@ def read_plain(folder: str | Path, name: str | None = None) -> Domain:
         index[iid] = len(item_ids)
         item_ids.append(iid)
         titles.append(title)
+    return item_ids, titles, index, untitled
 
+
+def _read_plain_sequences(path: Path, index: dict[str, int], untitled: set[str]):
+    """``sequences.jsonl``: (user ids, item-index sequences, references dropped for an untitled item, for an
+    unknown one)."""
     user_ids: list[str] = []
     sequences: list[list[int]] = []
     seen_users: set[str] = set()
     dropped_untitled = dropped_unknown = 0
-    for lineno, obj in _read_jsonl(seq_path):
-        uid = _str_id(_field(obj, "user_id", seq_path, lineno), "user_id", seq_path, lineno)
+    for lineno, obj in _read_jsonl(path):
+        uid = _str_id(_field(obj, "user_id", path, lineno), "user_id", path, lineno)
         if uid in seen_users:
-            raise DataError(f"{seq_path}, line {lineno}: duplicate user_id {uid!r}")
+            raise DataError(f"{path}, line {lineno}: duplicate user_id {uid!r}")
         seen_users.add(uid)
-        refs = _field(obj, "item_ids", seq_path, lineno)
+        refs = _field(obj, "item_ids", path, lineno)
         if not isinstance(refs, list):
-            raise DataError(f"{seq_path}, line {lineno}: 'item_ids' must be a list")
+            raise DataError(f"{path}, line {lineno}: 'item_ids' must be a list")
         try:
             seq = [index[ref] for ref in refs]  # the common case: every id known
         except (KeyError, TypeError):
@@ -188,6 +175,30 @@ def read_plain(folder: str | Path, name: str | None = None) -> Domain:
                     dropped_unknown += 1
         user_ids.append(uid)
         sequences.append(seq)
+    return user_ids, sequences, dropped_untitled, dropped_unknown
+
+
+def read_plain(folder: str | Path, name: str | None = None) -> Domain:
+    """Read the plain format: ``items.jsonl`` ({"item_id","title"}) and ``sequences.jsonl``
+    ({"user_id","item_ids"}, oldest first).
+
+    Titles are cleaned; items whose title is empty are dropped, and so are the references to
+    them and to ids missing from ``items.jsonl``; users left with fewer than 3 items are dropped.
+    Every count lands in ``domain.stats``. ``name`` defaults to the folder name.
+    """
+
+    folder = Path(folder)
+    name = name or folder.name
+    items_path, seq_path = folder / "items.jsonl", folder / "sequences.jsonl"
+    for p in (items_path, seq_path):
+        if not p.is_file():
+            raise DataError(
+                f"plain domain {name!r}: missing {p} (a plain domain folder holds items.jsonl "
+                "and sequences.jsonl, see shared/data/amazon/README.md)"
+            )
+
+    item_ids, titles, index, untitled = _read_plain_items(items_path)
+    user_ids, sequences, dropped_untitled, dropped_unknown = _read_plain_sequences(seq_path, index, untitled)
 
     stats = {
         "dropped_items_no_title": len(untitled),

@@ -246,6 +246,38 @@ def make_domain(
         ``preference_match_share``, the measured share of items whose brand or theme is one of
         the user's favourites at that step.
     """
+    _check_settings(name, num_users, num_items, min_len, max_len, line_size,
+                    {"consistency": consistency, "stay": stay, "drift": drift, "spec_share": spec_share})
+    spec = _SPECS[name]
+    cat = _catalogue(name, spec, num_items, seed, line_size, spec_share)
+    rng = _rng(name, seed, "users")
+    pop = _zipf(num_items, popularity_skew, rng)
+    lengths = rng.integers(min_len, max_len + 1, size=num_users)
+    prefs = _Preferences.draw(rng, cat, len(spec.brands), num_users)
+    w = {k: v * preference_strength for k, v in _MATCH_WEIGHTS.items()}
+    seqs, consistent = _walk(rng, cat, pop, lengths, max_len, prefs, w, consistency, stay, drift)
+    sequences = [seqs[u, : lengths[u]].tolist() for u in range(num_users)]
+    width_u, width_i = max(4, len(str(num_users))), max(4, len(str(num_items)))
+    stats = {
+        "generator": "synthetic", "seed": seed, "min_len": min_len, "max_len": max_len,
+        "consistency": consistency, "stay": stay, "drift": drift, "popularity_skew": popularity_skew,
+        "preference_strength": preference_strength, "line_size": line_size, "num_lines": len(cat.line_brand),
+        "spec_share": spec_share, "preference_match_share": round(consistent / int(lengths.sum()), 4),
+        "unused_items": num_items - len({i for s in sequences for i in s}),
+    }
+    return Domain(
+        name=name,
+        item_ids=[f"i{i + 1:0{width_i}d}" for i in range(num_items)],
+        titles=cat.titles,
+        user_ids=[f"u{u + 1:0{width_u}d}" for u in range(num_users)],
+        sequences=sequences,
+        stats=stats,
+    )
+
+
+def _check_settings(name: str, num_users: int, num_items: int, min_len: int, max_len: int, line_size: int,
+                    shares: dict[str, float]) -> None:
+    """DataError naming the knob when a synthetic domain's settings cannot make a domain."""
     if name not in _SPECS:
         raise DataError(f"unknown synthetic domain {name!r}; known: {', '.join(DOMAINS)}")
     if num_users < 1 or num_items < 1:
@@ -264,53 +296,77 @@ def make_domain(
         )
     if line_size < 1:
         raise DataError(f"synthetic domain knob line_size must be >= 1, got {line_size}")
-    shares = {"consistency": consistency, "stay": stay, "drift": drift, "spec_share": spec_share}
     for knob, value in shares.items():
         if not 0.0 <= value <= 1.0:
             raise DataError(f"synthetic domain knob {knob} must be in [0, 1], got {value}")
 
-    spec = _SPECS[name]
-    cat = _catalogue(name, spec, num_items, seed, line_size, spec_share)
-    rng = _rng(name, seed, "users")
-    n_brands, n_lines = len(spec.brands), len(cat.line_brand)
-    w = {k: v * preference_strength for k, v in _MATCH_WEIGHTS.items()}
-    pop = _zipf(num_items, popularity_skew, rng)
-    log_pop = np.log(pop)
-    lengths = rng.integers(min_len, max_len + 1, size=num_users)
 
-    # Latent preferences, one entry per user; favourite brands follow brand popularity.
-    brand1 = rng.choice(n_brands, num_users, p=cat.brand_pop)
-    second = rng.random(num_users) < _SECOND_BRAND
-    brand2 = np.where(second, rng.choice(n_brands, num_users, p=cat.brand_pop), brand1)
-    tier = rng.integers(len(TIERS), size=num_users)
-    theme = rng.integers(len(THEMES), size=num_users)
-    current = np.full(num_users, -1)  # the product line of the user's last preference step
+@dataclass
+class _Preferences:
+    """The users' latent preferences, one entry a user: favourite brands (a second for some), tier, theme,
+    and the product line of the last preference step (-1: none yet)."""
 
-    # An item ~ softmax(log popularity + bonus of its line) is sampled exactly in two stages: a
-    # line by (bonus + log of the user's unseen popularity mass in it), then an unseen item of it
-    # by popularity. The work per step stays at (users, lines), not (users, items).
+    brand1: np.ndarray
+    brand2: np.ndarray
+    tier: np.ndarray
+    theme: np.ndarray
+    current: np.ndarray
+
+    @classmethod
+    def draw(cls, rng, cat, n_brands: int, num_users: int) -> "_Preferences":
+        """Favourite brands follow brand popularity."""
+        brand1 = rng.choice(n_brands, num_users, p=cat.brand_pop)
+        second = rng.random(num_users) < _SECOND_BRAND
+        brand2 = np.where(second, rng.choice(n_brands, num_users, p=cat.brand_pop), brand1)
+        tier = rng.integers(len(TIERS), size=num_users)
+        theme = rng.integers(len(THEMES), size=num_users)
+        return cls(brand1, brand2, tier, theme, np.full(num_users, -1))
+
+    def drift(self, rng, cat, n_brands: int, drift: float) -> None:
+        """Redraw one preference (second brand, tier or theme) for some users."""
+        n = len(self.brand1)
+        moved = rng.random(n) < drift
+        dim = rng.integers(3, size=n)
+        new_brand = rng.choice(n_brands, n, p=cat.brand_pop)
+        self.brand2 = np.where(moved & (dim == 0), new_brand, self.brand2)
+        self.tier = np.where(moved & (dim == 1), rng.integers(len(TIERS), size=n), self.tier)
+        self.theme = np.where(moved & (dim == 2), rng.integers(len(THEMES), size=n), self.theme)
+
+
+def _line_members(cat, pop: np.ndarray, num_users: int):
+    """(lines, largest line) item indices of each product line (-1 padding), and the (users, lines) unseen
+    popularity mass and unseen item counts every user starts with."""
+    num_items, n_lines = len(cat.line), len(cat.line_brand)
     order = np.argsort(cat.line, kind="stable")
     sizes = np.bincount(cat.line, minlength=n_lines)
     slot = np.arange(num_items) - np.repeat(np.cumsum(sizes) - sizes, sizes)
     members = np.full((n_lines, sizes.max()), -1)  # (lines, largest line), -1 = padding
     members[cat.line[order], slot] = order
     line_mass = np.bincount(cat.line, weights=pop, minlength=n_lines)
-    mass = np.tile(line_mass, (num_users, 1))  # (users, lines) unseen popularity
-    left = np.tile(sizes, (num_users, 1))  # (users, lines) unseen items
-    users = np.arange(num_users)
+    return members, np.tile(line_mass, (num_users, 1)), np.tile(sizes, (num_users, 1))
 
+
+def _walk(rng, cat, pop, lengths, max_len: int, prefs: _Preferences, w: dict, consistency: float, stay: float,
+          drift: float) -> tuple[np.ndarray, int]:
+    """Every user's ``max_len`` items, step by step (see ``make_domain``); returns (sequences (users, max_len),
+    how many of the kept steps matched a favourite brand or theme).
+
+    An item ~ softmax(log popularity + bonus of its line) is sampled exactly in two stages: a line by
+    (bonus + log of the user's unseen popularity mass in it), then an unseen item of it by popularity. The
+    work per step stays at (users, lines), not (users, items)."""
+    num_users, n_lines = len(lengths), len(cat.line_brand)
+    log_pop = np.log(pop)
+    members, mass, left = _line_members(cat, pop, num_users)
+    users = np.arange(num_users)
     seqs = np.zeros((num_users, max_len), dtype=np.int64)
     consistent = 0
     for t in range(max_len):
         by_pref = rng.random(num_users) < consistency
-        stays = by_pref & (rng.random(num_users) < stay) & (current >= 0)
-        fav_brand = (cat.line_brand == brand1[:, None]) | (cat.line_brand == brand2[:, None])
-        bonus = (
-            w["brand"] * fav_brand
-            + w["tier"] * (cat.line_tier == tier[:, None])
-            + w["theme"] * (cat.line_theme == theme[:, None])
-        )  # (users, lines)
-        is_current = np.arange(n_lines) == current[:, None]
+        stays = by_pref & (rng.random(num_users) < stay) & (prefs.current >= 0)
+        fav_brand = (cat.line_brand == prefs.brand1[:, None]) | (cat.line_brand == prefs.brand2[:, None])
+        bonus = (w["brand"] * fav_brand + w["tier"] * (cat.line_tier == prefs.tier[:, None])
+                 + w["theme"] * (cat.line_theme == prefs.theme[:, None]))  # (users, lines)
+        is_current = np.arange(n_lines) == prefs.current[:, None]
         with np.errstate(divide="ignore"):
             logits = np.where(left > 0, np.log(np.maximum(mass, 1e-300)), -np.inf)
         logits += by_pref[:, None] * bonus + stays[:, None] * _STAY_BONUS * is_current
@@ -322,40 +378,8 @@ def make_domain(
         seqs[:, t] = item
         mass[users, line] -= pop[item]
         left[users, line] -= 1
-        current = np.where(by_pref, line, current)
-        likes = fav_brand[users, line] | (cat.line_theme[line] == theme)
+        prefs.current = np.where(by_pref, line, prefs.current)
+        likes = fav_brand[users, line] | (cat.line_theme[line] == prefs.theme)
         consistent += int((likes & (t < lengths)).sum())
-        # Drift: redraw one preference (second brand, tier or theme) for some users.
-        moved = rng.random(num_users) < drift
-        dim = rng.integers(3, size=num_users)
-        new_brand = rng.choice(n_brands, num_users, p=cat.brand_pop)
-        brand2 = np.where(moved & (dim == 0), new_brand, brand2)
-        tier = np.where(moved & (dim == 1), rng.integers(len(TIERS), size=num_users), tier)
-        theme = np.where(moved & (dim == 2), rng.integers(len(THEMES), size=num_users), theme)
-
-    sequences = [seqs[u, : lengths[u]].tolist() for u in range(num_users)]
-    width_u, width_i = max(4, len(str(num_users))), max(4, len(str(num_items)))
-    stats = {
-        "generator": "synthetic",
-        "seed": seed,
-        "min_len": min_len,
-        "max_len": max_len,
-        "consistency": consistency,
-        "stay": stay,
-        "drift": drift,
-        "popularity_skew": popularity_skew,
-        "preference_strength": preference_strength,
-        "line_size": line_size,
-        "num_lines": n_lines,
-        "spec_share": spec_share,
-        "preference_match_share": round(consistent / int(lengths.sum()), 4),
-        "unused_items": num_items - len({i for s in sequences for i in s}),
-    }
-    return Domain(
-        name=name,
-        item_ids=[f"i{i + 1:0{width_i}d}" for i in range(num_items)],
-        titles=cat.titles,
-        user_ids=[f"u{u + 1:0{width_u}d}" for u in range(num_users)],
-        sequences=sequences,
-        stats=stats,
-    )
+        prefs.drift(rng, cat, len(cat.brand_pop), drift)
+    return seqs, consistent

@@ -3,13 +3,28 @@ and checkpoints that hold only what trains.
 
 A method subclasses :class:`RecModule` and implements ``score(batch) -> (B, C)``; the loss is the
 softmax cross-entropy of the target against its negatives (X-Cross's loss, used by every method).
+
+The method contract (what the pipeline, ``recsys/run.py`` and ``recsys/stages.py``, asks of a method
+class; CONTRIBUTING.md walks through it):
+
+- ``needs_backbone`` (class attribute, default True): False for a method without a language model
+  (e.g. an ID-based baseline): the pipeline loads no backbone, attaches no tokenizer (batches then hold
+  item ids, ``recsys.data.text.IdCollator``) and passes ``backbone=None``.
+- ``required_adapters(run, backbone, **kwargs) -> list[AdapterSpec]``: the stored adapters it needs;
+  the pipeline finds them, trains the missing ones it may, and hands their folders in ``run.adapters``.
+- ``from_config(backbone, run, **kwargs)``: builds the module from its own config keys
+  (``method.module`` less ``_target_``) and :class:`RunInfo`, the narrow typed view of the run.
+- ``train_streams()``: the DataModule's training streams it trains (None: all of them).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
 
 import lightning as L
 import torch
@@ -17,9 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys.errors import UserError
-from recsys.metrics import ChanceCheck, GenerationMetrics, RankingMetrics
+from recsys.metrics import ChanceCheck, RankingMetrics
+from recsys.models.adapter_store import AdapterSpec, AdapterStore
 from recsys.models.backbone import Backbone
-from recsys.models.generation import answer_loss, greedy_generate, match_ranks
+from recsys.models.generation import PaperProtocol
 
 log = logging.getLogger("recsys")
 
@@ -42,6 +58,49 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, min_ratio: float = 0.0)
     return f
 
 
+@dataclass(frozen=True)
+class RunInfo:
+    """What a method may know of the run it is built for; the pipeline fills it (``recsys.run.run_info``).
+
+    Attributes:
+        target, sources: the target domain and the source domains (``data.target``, ``data.sources``).
+        mix: the DataModule's training mix (``target`` | ``joint`` | ``hybrid``).
+        seed: the run's seed.
+        data: the resolved data settings (recorded in manifests, compared by ``AdapterSpec.expect``).
+        store: the adapter store of this run (its seed's adapters); None: no store.
+        adapters: the required adapters the pipeline found or trained: spec name -> folder.
+        absent: the optional ones it did not find, and why (spec name -> reason).
+        num_items: the target domain's number of items (for an ID-based method's embedding table).
+        monitor: model selection's metric (``optimized_metric``).
+        paper: the paper protocol's prompt builder (``data.protocol=paper``), else None.
+    """
+
+    target: str
+    sources: tuple[str, ...] = ()
+    mix: str = "target"
+    seed: int = 0
+    data: Mapping[str, Any] = field(default_factory=dict)
+    store: AdapterStore | None = None
+    adapters: Mapping[str, Path] = field(default_factory=dict)
+    absent: Mapping[str, str] = field(default_factory=dict)
+    num_items: int = 0
+    monitor: str = "val/ndcg@10"
+    paper: Any = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The training recipe every method shares (``conf/recipe/default.yaml``), typed: ``recsys.run.train``
+    checks ``cfg.recipe`` against it first, so a typo'd key or a wrong type fails before anything loads."""
+
+    optimizer: Mapping[str, Any] = field(default_factory=dict)  # a partial optimizer (_target_, lr, ...)
+    scheduler: str = "cosine"  # cosine | constant (after warm-up)
+    warmup_ratio: float = 0.1  # share of the steps with linear warm-up
+    max_epochs: int = 1  # epochs (trainer.max_epochs)
+    batch_size: int = 16  # training users a batch (data.batch_size)
+    gradient_clip_val: float | None = 1.0  # gradient-norm clipping (trainer.gradient_clip_val)
+
+
 def paper_protocol_error(cls) -> str:
     return (f"protocol=paper needs a method that runs one language model (lora, joint, weaverec, merge_sources); "
             f"{cls.__name__} does not: use protocol=ranking")
@@ -59,51 +118,70 @@ class RecModule(L.LightningModule):
         scoring: ``head`` (default, pooled token -> head) or ``likelihood`` (decoders only).
     """
 
-    one_language_model = True  # the paper protocol generates with ``self.model`` (X-Cross runs n streams: False)
+    one_language_model: ClassVar[bool] = True  # the paper protocol generates with ``self.model`` (X-Cross: False)
+    needs_backbone: ClassVar[bool] = True  # False: no language model; the pipeline passes backbone=None
 
-    def __init__(self, backbone: Backbone, optimizer: Callable | None = None, scheduler: str = "cosine",
+    def __init__(self, backbone: Backbone | None, optimizer: Callable | None = None, scheduler: str = "cosine",
                  warmup_ratio: float = 0.1, scoring: str = "head"):
         super().__init__()
         if scoring not in ("head", "likelihood"):
             raise UserError(f"method.scoring={scoring!r} is unknown: use head or likelihood")
-        if scoring == "likelihood" and backbone.kind != "decoder":
+        if scoring == "likelihood" and (backbone is None or backbone.kind != "decoder"):
             raise UserError(
-                f"method.scoring=likelihood needs a decoder backbone; {backbone.name} is an encoder: use scoring=head"
+                f"method.scoring=likelihood needs a decoder backbone; {getattr(backbone, 'name', 'none')} is not one: "
+                "use scoring=head"
             )
         if scheduler not in ("cosine", "constant"):
             raise UserError(f"method.scheduler={scheduler!r} is unknown: use cosine or constant")
         self.backbone = backbone
-        self.kind = backbone.kind
+        self.kind = backbone.kind if backbone is not None else None
         self.scoring = scoring
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
         self.scheduler, self.warmup_ratio = scheduler, warmup_ratio
         self.metrics = nn.ModuleDict({"val": RankingMetrics(), "test": RankingMetrics()})
-        self.prefix = {"val": "val", "test": "test"}  # train.py sets "zero_shot/test" for the zero-shot row
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self.val_history: dict[int, dict[str, float]] = {}  # epoch -> validation metrics
-        self.monitor = "val/ndcg@10"  # model selection's metric (run.build_module sets the run's optimized_metric)
+        self.monitor = "val/ndcg@10"  # model selection's metric (``build`` sets the run's RunInfo.monitor)
         self.skip_training = False  # a method with nothing to train (e.g. a merge of stored adapters)
-        self.paper = None  # the paper protocol's prompt builder, when enabled (enable_paper_protocol)
+        self.paper: PaperProtocol | None = None  # the paper protocol, when enabled (enable_paper_protocol)
         self.chance = ChanceCheck()  # training losses after warm-up: a run that stays at ln C is flagged
         self.warmup_steps = 0  # set by configure_optimizers
 
     def enable_paper_protocol(self, prompt) -> None:
-        """WeaveRec's released protocol (``protocol=paper``): train on the answer tokens, and test by
-        greedy generation + exact title match (``<split>/gen/...``) beside the likelihood ranking of the
-        same candidates (the usual keys). Needs a decoder with ``scoring=likelihood`` and a method
+        """WeaveRec's released protocol (``protocol=paper``, :class:`PaperProtocol`): train on the answer tokens,
+        and test by greedy generation + exact title match (``<split>/gen/...``) beside the likelihood ranking
+        of the same candidates (the usual keys). Needs a decoder with ``scoring=likelihood`` and a method
         that runs one causal LM (``self.model``)."""
         if not self.one_language_model or not isinstance(getattr(self, "model", None), nn.Module):
             raise ValueError(paper_protocol_error(type(self)))
         if self.scoring != "likelihood":
             raise ValueError("protocol=paper ranks by likelihood and generates: set method.module.scoring=likelihood "
                              "(and a decoder backbone)")
-        self.paper = prompt
-        self.gen_metrics = nn.ModuleDict({"val": GenerationMetrics(), "test": GenerationMetrics()})
+        self.paper = PaperProtocol(prompt)
+
+    # ------------------------------------------------------------------ the method contract
+    @classmethod
+    def required_adapters(cls, run: RunInfo, backbone: Backbone | None, **kwargs) -> list[AdapterSpec]:
+        """The stored adapters this method needs for ``run`` (``kwargs``: its config keys); none by default."""
+        return []
 
     @classmethod
-    def from_config(cls, backbone: Backbone, datamodule=None, store=None, cfg=None, **kwargs) -> "RecModule":
-        """Build from the method config; methods that need the data or the adapter store override this."""
+    def from_config(cls, backbone: Backbone | None, run: RunInfo, **kwargs) -> "RecModule":
+        """Build from the method's own config keys and the run; methods that need the run override this."""
         return cls(backbone, **kwargs)
+
+    @classmethod
+    def build(cls, backbone: Backbone | None, run: RunInfo, **kwargs) -> "RecModule":
+        """``from_config``, then the run's model-selection metric and protocol (what the pipeline calls)."""
+        module = cls.from_config(backbone, run, **kwargs)
+        module.monitor = run.monitor
+        if run.paper is not None:
+            module.enable_paper_protocol(run.paper)
+        return module
+
+    def train_streams(self) -> set[str] | None:
+        """The DataModule training streams this module trains (None: every stream)."""
+        return None
 
     # ------------------------------------------------------------------ hooks for train.py
     def extra_params(self) -> dict[str, float]:
@@ -159,7 +237,7 @@ class RecModule(L.LightningModule):
         the spread of a user's candidate scores (near 0: the model cannot tell them apart), and feeds
         the chance check after warm-up."""
         if self.paper is not None:
-            return answer_loss(self.model, batch)
+            return self.paper.loss(self.model, batch)
         scores = score_fn(batch)
         loss = self.loss(scores, batch["labels"])
         spread = scores.detach().float().std(dim=1).mean()
@@ -175,18 +253,8 @@ class RecModule(L.LightningModule):
 
     def _eval_step(self, stage: str, batch: dict) -> None:
         self.metrics[stage].update(self.score(batch).float(), batch["labels"])
-        if self.paper is not None and (stage == "test" or self.paper.t.generate_val):
-            self._generate_step(stage, batch)
-
-    def _generate_step(self, stage: str, batch: dict) -> None:
-        """Greedy answer with the model as ``score`` left it (e.g. WeaveRec's merged adapter active)."""
-        tok = self.backbone.tokenizer
-        eos = self.paper.text.eos[0] if self.paper.text.eos else None
-        out = greedy_generate(self.model, batch["prompt_ids"], batch["prompt_mask"], self.paper.max_new_tokens,
-                              eos, self.paper.text.pad_id)
-        ranks, matched, segments = match_ranks(out, batch["cand_ids"], batch["labels"], self.paper.sep, eos,
-                                               lambda ids: tok.decode(ids, skip_special_tokens=True))
-        self.gen_metrics[stage].update(ranks, matched, segments)
+        if self.paper is not None:  # generate with the model as ``score`` left it
+            self.paper.evaluate(stage, self.model, self.backbone.tokenizer, batch)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -195,10 +263,9 @@ class RecModule(L.LightningModule):
         self._eval_step("test", batch)
 
     def _log_metrics(self, stage: str) -> None:
-        values = {f"{self.prefix[stage]}/{k}": v for k, v in self.metrics[stage].compute().items()}
-        if self.paper is not None and self.gen_metrics[stage].update_count:
-            values.update({f"{self.prefix[stage]}/gen/{k}": v for k, v in self.gen_metrics[stage].compute().items()})
-            self.gen_metrics[stage].reset()
+        values = {f"{stage}/{k}": v for k, v in self.metrics[stage].compute().items()}
+        if self.paper is not None:
+            values.update(self.paper.compute(stage))
         self.log_dict(values, prog_bar=stage == "val", sync_dist=False)  # already synchronised by torchmetrics
         self.metrics[stage].reset()
         if stage == "val" and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:

@@ -9,28 +9,24 @@ It is the per-domain LoRA module on other data; only its place in the store diff
 from __future__ import annotations
 
 from recsys.errors import UserError
+from recsys.methods.base import RunInfo
 from recsys.methods.lora import LoRAModule
+from recsys.models.adapter_store import joint_name, lora_record
 from recsys.models.backbone import Backbone
-
-
-def joint_name(target: str, sources) -> str:
-    """Store name of a joint adapter: ``joint-games-with-beauty+toys`` (sources sorted)."""
-    return f"joint-{target}-with-" + "+".join(sorted(sources))
 
 
 class JointLoRAModule(LoRAModule):
     """LoRA + head trained on the pooled target and source examples (see ``LoRAModule``)."""
 
     @classmethod
-    def from_config(cls, backbone: Backbone, datamodule=None, store=None, cfg=None, **kwargs) -> "JointLoRAModule":
-        if datamodule is None or datamodule.mix != "joint" or not datamodule.sources:
+    def from_config(cls, backbone: Backbone, run: RunInfo, **kwargs) -> "JointLoRAModule":
+        if run.mix != "joint" or not run.sources:
             raise UserError("method=joint needs data.mix=joint (method.mix: joint) and data.sources")
-        module = super().from_config(backbone, datamodule=datamodule, store=store, cfg=cfg, **kwargs)
-        module.sources = list(datamodule.sources)
+        module = super().from_config(backbone, run, **kwargs)
+        module.sources = list(run.sources)
         return module
 
     def export(self, store, manifest: dict):
-        manifest = {**manifest, "sources": self.sources, "r": self.lora.r, "alpha": self.lora.lora_alpha,
-                    "target_modules": sorted(self.lora.target_modules), "scoring": self.scoring}
+        manifest = {**manifest, **lora_record(self.lora, self.scoring, sources=self.sources)}
         name = joint_name(manifest["domain"], self.sources)
         return store.save(self.backbone.name, name, self.model, "default", self.head, manifest)

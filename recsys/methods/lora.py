@@ -6,11 +6,15 @@ A peft LoRA on the frozen backbone plus the scoring head, trained on one domain'
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 
 from recsys.errors import UserError
-from recsys.methods.base import RecModule
+from recsys.methods.base import RecModule, RunInfo
+from recsys.models.adapter_store import AdapterStore, load_into, lora_record, mismatch
 from recsys.models.backbone import Backbone, default_lora_targets
 from recsys.models.head import ScoringHead
 from recsys.models.scoring import likelihood_scores, pair_scores
@@ -39,15 +43,39 @@ class LoRAModule(RecModule):
         super().__init__(backbone, **kwargs)
         self.lora = lora_config(backbone, r, alpha, dropout, target_modules)
         if adapter:
-            self.model = PeftModel.from_pretrained(backbone.model, adapter, is_trainable=True)
+            self.model = load_into(backbone.model, {"default": adapter}, trainable=True)
         else:
             self.model = get_peft_model(backbone.model, self.lora)
         self.head = ScoringHead(backbone.hidden_size) if self.scoring == "head" else None
 
     @classmethod
-    def from_config(cls, backbone: Backbone, datamodule=None, store=None, cfg=None, **kwargs) -> "LoRAModule":
+    def from_config(cls, backbone: Backbone, run: RunInfo, **kwargs) -> "LoRAModule":
         module = cls(backbone, **kwargs)
-        module.domain = datamodule.target if datamodule is not None else None
+        module.domain = run.target
+        return module
+
+    @classmethod
+    def from_adapter(cls, backbone: Backbone, folder: str | Path, precision: str, **kwargs) -> "LoRAModule":
+        """The module a LoRA run trained, rebuilt from its stored adapter folder (``evaluate.py adapter=``):
+        its weights and head, scored as it was trained (the manifest's ``scoring``); UserError if it does not
+        fit ``backbone``. ``kwargs``: the method config's other keys (the LoRA shape is the adapter's)."""
+        folder = Path(folder)
+        AdapterStore.verify(folder)
+        manifest = AdapterStore.load_manifest(folder) if (folder / "manifest.json").is_file() else {}
+        why = mismatch(manifest, {"backbone": backbone.name})
+        if why:
+            raise UserError(f"adapter={folder} was {why}: set backbone.name={manifest['backbone']}")
+        if manifest.get("precision", precision) != precision:
+            logging.getLogger("recsys").warning(
+                "adapter %s was trained and tested with trainer.precision=%s, this evaluation uses %s: metrics may "
+                "differ slightly from train.py's", folder, manifest["precision"], precision)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("optimizer", "r", "alpha", "dropout", "target_modules")}
+        kwargs["scoring"] = manifest.get("scoring", kwargs.get("scoring", "head"))  # as the adapter was trained
+        head = AdapterStore.load_head(folder)
+        if kwargs["scoring"] == "head" and head is None:
+            raise UserError(f"adapter={folder} has no head.safetensors: scoring=head needs the trained head")
+        module = cls(backbone, adapter=str(folder), **kwargs)
+        module.load_head(head)
         return module
 
     def load_head(self, state: dict | None) -> None:
@@ -56,8 +84,7 @@ class LoRAModule(RecModule):
 
     def export(self, store, manifest: dict):
         """Save the adapter (peft format), the head and the manifest as ``<store>/<backbone>/<domain>/seed-<seed>/``."""
-        manifest = {**manifest, "r": self.lora.r, "alpha": self.lora.lora_alpha,
-                    "target_modules": sorted(self.lora.target_modules), "scoring": self.scoring}
+        manifest = {**manifest, **lora_record(self.lora, self.scoring)}
         return store.save(self.backbone.name, manifest["domain"], self.model, "default", self.head, manifest)
 
     def score(self, batch: dict) -> torch.Tensor:

@@ -19,34 +19,16 @@ import logging
 import torch
 
 from recsys.errors import UserError
-from recsys.methods.base import RecModule
-from recsys.methods.weaverec import average_heads, check_weight_count, merge_settings
-from recsys.models.adapter_store import AdapterStore
+from recsys.methods.base import RecModule, RunInfo
+from recsys.models.adapter_store import AdapterSpec, AdapterStore
 from recsys.models.backbone import Backbone
 from recsys.models.head import ScoringHead
-from recsys.models.merging import load_adapter_folders, merge_adapters
+from recsys.models.merging import MergeSettings, average_heads, check_weight_count, load_adapter_folders
 from recsys.models.scoring import likelihood_scores, pair_scores
 
 log = logging.getLogger("recsys.merge_sources")
 
-MERGED = "merged"
 HEAD_MODES = ("target", "mean")
-
-
-def lora_command(cfg, domain: str, store_root) -> str:
-    """The command that trains and stores ``domain``'s LoRA adapter with this run's other settings
-    (this run's command-line overrides, less method, merge, target and sources)."""
-    drop = ("method", "merge", "data.target", "data.sources", "hydra.", "paths.adapter_store", "+method", "+merge",
-            "seed=")
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("~+").startswith(drop)]
-    except Exception:  # not under @hydra.main (e.g. hydra.compose): name the backbone at least
-        overrides = [f"backbone.name={cfg.backbone.name}"] if cfg is not None else []
-    seed = [f"seed={cfg.seed}"] if cfg is not None else []  # the store keeps one adapter per seed
-    return " ".join(["python train.py method=lora", f"data.target={domain}", *overrides,
-                     f"paths.adapter_store={store_root}", *seed])
 
 
 class MergeSourcesModule(RecModule):
@@ -67,16 +49,13 @@ class MergeSourcesModule(RecModule):
         super().__init__(backbone, **kwargs)
         if head not in HEAD_MODES:
             raise UserError(f"method.module.head={head!r} is unknown: use one of {HEAD_MODES}")
-        self.merge_cfg = merge_settings(merge)
-        if self.merge_cfg["learn_weights"]:
+        self.merge_cfg = MergeSettings.of(merge)
+        if self.merge_cfg.learn_weights:
             raise UserError("merge.learn_weights is a WeaveRec option; merge_sources takes fixed merge.weights")
         self.domains = list(folders)
-        check_weight_count(self.merge_cfg["weights"], self.domains)
+        check_weight_count(self.merge_cfg.weights, self.domains)
         self.model = load_adapter_folders(backbone.model, [str(f) for f in folders.values()], self.domains)
-        m = self.merge_cfg
-        merge_adapters(self.model, self.domains, rule=m["rule"], weights=m["weights"], new_name=MERGED,
-                       scaling=m["scaling"], density=m["density"], majority_sign_method=m["majority_sign_method"],
-                       seed=m["seed"], activate=True)
+        self.merge_cfg.merge(self.model, self.domains, activate=True)
         self.model.requires_grad_(False)
         self.head = None
         if self.scoring == "head":
@@ -88,7 +67,7 @@ class MergeSourcesModule(RecModule):
             if head == "target":
                 self.head.load_state_dict(heads[self.domains[0]])
             else:
-                w = m["weights"] or ([1.0 / len(self.domains)] * len(self.domains))
+                w = self.merge_cfg.weights or ([1.0 / len(self.domains)] * len(self.domains))
                 loaded = []
                 for d in self.domains:
                     h = ScoringHead(backbone.hidden_size)
@@ -98,43 +77,20 @@ class MergeSourcesModule(RecModule):
         self.skip_training = True
 
     @classmethod
-    def from_config(cls, backbone: Backbone, datamodule=None, store: AdapterStore | None = None, cfg=None,
-                    train_missing: bool = False, **kwargs) -> "MergeSourcesModule":
-        """Find the target's and the sources' adapters in the store (training the missing ones first
-        with ``train_missing``); a clear error for each missing one."""
-        if datamodule is None or store is None:
-            raise UserError("merge_sources needs the DataModule (target, sources) and the adapter store")
-        target, sources = datamodule.target, list(datamodule.sources)
-        if not sources:
+    def required_adapters(cls, run: RunInfo, backbone: Backbone, scoring: str = "head", **kwargs) -> list[AdapterSpec]:
+        """The target's and each source's LoRA adapter, of this backbone and scoring."""
+        if not run.sources:
             raise UserError("merge_sources needs source domains: set data.sources (e.g. 'data.sources=[toys]')")
-        domains = [target] + sources
-        missing = [d for d in domains if not store.exists(backbone.name, d)]
-        if missing and train_missing and cfg is not None:
-            from recsys.run import train_source_adapters
+        return [AdapterSpec(d, expect={"backbone": backbone.name, "scoring": scoring})
+                for d in (run.target, *run.sources)]
 
-            train_source_adapters(cfg, missing)
-            missing = [d for d in domains if not store.exists(backbone.name, d)]
-        if missing:
-            lines = [f"  {d}: {store.problem(backbone.name, d)} -> {lora_command(cfg, d, store.root)}" for d in missing]
-            raise UserError(
-                f"merge_sources needs the LoRA adapter of every domain in the store; missing {len(missing)}:\n"
-                + "\n".join(lines) + "\nor set method.module.train_missing=true to train them first."
-            )
-        scoring = kwargs.get("scoring", "head")
-        folders, heads = {}, {}
-        for d in domains:
-            folder = store.path(backbone.name, d)
-            manifest = store.load_manifest(folder)
-            if manifest.get("backbone", backbone.name) != backbone.name:
-                raise UserError(f"adapter {folder} was trained on backbone {manifest['backbone']!r}, "
-                                 f"this run uses {backbone.name!r}")
-            if manifest.get("scoring", scoring) != scoring:
-                raise UserError(f"adapter {folder} was trained with scoring={manifest['scoring']}, this run uses "
-                                 f"scoring={scoring}: retrain it or set method.module.scoring={manifest['scoring']}")
-            folders[d] = str(folder)
-            heads[d] = store.load_head(folder)
+    @classmethod
+    def from_config(cls, backbone: Backbone, run: RunInfo, **kwargs) -> "MergeSourcesModule":
+        """The target's and the sources' stored adapters (``run.adapters``) and their heads, merged."""
+        folders = {d: str(run.adapters[d]) for d in (run.target, *run.sources)}
+        heads = {d: AdapterStore.load_head(f) for d, f in folders.items()}
         log.info("merging %s by %s", ", ".join(f"{d} ({f})" for d, f in folders.items()),
-                 kwargs.get("merge", {}).get("rule", "weaverec"))
+                 MergeSettings.of(kwargs.get("merge")).rule)
         return cls(backbone, folders=folders, heads=heads, **kwargs)
 
     def score(self, batch: dict) -> torch.Tensor:

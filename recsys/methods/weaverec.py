@@ -48,89 +48,47 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
 from torch import nn
 
 from recsys.errors import UserError
-from recsys.methods.base import RecModule
+from recsys.methods.base import RecModule, RunInfo
 from recsys.methods.lora import lora_config
-from recsys.metrics import RankingMetrics
-from recsys.models.adapter_store import AdapterStore, hybrid_name
+from recsys.models.adapter_store import (
+    AdapterSpec, AdapterStore, hybrid_name, load_into, lora_record, save_head, weaverec_name,
+)
 from recsys.models.backbone import Backbone
-from recsys.models.head import ScoringHead
 from recsys.models.merging import (
-    GRANULARITIES, MERGE_RULES, learn_merge_weights, merge_adapters, save_dense, save_merged_adapter,
+    MERGED, MergeSettings, average_heads, check_weight_count, save_dense, save_merged_adapter,
 )
 from recsys.models.scoring import likelihood_scores, pair_scores
+from recsys.models.weaving import Branch, BranchValidation, Weave, branch_heads
 
 log = logging.getLogger("recsys.weaverec")
 
-MERGED = "merged"  # the peft adapter holding the merge of the branches
 TARGET = "target"  # the peft adapter of branch 0
 HEAD_MODES = ("per_branch", "shared")
-MERGE_DEFAULTS = {
-    "rule": "weaverec", "weights": None, "scaling": 1.0, "density": 0.5, "majority_sign_method": "total",
-    "seed": 0, "learn_weights": False, "learn_steps": 50, "learn_lr": 1e-3, "learn_batches": 8,
-    "granularity": "module",
-}
-# data settings (``cfg.data``) that change what a hybrid is trained on: a stored hybrid must match them
+# data settings (``data.*``) that change what a hybrid is trained on: a stored hybrid must match them
 HYBRID_DATA_KEYS = ("hybrid_cap", "max_train_examples", "max_history", "target_fraction", "prompt")
-
-
 HEAD_SEED = 0  # [ours] the initial weights of WeaveRec's heads, the same in every run (see _build_heads)
+__all__ = ["WeaveRecModule", "MERGED", "weaverec_name"]
 
 
-def weaverec_name(target: str, sources) -> str:
-    """Store name of a WeaveRec merge: ``weaverec-games-from-beauty+toys`` (sources sorted)."""
-    return f"weaverec-{target}-from-" + "+".join(sorted(sources))
-
-
-def merge_settings(merge: dict | None) -> dict:
-    """The ``merge`` config with its defaults; ValueError on unknown keys, rules or granularities."""
-    merge = dict(merge or {})
-    unknown = sorted(set(merge) - set(MERGE_DEFAULTS))
-    if unknown:
-        raise UserError(f"unknown merge settings {unknown}; known: {sorted(MERGE_DEFAULTS)}")
-    merge = {**MERGE_DEFAULTS, **merge}
-    if merge["rule"] not in MERGE_RULES:
-        raise UserError(f"merge.rule={merge['rule']!r} is unknown; known rules: {', '.join(MERGE_RULES)}")
-    if merge["granularity"] not in GRANULARITIES:
-        raise UserError(f"merge.granularity={merge['granularity']!r} is unknown; known: {GRANULARITIES}")
-    return merge
-
-
-def check_weight_count(weights, adapters: list[str]) -> None:
-    """ValueError unless ``weights`` (None or a list) has one value per adapter."""
-    if weights is not None and len(weights) != len(adapters):
-        raise UserError(
-            f"merge.weights has {len(weights)} values {list(weights)} but {len(adapters)} adapters are merged "
-            f"({', '.join(adapters)}): give one lambda per adapter, in this order, or null for the default"
-        )
-
-
-def average_heads(heads: list[nn.Module], weights: list[float], into: nn.Module) -> None:
-    """Set ``into``'s parameters to the weighted average sum_i w_i theta_i / sum_i w_i of the heads'."""
-    total = sum(weights)
-    if total == 0:
-        raise UserError(f"the merge weights {weights} sum to 0: the heads cannot be averaged")
-    with torch.no_grad():
-        for name, p in into.named_parameters():
-            p.copy_(sum(w * dict(h.named_parameters())[name] for w, h in zip(weights, heads)) / total)
-
-
-@dataclass
-class Branch:
-    """One weave branch: its peft adapter, the DataModule stream it trains on, and whether it trains."""
-
-    adapter: str  # peft adapter name: "target" or hybrid_name(T, S)
-    stream: str  # training stream: "target" or "hybrid/<S>"
-    source: str | None  # S for a hybrid, None for the target branch
-    trained: bool  # False: reused from the adapter store, frozen
+def hybrid_specs(run: RunInfo, backbone: Backbone, r: int = 8, alpha: float = 16, dropout: float = 0.05,
+                 target_modules=None, scoring: str = "head", head: str = "per_branch", **kwargs) -> list[AdapterSpec]:
+    """The stored hybrid of each source, optional (a missing or unfitting one is trained in the run): it fits
+    when its LoRA, scoring and head, and the data settings that shape a hybrid (``HYBRID_DATA_KEYS``, both
+    domains' specs) match this run's."""
+    lora = lora_config(backbone, r, alpha, dropout, target_modules)
+    mine = {"backbone": backbone.name, **lora_record(lora, scoring, head=head if scoring == "head" else None)}
+    mine |= {f"data.{k}": run.data.get(k) for k in HYBRID_DATA_KEYS}
+    domains = run.data.get("domains", {})
+    return [AdapterSpec(hybrid_name(run.target, s), trainable=False, optional=True, strict=True,
+                        expect={**mine, **{f"data.domains.{d}": domains.get(d) for d in (run.target, s)}})
+            for s in run.sources]
 
 
 class WeaveRecModule(RecModule):
@@ -162,39 +120,29 @@ class WeaveRecModule(RecModule):
         reuse = dict(reuse or {})
         self.target, self.sources = target, list(sources)
         self.head_mode, self.validate_branches, self.export_dense = head, validate_branches, export_dense
-        self.merge_cfg = merge_settings(merge)
+        self.merge_cfg = MergeSettings.of(merge)
         self.lora = lora_config(backbone, r, alpha, dropout, target_modules)
         self.branches = [Branch(TARGET, "target", None, True)] + [
             Branch(hybrid_name(target, s), f"hybrid/{s}", s, s not in reuse) for s in self.sources
         ]
-        check_weight_count(self.merge_cfg["weights"], self.adapters)
+        check_weight_count(self.merge_cfg.weights, self.adapters)
 
         self.model = get_peft_model(backbone.model, self.lora, adapter_name=TARGET)
         for b in self.branches[1:]:
             if b.trained:
                 self.model.add_adapter(b.adapter, self.lora)
             else:
-                self.model.load_adapter(str(reuse[b.source]), adapter_name=b.adapter, is_trainable=False)
-        self.heads = self._build_heads(reuse)
+                load_into(self.model, {b.adapter: reuse[b.source]})
+        # [ours] every run's heads start from the same weights (HEAD_SEED), so a reused hybrid's head aligns
+        self.heads = None if self.scoring != "head" else branch_heads(
+            self.branches, backbone.hidden_size, head == "shared", HEAD_SEED, reuse)
         self.merged_head = None
         if self.heads is not None and head == "per_branch":
             self.merged_head = copy.deepcopy(self.heads[0]).requires_grad_(False)
 
-        pattern = re.compile(r"\.lora_[AB]\.(" + "|".join(re.escape(a) for a in self.adapters) + r")\.")
-        trained = {b.adapter for b in self.branches if b.trained}
-        # (parameter, requires_grad) of every branch weight: peft's set_adapter flips these flags,
-        # so they are put back after every switch (see _activate)
-        self._branch_params: dict[str, list[nn.Parameter]] = {a: [] for a in self.adapters}
-        for n, p in self.model.named_parameters():
-            m = pattern.search(n)
-            if m:
-                self._branch_params[m.group(1)].append(p)
-        self._branch_flags = [(p, a in trained) for a, ps in self._branch_params.items() for p in ps]
-        self._restore_flags()
+        self.weave = Weave(self.model, self.branches)  # which adapter is active, which weights train
 
-        self.branch_metrics = nn.ModuleList([RankingMetrics() for _ in self.branches])
-        self.branch_val_history: dict[int, dict[str, float]] = {}
-        self.branch_val_last: dict[str, float] = {}
+        self.branch_val = BranchValidation(len(self.branches))  # branch<i>/val/... (validate_branches)
         self.branch_steps = [0] * len(self.branches)  # optimizer steps each branch took (all epochs)
         self.learned_weights: dict[str, list[float]] | None = None  # AdaMerging's per-module lambdas
         self._stale = True  # the merged adapter must be (re)computed before it is used
@@ -205,97 +153,34 @@ class WeaveRecModule(RecModule):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, backbone: Backbone, datamodule=None, store: AdapterStore | None = None, cfg=None,
-                    retrain_hybrids: bool = False, **kwargs) -> "WeaveRecModule":
-        """Build from the method config: target and sources from the DataModule (``mix=hybrid``),
-        compatible stored hybrids reused unless ``retrain_hybrids``."""
-        if datamodule is None or datamodule.mix != "hybrid":
+    def required_adapters(cls, run: RunInfo, backbone: Backbone, retrain_hybrids: bool = False,
+                          **kwargs) -> list[AdapterSpec]:
+        """The stored hybrids it would reuse (:func:`hybrid_specs`), none with ``retrain_hybrids``."""
+        return [] if retrain_hybrids else hybrid_specs(run, backbone, **kwargs)
+
+    @classmethod
+    def from_config(cls, backbone: Backbone, run: RunInfo, retrain_hybrids: bool = False,
+                    **kwargs) -> "WeaveRecModule":
+        """Target and sources from the run (``mix=hybrid``); the stored hybrids the pipeline found are reused."""
+        if run.mix != "hybrid":
             raise UserError("method=weaverec needs the DataModule with data mix 'hybrid' (method.mix: hybrid)")
-        target, sources = datamodule.target, list(datamodule.sources)
-        reuse = {}
-        if store is not None and not retrain_hybrids:
-            lora = lora_config(backbone, kwargs.get("r", 8), kwargs.get("alpha", 16), kwargs.get("dropout", 0.05),
-                               kwargs.get("target_modules"))
-            for s in sources:
-                name = hybrid_name(target, s)
-                if not store.exists(backbone.name, name):
-                    continue
-                folder = store.path(backbone.name, name)
-                why = cls._incompatible(store.load_manifest(folder), backbone, lora, kwargs, cfg, (target, s))
-                if why:
-                    log.warning("stored hybrid %s is not reused (%s): it is retrained and will be overwritten",
-                                folder, why)
-                else:
-                    log.info("reusing the stored hybrid %s (retrain with method.module.retrain_hybrids=true)", folder)
-                    reuse[s] = str(folder)
-        module = cls(backbone, target=target, sources=sources, reuse=reuse, **kwargs)
-        # reused hybrids train no more: their streams are not loaded
-        datamodule.skip_streams = {f"hybrid/{s}" for s in reuse}
-        return module
+        reuse = {s: str(run.adapters[hybrid_name(run.target, s)]) for s in run.sources
+                 if hybrid_name(run.target, s) in run.adapters}
+        for folder in run.adapters.values():
+            log.info("reusing the stored hybrid %s (retrain with method.module.retrain_hybrids=true)", folder)
+        for name, why in run.absent.items():
+            if not why.startswith("no adapter"):
+                log.warning("stored hybrid %s is not reused (%s): it is retrained and will be overwritten", name, why)
+        return cls(backbone, target=run.target, sources=list(run.sources), reuse=reuse, **kwargs)
 
-    @staticmethod
-    def _incompatible(manifest: dict, backbone: Backbone, lora, kwargs: dict, cfg, domains) -> str:
-        """Why a stored hybrid cannot be reused here ('' if it can)."""
-        scoring, head = kwargs.get("scoring", "head"), kwargs.get("head", "per_branch")
-        mine = {"backbone": backbone.name, "r": lora.r, "alpha": lora.lora_alpha,
-                "target_modules": sorted(lora.target_modules), "scoring": scoring,
-                "head": head if scoring == "head" else None}
-        for key, value in mine.items():
-            if manifest.get(key) != value:
-                return f"{key} {manifest.get(key)!r} != {value!r}"
-        if cfg is not None and "data" in manifest:
-            from omegaconf import OmegaConf
-
-            data = OmegaConf.to_container(cfg.data, resolve=True)
-            stored = manifest["data"]
-            for key in HYBRID_DATA_KEYS:
-                if stored.get(key) != data.get(key):
-                    return f"data.{key} {stored.get(key)!r} != {data.get(key)!r}"
-            for d in domains:
-                if stored.get("domains", {}).get(d) != data["domains"].get(d):
-                    return f"data.domains.{d} differs"
-        return ""
-
-    def _build_heads(self, reuse: dict[str, str]) -> nn.ModuleList | None:
-        """None (likelihood), one shared head, or one head a branch, all from the same initial weights.
-
-        The initial weights come from a fixed seed (``HEAD_SEED`` **[ours]**), not from the run's
-        random state, so that every WeaveRec run starts its heads from the same point: a hybrid
-        reused from the store (trained in another run, with other branches) then has a head that
-        was trained from this run's initial head too, and the merged head (their mean) averages
-        aligned units, as it does for branches trained together."""
-        if self.scoring != "head":
-            return None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(HEAD_SEED)
-            first = ScoringHead(self.backbone.hidden_size)
-        if self.head_mode == "shared":
-            return nn.ModuleList([first])
-        heads = nn.ModuleList([copy.deepcopy(first) for _ in self.branches])
-        for b, h in zip(self.branches, heads):
-            if not b.trained:
-                state = AdapterStore.load_head(reuse[b.source])
-                if state is None:
-                    raise UserError(f"stored hybrid {reuse[b.source]} has no head.safetensors: retrain it")
-                h.load_state_dict(state)
-                h.requires_grad_(False)
-        return heads
+    def train_streams(self) -> set[str]:
+        """The target stream and the hybrid streams of the branches that train (a reused hybrid's is not loaded)."""
+        return {b.stream for b in self.branches if b.trained}
 
     # ------------------------------------------------------------------ adapters
     @property
     def adapters(self) -> list[str]:
         return [b.adapter for b in self.branches]
-
-    def _restore_flags(self) -> None:
-        for p, flag in self._branch_flags:
-            p.requires_grad_(flag)
-
-    def _activate(self, adapter: str) -> None:
-        """Make ``adapter`` the one active adapter; no parameter changes ``requires_grad``."""
-        if self.model.base_model.active_adapter != adapter:
-            self.model.base_model.set_adapter(adapter, inference_mode=True)  # freezes every adapter ...
-            self.model.active_adapter = adapter
-            self._restore_flags()  # ... so the branches get their own flags back
 
     def head_of(self, i: int) -> nn.Module | None:
         """Branch ``i``'s head (None with likelihood scoring)."""
@@ -305,11 +190,7 @@ class WeaveRecModule(RecModule):
 
     def merge_weights(self) -> list[float]:
         """The global lambda_i (config, or uniform 1/(N+1) for rule weaverec, 1 for the others)."""
-        w = self.merge_cfg["weights"]
-        if w is not None:
-            return [float(x) for x in w]
-        n = len(self.branches)
-        return [1.0 / n] * n if self.merge_cfg["rule"] == "weaverec" else [1.0] * n
+        return self.merge_cfg.global_weights(len(self.branches))
 
     def ensure_merged(self, batches=None) -> None:
         """(Re)build the merged adapter (and head) from the current branches, if they changed.
@@ -319,49 +200,25 @@ class WeaveRecModule(RecModule):
         """
         if not self._stale and MERGED in self.model.peft_config:
             return
-        m = self.merge_cfg
         weights = self.merge_weights()
-        if m["learn_weights"]:
+        if self.merge_cfg.learn_weights:
             if self._relearn or self.learned_weights is None:
                 if batches is None:
                     raise RuntimeError("merge.learn_weights needs validation batches to learn the lambdas")
                 self.learned_weights = self._learn(batches, weights)
                 self._relearn = False
             weights = self.learned_weights
-        if MERGED in self.model.peft_config:
-            self._activate(TARGET)  # never delete the active adapter
-            self.model.delete_adapter(MERGED)
-        merge_adapters(self.model, self.adapters, rule=m["rule"], weights=weights, new_name=MERGED,
-                       scaling=m["scaling"], density=m["density"], majority_sign_method=m["majority_sign_method"],
-                       seed=m["seed"], activate=False)
-        self._restore_flags()
-        for module in self.model.modules():  # the new adapter's dropout layers start in training mode
-            if isinstance(module, nn.ModuleDict) and MERGED in module:
-                module[MERGED].eval()
+        self.weave.remerge(self.merge_cfg, weights, MERGED)
         if self.merged_head is not None:
             average_heads(list(self.heads), self.merge_weights(), self.merged_head)
         self._stale = False
 
     def _learn(self, batches, init: list[float]) -> dict[str, list[float]]:
-        """AdaMerging: per-module lambdas minimising the entropy of the merged model's candidate
-        distribution on unlabeled target validation batches."""
-        from lightning.pytorch.utilities import move_data_to_device
-
-        m = self.merge_cfg
-        taken = []
-        for batch in batches:
-            taken.append(move_data_to_device(batch, self.device))
-            if len(taken) >= m["learn_batches"]:
-                break
+        """AdaMerging's lambdas (``Weave.learn_weights``), scored with the merged head as it now stands."""
         head = self.merged_head if self.merged_head is not None else self.head_of(0)
         if self.merged_head is not None:
             average_heads(list(self.heads), self.merge_weights(), self.merged_head)
-        with torch.inference_mode(False), torch.enable_grad():
-            learned = learn_merge_weights(self.model, self.adapters, lambda b: self._score(b, head), taken,
-                                          init=init, steps=m["learn_steps"], lr=m["learn_lr"],
-                                          granularity=m["granularity"])
-        self._restore_flags()
-        return learned
+        return self.weave.learn_weights(self.merge_cfg, lambda b: self._score(b, head), batches, init, self.device)
 
     # ------------------------------------------------------------------ scoring
     def _score(self, batch: dict, head: nn.Module | None) -> torch.Tensor:
@@ -371,13 +228,13 @@ class WeaveRecModule(RecModule):
 
     def branch_score(self, batch: dict, i: int) -> torch.Tensor:
         """(B, C) scores of branch ``i`` (its adapter alone, its head)."""
-        self._activate(self.branches[i].adapter)
+        self.weave.activate(self.branches[i].adapter)
         return self._score(batch, self.head_of(i))
 
     def score(self, batch: dict) -> torch.Tensor:
         """(B, C) scores of the merged model: the deployed WeaveRec model."""
         self.ensure_merged()
-        self._activate(MERGED)
+        self.weave.activate(MERGED)
         return self._score(batch, self.merged_head if self.merged_head is not None else self.head_of(0))
 
     # ------------------------------------------------------------------ steps
@@ -394,7 +251,7 @@ class WeaveRecModule(RecModule):
             sub = batch[b.stream]
             if sub is None:
                 continue
-            self._activate(self.branches[i].adapter)
+            self.weave.activate(self.branches[i].adapter)
             loss = self.objective(sub, lambda x: self._score(x, self.head_of(i)), stream=f"branch{i}/train")
             self.log(f"branch{i}/train/loss", loss, batch_size=sub["labels"].numel())
             self.branch_steps[i] += 1
@@ -411,36 +268,27 @@ class WeaveRecModule(RecModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self._stale = self._relearn = True
 
-    def _merge_for(self, stage: str) -> None:
+    def on_validation_epoch_start(self) -> None:
+        """The merged model is what validation and test score: (re)merge the branches if they changed."""
         batches = None
-        if self.merge_cfg["learn_weights"] and self._relearn and self.trainer.datamodule is not None:
+        if self.merge_cfg.learn_weights and self._relearn and self.trainer.datamodule is not None:
             batches = self.trainer.datamodule.val_dataloader()
         self.ensure_merged(batches)
 
-    def on_validation_epoch_start(self) -> None:
-        self._merge_for("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._merge_for("test")
+    on_test_epoch_start = on_validation_epoch_start
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if self.validate_branches:
             for i in range(len(self.branches)):
-                self.branch_metrics[i].update(self.branch_score(batch, i).float(), batch["labels"])
+                self.branch_val.update(i, self.branch_score(batch, i), batch["labels"])
         self._eval_step("val", batch)
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         if not self.validate_branches:
             return
-        values = {}
-        for i, metric in enumerate(self.branch_metrics):
-            values.update({f"branch{i}/val/{k}": float(v) for k, v in metric.compute().items()})
-            metric.reset()
-        self.log_dict(values, sync_dist=False)
-        self.branch_val_last = values
-        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
-            self.branch_val_history[self.current_epoch] = values
+        fitting = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+        self.log_dict(self.branch_val.compute(self.current_epoch if fitting else None), sync_dist=False)
 
     # ------------------------------------------------------------------ optimisation
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -449,34 +297,16 @@ class WeaveRecModule(RecModule):
             return
         if gradient_clip_algorithm not in (None, "norm"):
             return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)  # element-wise anyway
-        groups = {b.adapter: list(self._branch_params[b.adapter]) for b in self.branches if b.trained}
-        if self.heads is not None:
-            if self.head_mode == "shared":
-                groups["head"] = list(self.heads[0].parameters())
-            else:
-                for b, h in zip(self.branches, self.heads):
-                    if b.trained:
-                        groups[b.adapter] += list(h.parameters())
-        for params in groups.values():
-            params = [p for p in params if p.grad is not None]
-            if params:
-                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        self.weave.clip(self.heads, self.head_mode == "shared", gradient_clip_val)
 
     # ------------------------------------------------------------------ checkpoints
-    def _branch_state_names(self) -> set[str]:
-        """Every branch's weights (trained or reused) and heads: what a checkpoint must hold to rebuild the merge."""
-        ids = {id(p) for p, _ in self._branch_flags}
-        if self.heads is not None:
-            ids |= {id(p) for p in self.heads.parameters()}
-        return {n for n, p in self.named_parameters() if id(p) in ids}
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
         super().on_save_checkpoint(checkpoint)
-        keep = self._branch_state_names()
+        keep = self.weave.state_names(self, self.heads)  # every branch and head: the merge is rebuilt from them
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
         checkpoint["weaverec"] = {"learned_weights": self.learned_weights,
-                                  "branch_val_history": self.branch_val_history,
+                                  "branch_val_history": self.branch_val.history,
                                   "branch_steps": list(self.branch_steps),
                                   "branches": [b.adapter for b in self.branches]}
 
@@ -486,7 +316,7 @@ class WeaveRecModule(RecModule):
         saved = extra.get("branches")
         if saved is not None and saved != self.adapters:
             raise ValueError(f"checkpoint has the WeaveRec branches {saved}, this module {self.adapters}")
-        self.branch_val_history = dict(extra.get("branch_val_history", {}))
+        self.branch_val.history = dict(extra.get("branch_val_history", {}))
         self.branch_steps = list(extra.get("branch_steps", self.branch_steps))
         self.learned_weights = extra.get("learned_weights")
         self._stale = True
@@ -494,9 +324,9 @@ class WeaveRecModule(RecModule):
 
     # ------------------------------------------------------------------ reports
     def extra_params(self) -> dict[str, float]:
-        per_branch = sum(p.numel() for p, _ in self._branch_flags) // len(self.branches)
+        per_branch = self.weave.per_branch_size()
         out = {"params/per_branch_adapter": per_branch, "params/branches_trained": sum(b.trained for b in self.branches)}
-        if self.merge_cfg["rule"] in ("weaverec", "task_arithmetic"):  # rank sum_i r_i; ties/dare: dense
+        if self.merge_cfg.rule in ("weaverec", "task_arithmetic"):  # rank sum_i r_i; ties/dare: dense
             out["params/merged_adapter"] = per_branch * len(self.branches)
         return out
 
@@ -504,44 +334,41 @@ class WeaveRecModule(RecModule):
         """``branch<i>/val/...`` of the epoch that model selection chose (on the merged model), and
         ``branch<i>/train/steps``, the optimizer steps each trained branch took."""
         steps = {f"branch{i}/train/steps": float(self.branch_steps[i]) for i, b in enumerate(self.branches) if b.trained}
-        if self.val_history and self.branch_val_history:
-            best = self.best_epoch()
-            if best in self.branch_val_history:
-                return {**self.branch_val_history[best], **steps}
-        return {**self.branch_val_last, **steps}
+        return {**self.branch_val.of_epoch(self.best_epoch()), **steps}
 
     def export(self, store: AdapterStore, manifest: dict) -> Path:
-        """Write the newly trained hybrids (``hybrid-<a>+<b>/``) and the merge
-        (``weaverec-<T>-from-<S...>/``: the merged adapter in peft format, its head, every branch
-        under ``branches/``, the dense model under ``dense/`` if ``export_dense``) to the store."""
+        """Write the newly trained hybrids and the merge to the store (:func:`export_weave`)."""
         self.ensure_merged()
-        lora = {"r": self.lora.r, "alpha": self.lora.lora_alpha, "target_modules": sorted(self.lora.target_modules),
-                "scoring": self.scoring, "head": self.head_mode if self.scoring == "head" else None}
-        branch_metrics = self.extra_metrics()
-        for i, b in enumerate(self.branches):
-            if b.source is None or not b.trained:
-                continue
-            metrics = {k.split("/", 1)[1]: v for k, v in branch_metrics.items() if k.startswith(f"branch{i}/")}
-            store.save(self.backbone.name, b.adapter, self.model, b.adapter, self.head_of(i), {
-                **manifest, **lora, "method": "weaverec-hybrid", "domain": b.adapter,
-                "domains": sorted([self.target, b.source]), "metrics": metrics,
-            })
+        return export_weave(self, store, manifest)
 
-        def extra(folder: Path) -> None:
-            for i, b in enumerate(self.branches):
-                save_merged_adapter(self.model, b.adapter, str(folder / "branches" / b.adapter))
-                if self.head_of(i) is not None:
-                    from safetensors.torch import save_file
 
-                    save_file({k: v.detach().float().contiguous().cpu() for k, v in self.head_of(i).state_dict().items()},
-                              str(folder / "branches" / b.adapter / "head.safetensors"))
-            if self.export_dense:
-                save_dense(self.model, MERGED, str(folder / "dense"), tokenizer=self.backbone.tokenizer)
+def export_weave(m: WeaveRecModule, store: AdapterStore, manifest: dict) -> Path:
+    """The newly trained hybrids (``hybrid-<a>+<b>/``) and the merge (``weaverec-<T>-from-<S...>/``: the merged
+    adapter in peft format, its head, every branch under ``branches/``, the dense model under ``dense/`` if
+    ``export_dense``), written to the store; returns the merge's folder."""
+    lora = lora_record(m.lora, m.scoring, head=m.head_mode if m.scoring == "head" else None)
+    branch_metrics = m.extra_metrics()
+    for i, b in enumerate(m.branches):
+        if b.source is None or not b.trained:
+            continue
+        metrics = {k.split("/", 1)[1]: v for k, v in branch_metrics.items() if k.startswith(f"branch{i}/")}
+        store.save(m.backbone.name, b.adapter, m.model, b.adapter, m.head_of(i), {
+            **manifest, **lora, "method": "weaverec-hybrid", "domain": b.adapter,
+            "domains": sorted([m.target, b.source]), "metrics": metrics,
+        })
 
-        head = self.merged_head if self.merged_head is not None else self.head_of(0)
-        return store.save(self.backbone.name, weaverec_name(self.target, self.sources), self.model, MERGED, head, {
-            **manifest, **lora, "sources": self.sources, "branches": self.adapters,
-            "reused": [b.adapter for b in self.branches if not b.trained],
-            "merge": {**self.merge_cfg, "weights": self.merge_weights()},
-            "learned_weights": self.learned_weights,
-        }, extra=extra)
+    def extra(folder: Path) -> None:
+        for i, b in enumerate(m.branches):
+            save_merged_adapter(m.model, b.adapter, str(folder / "branches" / b.adapter))
+            if m.head_of(i) is not None:
+                save_head(m.head_of(i), folder / "branches" / b.adapter / "head.safetensors")
+        if m.export_dense:
+            save_dense(m.model, MERGED, str(folder / "dense"), tokenizer=m.backbone.tokenizer)
+
+    head = m.merged_head if m.merged_head is not None else m.head_of(0)
+    return store.save(m.backbone.name, weaverec_name(m.target, m.sources), m.model, MERGED, head, {
+        **manifest, **lora, "sources": m.sources, "branches": m.adapters,
+        "reused": [b.adapter for b in m.branches if not b.trained],
+        "merge": {**m.merge_cfg.as_dict(), "weights": m.merge_weights()},
+        "learned_weights": m.learned_weights,
+    }, extra=extra)

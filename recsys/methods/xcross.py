@@ -15,24 +15,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shlex
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 
-from recsys.errors import UserError
-from recsys.methods.base import RecModule
-from recsys.models.adapter_store import AdapterStore
+from recsys.methods.base import RecModule, RunInfo
+from recsys.models.adapter_store import AdapterSpec, AdapterStore, SourceAdapterError, load_into, mismatch
 from recsys.models.backbone import Backbone
 from recsys.models.integrator import XCrossModel
 from recsys.models.scoring import as_pairs
 
 log = logging.getLogger("recsys")
-
-
-class SourceAdapterError(UserError):
-    """Missing or incompatible source adapters."""
+__all__ = ["XCrossModule", "SourceAdapterError", "fingerprint"]
 
 
 def _adapter_config(folder: Path) -> dict:
@@ -98,9 +93,7 @@ class XCrossModule(RecModule):
             )
         folders = {n: Path(adapters[n]) for n in names}
         self.check_compatible(backbone, folders)
-        peft_model = PeftModel.from_pretrained(backbone.model, str(folders[names[0]]), adapter_name=names[0])
-        for n in names[1:]:
-            peft_model.load_adapter(str(folders[n]), adapter_name=n)
+        peft_model = load_into(backbone.model, folders)
         heads = {n: AdapterStore.load_head(folders[n]) for n in names}
         head_state = self._initial_head(heads, head_init)
         self.source_names = names
@@ -136,14 +129,12 @@ class XCrossModule(RecModule):
         for name, folder in folders.items():
             cfg = _adapter_config(folder)
             manifest = folder / "manifest.json"
-            if manifest.is_file():
-                m = json.loads(manifest.read_text())
-                if m.get("backbone") not in (None, backbone.name):
-                    raise SourceAdapterError(
-                        f"source adapter {name!r} at {folder} was trained on backbone {m.get('backbone')!r}, "
-                        f"not {backbone.name!r}: train it on this backbone (python train.py method=lora "
-                        f"data.target={name} backbone=...) or pick the matching backbone"
-                    )
+            why = mismatch(json.loads(manifest.read_text()), {"backbone": backbone.name}) if manifest.is_file() else None
+            if why:
+                raise SourceAdapterError(
+                    f"source adapter {name!r} at {folder} was {why}: train it on this backbone (python train.py "
+                    f"method=lora data.target={name} backbone=...) or pick the matching backbone"
+                )
             seen[name] = (cfg.get("r"), tuple(sorted(cfg.get("target_modules") or [])))
         if len(set(seen.values())) > 1:
             detail = ", ".join(f"{n}: r={r} targets={list(t)}" for n, (r, t) in seen.items())
@@ -153,34 +144,25 @@ class XCrossModule(RecModule):
             )
 
     @classmethod
-    def from_config(cls, backbone: Backbone, datamodule=None, store=None, cfg=None, adapters=None,
-                    train_missing: bool = False, **kwargs) -> "XCrossModule":
-        """Source adapters: ``adapters`` (name -> folder) if given, else the store's, for ``data.sources``."""
+    def required_adapters(cls, run: RunInfo, backbone: Backbone, adapters=None, **kwargs) -> list[AdapterSpec]:
+        """One stored LoRA adapter of this backbone a source (none when ``adapters`` names folders)."""
+        if adapters:
+            return []
+        if len(run.sources) < 2:
+            raise SourceAdapterError(
+                f"X-Cross needs at least two source domains, got data.sources={list(run.sources)}: "
+                "e.g. 'data.sources=[toys,beauty]'"
+            )
+        return [AdapterSpec(s, expect={"backbone": backbone.name}) for s in run.sources]
+
+    @classmethod
+    def from_config(cls, backbone: Backbone, run: RunInfo, adapters=None, **kwargs) -> "XCrossModule":
+        """Source adapters: ``adapters`` (name -> folder) if given, else the store's for ``data.sources``."""
         if adapters:
             folders = {n: Path(f) for n, f in dict(adapters).items()}
         else:
-            sources = list(datamodule.sources) if datamodule is not None else []
-            if len(sources) < 2:
-                raise SourceAdapterError(
-                    f"X-Cross needs at least two source domains, got data.sources={sources}: "
-                    "e.g. 'data.sources=[toys,beauty]'"
-                )
-            folders = {s: store.path(backbone.name, s) for s in sources}
-            missing = [s for s in sources if not store.exists(backbone.name, s)]
-            if missing and train_missing:
-                from recsys.run import train_source_adapters
-
-                train_source_adapters(cfg, missing)  # on all of each source's data, then reseeds
-                missing = [s for s in sources if not store.exists(backbone.name, s)]
-            if missing:
-                cmds = "\n".join(f"  {train_command(cfg, s)}" for s in missing)
-                raise SourceAdapterError(
-                    f"missing source adapters for {missing} in {store.root}/ (backbone {backbone.name}, seed "
-                    f"{store.seed}: {'; '.join(store.problem(backbone.name, s) for s in missing)}). "
-                    f"Produce each with:\n{cmds}\nor set method.module.train_missing=true to train them first."
-                )
-        if cfg is not None:
-            warn_text_settings(cfg, folders)
+            folders = {s: Path(run.adapters[s]) for s in run.sources}
+        warn_text_settings(run.data, folders)
         return cls(backbone, {n: str(f) for n, f in folders.items()}, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
@@ -258,56 +240,15 @@ class XCrossModule(RecModule):
         return out
 
 
-def warn_text_settings(cfg, folders: dict[str, Path]) -> None:
-    """Warn when a source adapter's manifest records other prompt settings than this run's data."""
-    from omegaconf import OmegaConf
-
-    mine = OmegaConf.to_container(cfg.data, resolve=True)
+def warn_text_settings(data: Mapping, folders: dict[str, Path]) -> None:
+    """Warn when a source adapter's manifest records other prompt settings than this run's ``data``."""
     for name, folder in folders.items():
         f = Path(folder) / "manifest.json"
-        data = json.loads(f.read_text()).get("data") if f.is_file() else None
-        if not isinstance(data, dict):
+        stored = json.loads(f.read_text()).get("data") if f.is_file() else None
+        if not isinstance(stored, dict):
             continue
-        diff = [k for k in TEXT_SETTINGS if k in data and data[k] != mine.get(k)]
+        diff = [k for k in TEXT_SETTINGS if k in stored and k in data and stored[k] != data.get(k)]
         if diff:
             log.warning("source adapter %s was trained with other %s (%s) than this run's (%s): its prompts "
                         "on the target are built differently", name, "/".join(f"data.{k}" for k in diff),
-                        {k: data[k] for k in diff}, {k: mine.get(k) for k in diff})
-
-
-# command-line overrides that a source's command must not copy: they describe the X-Cross target run
-_NOT_FOR_SOURCES = ("data.target", "data.sources", "data.target_fraction")
-_PATHS_FOR_SOURCES = ("paths.root_dir", "paths.adapter_store", "paths.cache_dir")
-
-
-def train_command(cfg, source: str) -> str:
-    """The ``python train.py ...`` command that trains the source adapter ``source`` with this run's
-    settings: ``method.source_experiment`` (the LoRA preset the sources come from, if any), backbone,
-    data config, the ``data.*`` and store/cache ``paths.*`` overrides of this run's command line, and its seed."""
-    if cfg is None:
-        return f"python train.py method=lora data.target={source}"
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        hc = HydraConfig.get()
-        choices, task = hc.runtime.choices, list(hc.overrides.task)
-    except ValueError:  # not inside a Hydra app (tests compose the config themselves)
-        choices, task = {}, []
-    parts = ["python", "train.py"]
-    experiment = cfg.method.get("source_experiment")
-    if experiment:
-        parts.append(f"experiment={experiment}")
-    parts.append("method=lora")
-    for group in ("backbone", "data"):
-        if choices.get(group):
-            parts.append(f"{group}={choices[group]}")
-    if cfg.data.get("root"):
-        parts.append(f"data.root={cfg.data.root}")
-    for o in task:  # this run's data settings, and where its adapter store (and caches) are
-        key = o.lstrip("+~").split("=", 1)[0]
-        if key.startswith("data.") and key not in _NOT_FOR_SOURCES and not key.startswith("data.root"):
-            parts.append(o)
-        elif key in _PATHS_FOR_SOURCES:
-            parts.append(o)
-    parts += [f"data.target={source}", f"seed={cfg.seed}"]
-    return " ".join(shlex.quote(p) for p in parts)
+                        {k: stored[k] for k in diff}, {k: data.get(k) for k in diff})

@@ -3,8 +3,9 @@
 Layout: ``<root>/<backbone>/<name>/seed-<seed>/`` holding ``adapter_config.json`` and
 ``adapter_model.safetensors`` (plain ``peft.PeftModel.from_pretrained`` loads them), ``head.safetensors``
 (the scoring head, under ``scoring=head``) and ``manifest.json`` (backbone, domain, seed, data settings,
-metrics). ``<name>`` is the domain for a per-domain LoRA and ``hybrid-<a>+<b>`` (sorted: order-free) for a
-WeaveRec hybrid.
+metrics). ``<name>`` is the domain for a per-domain LoRA, ``hybrid-<a>+<b>`` (sorted: order-free) for a
+WeaveRec hybrid, ``joint-<T>-with-<S...>`` for a joint LoRA and ``weaverec-<T>-from-<S...>`` for a WeaveRec
+merge (:func:`hybrid_name`, :func:`joint_name`, :func:`weaverec_name`).
 
 The store's rules (every consumer asks the store; none looks at the folders itself):
 
@@ -20,16 +21,22 @@ The store's rules (every consumer asks the store; none looks at the folders itse
   exporting at once both finish (the later one wins), and a reader sees the old or the new adapter, never
   none. The replaced version is kept until the next export, so a reader still loading it finishes.
 - Files and folders get the user's umask (group-readable on a shared store), not safetensors' 0600.
+- **Fits or says why.** Whether a stored adapter fits a run is :func:`mismatch`'s answer, and only its:
+  the manifest's recorded settings against what the run expects (an :class:`AdapterSpec`'s ``expect``).
+- **One manifest.** What a manifest records is built here: :func:`run_record` (the run that trained it)
+  and :func:`lora_record` (how the adapter is built); :func:`save_head` writes every head file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,9 +56,116 @@ class StoreError(UserError):
     """A stored adapter that is ambiguous, incomplete or unreadable; the message names the folder or file."""
 
 
+class SourceAdapterError(StoreError):
+    """Missing or incompatible source adapters (the message names each and how to produce it)."""
+
+
+# ---------------------------------------------------------------------------------------------- names
 def hybrid_name(*domains: str) -> str:
     """Order-free name of a hybrid adapter: ``hybrid_name("games", "beauty") == "hybrid-beauty+games"``."""
     return "hybrid-" + "+".join(sorted(domains))
+
+
+def joint_name(target: str, sources) -> str:
+    """Store name of a joint adapter: ``joint-games-with-beauty+toys`` (sources sorted)."""
+    return f"joint-{target}-with-" + "+".join(sorted(sources))
+
+
+def weaverec_name(target: str, sources) -> str:
+    """Store name of a WeaveRec merge: ``weaverec-games-from-beauty+toys`` (sources sorted)."""
+    return f"weaverec-{target}-from-" + "+".join(sorted(sources))
+
+
+def store_dir_name(backbone: str) -> str:
+    """A file-system safe folder name of a backbone (``embedded:minilm-l6`` -> ``embedded-minilm-l6``)."""
+    return backbone.replace(":", "-").replace("/", "--")
+
+
+# ---------------------------------------------------------------------------------------------- specs and fit
+@dataclass(frozen=True)
+class AdapterSpec:
+    """An adapter a method needs from the store (``RecModule.required_adapters``).
+
+    Attributes:
+        name: the store name (a domain for a per-domain LoRA, ``hybrid-<a>+<b>``...).
+        expect: manifest values it must record to fit the run (:func:`mismatch`; ``data.<key>`` reads the
+            manifest's data settings); a stored adapter that does not fit counts as absent.
+        trainable: the pipeline can train it when missing (``method=lora data.target=<name>``, ``train_missing``).
+        optional: the method copes without it (it trains it itself, e.g. a WeaveRec hybrid): not an error.
+        strict: a setting that the manifest does not record does not fit (:func:`mismatch`).
+    """
+
+    name: str
+    expect: Mapping[str, object] = field(default_factory=dict)
+    trainable: bool = True
+    optional: bool = False
+    strict: bool = False
+
+
+def _recorded(manifest: Mapping, key: str):
+    """The manifest's value of ``key`` (``data.a.b``: nested in the data settings); a sentinel if absent."""
+    node = manifest
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+_ABSENT = object()
+
+
+def mismatch(manifest: Mapping, expect: Mapping[str, object], strict: bool = False) -> str | None:
+    """Why a stored adapter whose manifest is ``manifest`` does not fit a run expecting ``expect``
+    (manifest key -> value; ``data.<key>`` a data setting), or None when it fits. A key the manifest does
+    not record fits unless ``strict`` (a data key fits whenever the manifest records no data at all)."""
+    for key, want in expect.items():
+        have = _recorded(manifest, key)
+        if have is _ABSENT and (not strict or (key.startswith("data.") and "data" not in manifest)):
+            continue
+        have = None if have is _ABSENT else have
+        if have != want:
+            if key == "backbone":
+                return f"trained on backbone {have!r}, not {want!r}"
+            if key == "scoring":
+                return f"trained with scoring={have}, not scoring={want}"
+            if key.startswith("data.domains."):
+                return f"{key} differs"
+            return f"{key} {have!r} != {want!r}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- manifests
+def run_record(method: str, domain: str, data: Mapping, seed: int, metrics: Mapping, run_dir: str,
+               precision: str) -> dict:
+    """The manifest fields of the run that trained an adapter (every export writes them)."""
+    return {"method": method, "domain": domain, "data": dict(data), "seed": seed,
+            "metrics": {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))},
+            "run_dir": run_dir, "precision": precision}
+
+
+def lora_record(lora, scoring: str, **extra) -> dict:
+    """The manifest fields that say how a LoRA adapter is built (what a consumer's ``expect`` compares)."""
+    return {"r": lora.r, "alpha": lora.lora_alpha, "target_modules": sorted(lora.target_modules),
+            "scoring": scoring, **extra}
+
+
+def save_head(head: torch.nn.Module, path: str | os.PathLike) -> None:
+    """A scoring head's weights as float32 safetensors (the store's ``head.safetensors``)."""
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in head.state_dict().items()}, str(path))
+
+
+def load_into(model, folders: Mapping[str, str | os.PathLike], trainable: bool = False):
+    """Stored adapters ``{adapter name: folder}`` loaded into ``model`` (a transformers model: a new
+    PeftModel; a PeftModel: added to it); returns the PeftModel."""
+    from peft import PeftModel
+
+    for name, folder in folders.items():
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(folder), adapter_name=name, is_trainable=trainable)
+        else:
+            model = PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=trainable)
+    return model
 
 
 def _umask() -> int:
@@ -79,6 +193,14 @@ def _read_json(path: Path, folder: Path) -> dict:
     return obj
 
 
+def lora_command(domain: str, seed=None, before: Sequence[str] = (), options: Sequence[str] = ()) -> str:
+    """The command that trains and stores ``domain``'s per-domain LoRA adapter (the only place it is written):
+    ``python train.py <before> method=lora <options> data.target=<domain> [seed=<seed>]``, shell-quoted."""
+    parts = ["python", "train.py", *before, "method=lora", *options, f"data.target={domain}"]
+    parts += [f"seed={seed}"] if seed is not None else []
+    return " ".join(shlex.quote(p) for p in parts)
+
+
 def _rebuild_hint(folder: Path) -> str:
     """How to rebuild a broken stored adapter (from its manifest, when that one is readable)."""
     try:
@@ -86,10 +208,9 @@ def _rebuild_hint(folder: Path) -> str:
     except (OSError, ValueError):
         m = {}
     run = f" (its run folder: {m['run_dir']})" if m.get("run_dir") else ""
-    domain, seed = m.get("domain", "<domain>"), m.get("seed", "<seed>")
+    command = lora_command(m.get("domain", "<domain>"), m.get("seed", "<seed>"))
     return (f"rebuild it by running again the training that exported it{run}, e.g. for a per-domain LoRA "
-            f"'python train.py method=lora data.target={domain} seed={seed}' with that run's other settings: "
-            "the new export replaces it")
+            f"'{command}' with that run's other settings: the new export replaces it")
 
 
 def _check_safetensors(path: Path, folder: Path) -> None:
@@ -116,7 +237,7 @@ class AdapterStore:
         self.root, self.seed = Path(root), int(seed)
 
     def backbone_dir(self, backbone: str) -> Path:
-        return self.root / backbone.replace(":", "-").replace("/", "--")
+        return self.root / store_dir_name(backbone)
 
     def _link(self, backbone: str, name: str) -> Path:
         return self.backbone_dir(backbone) / name / f"seed-{self.seed}"
@@ -204,8 +325,7 @@ class AdapterStore:
                     shutil.move(str(f), tmp / f.name)
                 sub.rmdir()
             if head is not None:
-                save_file({k: v.detach().float().contiguous().cpu() for k, v in head.state_dict().items()},
-                          str(tmp / HEAD))
+                save_head(head, tmp / HEAD)
             if extra is not None:
                 extra(tmp)
             manifest = {**manifest, "backbone": backbone, "name": name, "seed": self.seed,
@@ -237,12 +357,13 @@ class AdapterStore:
                 if old.name not in (version.name, previous):
                     shutil.rmtree(old, ignore_errors=True)
 
-    def load_manifest(self, folder: str | os.PathLike) -> dict:
+    @staticmethod
+    def load_manifest(folder: str | os.PathLike) -> dict:
         """The manifest of a stored adapter; StoreError if the folder is incomplete or a file is broken."""
         folder = Path(folder)
         if not (folder / MANIFEST).is_file():
             raise StoreError(f"{folder} is not a complete adapter folder (no {MANIFEST})")
-        self.verify(folder)
+        AdapterStore.verify(folder)
         return _read_json(folder / MANIFEST, folder)
 
     @staticmethod

@@ -34,7 +34,7 @@ from recsys.errors import UserError
 
 @dataclass
 class Backbone:
-    name: str  # the name it was loaded by (used as the adapter store's folder name)
+    name: str  # the name it was loaded by (the adapter store's folder: adapter_store.store_dir_name)
     model: nn.Module  # a transformers PreTrainedModel
     tokenizer: object  # a transformers tokenizer; right padding, pad token set
     kind: str  # "encoder" | "decoder"
@@ -43,11 +43,6 @@ class Backbone:
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
-
-    @property
-    def store_name(self) -> str:
-        """A file-system safe name for the adapter store (``embedded:minilm-l6`` -> ``embedded-minilm-l6``)."""
-        return self.name.replace(":", "-").replace("/", "--")
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:

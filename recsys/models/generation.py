@@ -95,3 +95,44 @@ def match_ranks(generated: torch.Tensor, cand_ids: list[list[list[int]]], target
         segments += len(said)
         matched += sum(seg in known for seg in said)
     return torch.tensor(ranks, dtype=torch.long), matched, segments
+
+
+class PaperProtocol(torch.nn.Module):
+    """WeaveRec's released protocol (``protocol=paper``) as one object a module is given: the training loss
+    (the answer's language-model loss), the generation (greedy answer + exact title match), its metrics
+    (``<split>/gen/...``) and the table they go in (``recsys.metrics.PAPER_KEYS``, the results table).
+
+    Args:
+        prompt: the paper prompt builder of the run (``RecDataModule.paper_prompt()``: separators, EOS, budget).
+    """
+
+    def __init__(self, prompt):
+        super().__init__()
+        from recsys.metrics import GenerationMetrics
+
+        self.prompt = prompt
+        self.metrics = torch.nn.ModuleDict({"val": GenerationMetrics(), "test": GenerationMetrics()})
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        """The training loss of a paper batch: cross-entropy of the answer tokens."""
+        return answer_loss(model, batch)
+
+    def evaluate(self, stage: str, model, tokenizer, batch: dict) -> None:
+        """Greedy answer of ``model`` as it stands (e.g. WeaveRec's merged adapter active), matched against the
+        candidates' titles; on validation only with ``data.paper.generate_val``."""
+        if stage != "test" and not self.prompt.t.generate_val:
+            return
+        eos = self.prompt.text.eos[0] if self.prompt.text.eos else None
+        out = greedy_generate(model, batch["prompt_ids"], batch["prompt_mask"], self.prompt.max_new_tokens, eos,
+                              self.prompt.text.pad_id)
+        ranks, matched, segments = match_ranks(out, batch["cand_ids"], batch["labels"], self.prompt.sep, eos,
+                                               lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+        self.metrics[stage].update(ranks, matched, segments)
+
+    def compute(self, stage: str) -> dict:
+        """``<stage>/gen/<metric>`` of what was generated since the last call (empty if nothing), then reset."""
+        if not self.metrics[stage].update_count:
+            return {}
+        values = {f"{stage}/gen/{k}": v for k, v in self.metrics[stage].compute().items()}
+        self.metrics[stage].reset()
+        return values

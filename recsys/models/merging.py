@@ -72,19 +72,96 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from recsys.errors import UserError, checked
 from recsys.progress import track
 
 MERGE_RULES = ("weaverec", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 _LOW_RANK_RULES = ("weaverec", "task_arithmetic")  # exact sums of products, via peft's "cat"
 GRANULARITIES = ("module", "block")
+MERGED = "merged"  # the peft adapter that holds a merge (merge_adapters' default new_name)
 
 Weights = Sequence[float] | Mapping[str, Sequence[float]] | None
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """The ``merge`` config (``conf/method/weaverec.yaml``, ``merge_sources.yaml``), checked on construction:
+    an unknown key, rule or granularity, or a value of the wrong type, fails before any backbone loads."""
+
+    rule: str = "weaverec"  # one of MERGE_RULES
+    weights: list[float] | None = None  # lambda_i, one per adapter; None: 1/N (weaverec), 1 (others)
+    scaling: float = 1.0  # global coefficient c
+    density: float = 0.5  # ties / dare: share of entries kept
+    majority_sign_method: str = "total"  # ties / dare_ties: total | frequency
+    seed: int = 0  # dare: seed of the random drop masks
+    learn_weights: bool = False  # AdaMerging (WeaveRec only)
+    learn_steps: int = 50
+    learn_lr: float = 1e-3
+    learn_batches: int = 8
+    granularity: str = "module"  # AdaMerging: module | block
+
+    def __post_init__(self):
+        if self.rule not in MERGE_RULES:
+            raise UserError(f"merge.rule={self.rule!r} is unknown; known rules: {', '.join(MERGE_RULES)}")
+        if self.granularity not in GRANULARITIES:
+            raise UserError(f"merge.granularity={self.granularity!r} is unknown; known: {GRANULARITIES}")
+        if self.weights is not None:
+            object.__setattr__(self, "weights", [float(w) for w in self.weights])
+
+    @classmethod
+    def of(cls, merge: "Mapping | MergeSettings | None") -> "MergeSettings":
+        """From the config's mapping (None: the defaults); UserError naming an unknown key or a wrong type."""
+        if isinstance(merge, MergeSettings):
+            return merge
+        values = dict(merge or {})
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:  # the message tests and users know
+            raise UserError(f"unknown merge settings {unknown}; known: {sorted(f.name for f in fields(cls))}")
+        return checked(cls, values, "merge")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def global_weights(self, n: int) -> list[float]:
+        """The global lambda_i of ``n`` adapters: ``weights``, or 1/n for rule weaverec, 1 for the others."""
+        check_weight_count(self.weights, n)
+        if self.weights is not None:
+            return list(self.weights)
+        return [1.0 / n] * n if self.rule == "weaverec" else [1.0] * n
+
+    def merge(self, model, adapters: Sequence[str], weights: Weights = None, *, activate: bool) -> str:
+        """``merge_adapters`` of ``adapters`` into :data:`MERGED` under these settings (``weights``: learned
+        per-module lambdas, else these settings' own)."""
+        return merge_adapters(model, adapters, rule=self.rule, weights=self.weights if weights is None else weights,
+                              new_name=MERGED, scaling=self.scaling, density=self.density,
+                              majority_sign_method=self.majority_sign_method, seed=self.seed, activate=activate)
+
+
+def check_weight_count(weights, adapters: Sequence[str] | int) -> None:
+    """UserError unless ``weights`` (None or a list) has one value per adapter."""
+    n = adapters if isinstance(adapters, int) else len(adapters)
+    if weights is not None and len(weights) != n:
+        which = f" ({', '.join(adapters)})" if not isinstance(adapters, int) else ""
+        raise UserError(
+            f"merge.weights has {len(weights)} values {list(weights)} but {n} adapters are merged{which}: give one "
+            "lambda per adapter, in this order, or null for the default"
+        )
+
+
+def average_heads(heads: Sequence[nn.Module], weights: Sequence[float], into: nn.Module) -> None:
+    """Set ``into``'s parameters to the weighted average sum_i w_i theta_i / sum_i w_i of the heads'."""
+    total = sum(weights)
+    if total == 0:
+        raise UserError(f"the merge weights {list(weights)} sum to 0: the heads cannot be averaged")
+    with torch.no_grad():
+        for name, p in into.named_parameters():
+            p.copy_(sum(w * dict(h.named_parameters())[name] for w, h in zip(weights, heads)) / total)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +308,7 @@ def merge_adapters(
     adapters: Sequence[str],
     rule: str = "weaverec",
     weights: Weights = None,
-    new_name: str = "merged",
+    new_name: str = MERGED,
     *,
     scaling: float = 1.0,
     density: float = 0.5,
@@ -561,26 +638,13 @@ def learn_merge_weights(
     first = [torch.tensor([start[m] for m in modules if groups[m] == k]).mean(0) for k in keys]
     lam = nn.Parameter(torch.stack(first).float())  # (groups, N), on the CPU
 
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
     optimizer = torch.optim.Adam([lam], lr=lr)
     handles = _install(model, adapters, lambda m: lam[index[m]])
     try:
-        for p in flags:
-            p.requires_grad_(False)
-        model.eval()
-        with model.disable_adapter():
-            iterator = iter(batches)
+        with _frozen(model), model.disable_adapter():
+            batch_stream = _cycle(batches)
             for _ in track(range(steps), "AdaMerging: learning the merge weights (steps)"):
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    iterator = iter(batches)
-                    try:
-                        batch = next(iterator)
-                    except StopIteration:
-                        raise ValueError("batches is empty") from None
-                scores = score_fn(batch)
+                scores = score_fn(next(batch_stream))
                 if scores.dim() != 2:
                     raise ValueError(f"score_fn must return (B, C) scores, got shape {tuple(scores.shape)}")
                 loss = prediction_entropy(scores).mean()
@@ -590,7 +654,31 @@ def learn_merge_weights(
     finally:
         for h in handles:
             h.remove()
+    return {m: lam[index[m]].detach().cpu().tolist() for m in modules}
+
+
+@contextmanager
+def _frozen(model):
+    """``model`` in eval mode with every parameter frozen; flags and mode restored on exit."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        model.eval()
+        yield model
+    finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    return {m: lam[index[m]].detach().cpu().tolist() for m in modules}
+
+
+def _cycle(batches: Iterable):
+    """The batches over and over (a DataLoader restarts each pass); ValueError if there are none."""
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("batches is empty")

@@ -1,7 +1,7 @@
 """Domain statistics and the reference rankers, without any model.
 
-    python -m recsys.data.report --root ../shared/data/amazon beauty toys games
-    python -m recsys.data.report --synthetic toys tools
+    python -m recsys.data.stats --root ../shared/data/amazon beauty toys games
+    python -m recsys.data.stats --synthetic toys tools
 
 Prints, per domain: load time, users, items, examples per split, and the random and popularity
 rankers' test metrics on the fixed candidates (seed, num_negatives as given) — the reference rows
@@ -14,8 +14,9 @@ import argparse
 import time
 
 from recsys.data.datamodule import RecDataModule
+from recsys.metrics import REPORT_KEYS
 
-ROWS = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr")
+ROWS = REPORT_KEYS  # the results tables' metrics (recsys.metrics)
 
 
 def domain_report(domains: dict, name: str, seed: int = 0, num_negatives: int = 19, max_history: int = 10) -> dict:
