@@ -331,12 +331,10 @@ class XCrossModel(nn.Module):
         compile_integrators: bool | str = "auto",
     ):
         super().__init__()
-        if routing not in ("slice", "peft"):
-            raise ValueError(f"routing must be 'slice' or 'peft', got {routing!r}")
-        if kind not in ("encoder", "decoder"):
-            raise ValueError(f"kind must be 'encoder' or 'decoder', got {kind!r}")
-        if combine not in ("after_norm", "before_norm"):
-            raise ValueError(f"combine must be 'after_norm' or 'before_norm', got {combine!r}")
+        for key, value, allowed in (("routing", routing, ("slice", "peft")), ("kind", kind, ("encoder", "decoder")),
+                                    ("combine", combine, ("after_norm", "before_norm"))):
+            if value not in allowed:
+                raise ValueError(f"{key} must be {' or '.join(map(repr, allowed))}, got {value!r}")
         self.adapter_names = list(adapter_names)
         missing = set(self.adapter_names) - set(getattr(peft_model, "peft_config", {}))
         if not self.adapter_names or missing:
