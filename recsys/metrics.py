@@ -31,6 +31,14 @@ def target_rank(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(nan_target, torch.full_like(rank, scores.size(1) - 1), rank)
 
 
+def eval_ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,) float 0-based pessimistic ranks (``target_rank``); ``inf`` where ``target`` is -1 (the true
+    item is not among the candidates, e.g. missed by a retriever: a miss at every k)."""
+    missing = target < 0
+    rank = target_rank(scores, target.clamp(min=0)).double()
+    return torch.where(missing.to(rank.device), torch.full_like(rank, torch.inf), rank)
+
+
 class RankingMetrics(Metric):
     """HR@k and NDCG@k for k in ``ks`` and MRR, averaged over examples and synchronised across processes.
 
@@ -50,7 +58,8 @@ class RankingMetrics(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, scores: torch.Tensor, target: torch.Tensor) -> None:
-        self._accumulate(target_rank(scores, target).double())
+        """``target`` -1: the true item is not a candidate (rank ``inf``, 0 on every metric)."""
+        self._accumulate(eval_ranks(scores, target))
 
     def _accumulate(self, rank: torch.Tensor) -> None:
         """Add (B,) 0-based float ranks; ``inf`` (the true item not ranked at all) scores 0 everywhere."""

@@ -65,6 +65,17 @@ def attach_backbone(cfg: DictConfig, dm: RecDataModule, backbone) -> RecDataModu
     return dm.attach(backbone.tokenizer, backbone.kind, likelihood=likelihood)
 
 
+def backbone_for(cfg: DictConfig, dm: RecDataModule):
+    """The backbone, attached to ``dm``; None, with ``dm`` giving item-id batches, for a method whose
+    class says it needs none (``needs_backbone = False``: SASRec): no language model is loaded."""
+    if not getattr(hydra.utils.get_class(cfg.method.module._target_), "needs_backbone", True):
+        dm.attach(None, "ids")
+        return None
+    backbone = build_backbone(cfg)
+    attach_backbone(cfg, dm, backbone)
+    return backbone
+
+
 def build_module(cfg: DictConfig, backbone, dm: RecDataModule, store: AdapterStore):
     """``cfg.method.module`` names the class; its ``from_config`` gets the backbone, data and store."""
     factory = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")
@@ -166,11 +177,11 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
     dm = build_datamodule(cfg)  # bad data settings and files fail here, before the backbone loads
     dm.load_domains()
     L.seed_everything(cfg.seed, workers=True)
-    backbone = build_backbone(cfg)
-    attach_backbone(cfg, dm, backbone)
+    backbone = backbone_for(cfg, dm)
     store = AdapterStore(cfg.paths.adapter_store, seed=cfg.seed)
     adapter_store.READ.clear()
     module = speed.apply(apply_protocol(build_module(cfg, backbone, dm, store), dm), cfg.get("speed"))
+    module.ranks_dir = out_dir  # every evaluation writes the per-user ranks (ranks.csv.gz, recsys.ranks)
     trainer = build_trainer(cfg)
     dm.prepare_data()
     dm.setup("fit")
@@ -211,6 +222,11 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
         scale.load_checkpoint(best)
     metrics.update(_floats(trainer.test(module, datamodule=dm, ckpt_path=best or None, verbose=False,
                                         weights_only=True)[0]))
+    if (cfg.get("eval") or {}).get("candidates", "sampled") == "full":  # also rank against the whole catalogue
+        from recsys import catalogue
+
+        metrics.update(catalogue.evaluate(module, dm, out_dir if trainer.is_global_zero else None, cfg.seed,
+                                          int(cfg.eval.get("retrieve_k", 20))))
     metrics["time/test_s"] = round(time.time() - t0, 3)
     metrics["data/test_examples"] = len(dm.eval_sets["test"])
     metrics["data/train_examples"] = sum(len(v) for v in dm.train_entries.values())
@@ -347,8 +363,7 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
         if run_cfg.method.name not in ("lora", "joint"):
             raise UserError("adapter= evaluates a LoRA adapter folder: use method=lora (or run_dir= for other methods)")
         AdapterStore.verify(adapter)
-    backbone = build_backbone(run_cfg)
-    attach_backbone(run_cfg, dm, backbone)
+    backbone = backbone_for(run_cfg, dm)
     if adapter is not None:
         kwargs = {k: v for k, v in OmegaConf.to_container(run_cfg.method.module, resolve=True).items()
                   if k not in ("_target_", "optimizer", "r", "alpha", "dropout", "target_modules")}
@@ -372,6 +387,7 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
     else:
         module = build_module(run_cfg, backbone, dm, store)
     speed.apply(apply_protocol(module, dm), cfg.get("speed"))
+    module.ranks_dir = out_dir  # ranks.csv.gz of this evaluation (recsys.ranks)
     # this evaluation's loggers (eval.yaml: none by default), named after the evaluated run's method and data
     own = OmegaConf.to_container(cfg, resolve=False)
     log_cfg = OmegaConf.merge(run_cfg, {k: own[k] for k in ("logger", "job_type", "tags", "group", "run_name")

@@ -350,7 +350,8 @@ class RecDataModule(L.LightningDataModule):
             raise DataError(f"data.selection_share={self.selection_share} must be in (0, 1) with data.train_on_val=true")
 
     def attach(self, tokenizer, kind: str, likelihood: bool = False) -> "RecDataModule":
-        """Give the DataModule the backbone's tokenizer (the text layout depends on it)."""
+        """Give the DataModule the backbone's tokenizer (the text layout depends on it); ``attach(None,
+        "ids")``: batches of item indices for a method without a backbone (``recsys.data.ids``)."""
         self.tokenizer, self.kind, self.likelihood = tokenizer, kind, likelihood
         return self
 
@@ -472,6 +473,10 @@ class RecDataModule(L.LightningDataModule):
         return self._paper
 
     def _collator(self):
+        if self.kind == "ids":  # an ID-based method (SASRec): item indices, no text (recsys.data.ids)
+            from recsys.data.ids import IdCollator
+
+            return IdCollator(self.max_history)
         if self.protocol == "paper":
             return PaperCollator(self.paper_prompt())
         return Collator(self._text(), self.likelihood)
@@ -508,7 +513,8 @@ class RecDataModule(L.LightningDataModule):
 
     def train_loaders(self) -> dict[str, DataLoader]:
         """One loader per training stream (a module training several adapters gets one stream each)."""
-        self._text()
+        if self.kind != "ids":
+            self._text()
         out = {}
         for name, entries in self.train_entries.items():
             ds = TrainDataset(entries, self.samplers, self.num_train_negatives, stable_seed(self.seed, name))

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys.errors import UserError
-from recsys.metrics import ChanceCheck, GenerationMetrics, RankingMetrics
+from recsys import ranks
+from recsys.metrics import ChanceCheck, GenerationMetrics, RankingMetrics, eval_ranks
 from recsys.models.backbone import Backbone
 from recsys.models.generation import answer_loss, greedy_generate, match_ranks
 
@@ -60,20 +61,21 @@ class RecModule(L.LightningModule):
     """
 
     one_language_model = True  # the paper protocol generates with ``self.model`` (X-Cross runs n streams: False)
+    needs_backbone = True  # False: the pipeline loads no backbone and batches are item ids (SASRec)
 
     def __init__(self, backbone: Backbone, optimizer: Callable | None = None, scheduler: str = "cosine",
                  warmup_ratio: float = 0.1, scoring: str = "head"):
         super().__init__()
         if scoring not in ("head", "likelihood"):
             raise UserError(f"method.scoring={scoring!r} is unknown: use head or likelihood")
-        if scoring == "likelihood" and backbone.kind != "decoder":
+        if scoring == "likelihood" and getattr(backbone, "kind", None) != "decoder":
             raise UserError(
                 f"method.scoring=likelihood needs a decoder backbone; {backbone.name} is an encoder: use scoring=head"
             )
         if scheduler not in ("cosine", "constant"):
             raise UserError(f"method.scheduler={scheduler!r} is unknown: use cosine or constant")
         self.backbone = backbone
-        self.kind = backbone.kind
+        self.kind = backbone.kind if backbone is not None else "ids"  # None: a method with needs_backbone = False
         self.scoring = scoring
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
         self.scheduler, self.warmup_ratio = scheduler, warmup_ratio
@@ -86,6 +88,8 @@ class RecModule(L.LightningModule):
         self.paper = None  # the paper protocol's prompt builder, when enabled (enable_paper_protocol)
         self.chance = ChanceCheck()  # training losses after warm-up: a run that stays at ln C is flagged
         self.warmup_steps = 0  # set by configure_optimizers
+        self.rank_log = ranks.RankLog()  # per-user ranks of the current evaluation
+        self.ranks_dir = None  # the run folder: each evaluation writes ranks.csv.gz there (None: not written)
 
     def enable_paper_protocol(self, prompt) -> None:
         """WeaveRec's released protocol (``protocol=paper``): train on the answer tokens, and test by
@@ -174,7 +178,9 @@ class RecModule(L.LightningModule):
         return loss
 
     def _eval_step(self, stage: str, batch: dict) -> None:
-        self.metrics[stage].update(self.score(batch).float(), batch["labels"])
+        scores = self.score(batch).float()
+        self.metrics[stage].update(scores, batch["labels"])
+        self.rank_log.add(stage, eval_ranks(scores, batch["labels"]), scores.size(1))  # per-user ranks (recsys.ranks)
         if self.paper is not None and (stage == "test" or self.paper.t.generate_val):
             self._generate_step(stage, batch)
 
@@ -203,6 +209,7 @@ class RecModule(L.LightningModule):
         self.metrics[stage].reset()
         if stage == "val" and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self.val_history[self.current_epoch] = {k: float(v) for k, v in values.items()}
+        ranks.record(self, stage)  # ranks.csv.gz in self.ranks_dir (set by the pipeline)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
