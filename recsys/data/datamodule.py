@@ -28,6 +28,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from recsys.data.candidates import NegativeSampler, eval_candidates, stable_seed
+from recsys.data.retrieval import recall as retrieval_recall
+from recsys.data.retrieval import retrieved_candidates
 from recsys.data.domain import DataError, Domain, Example
 from recsys.data.paper_prompt import PaperCollator, PaperPrompt, PaperTemplate
 from recsys.data.text import Collator, PromptTemplate, TextEncoder
@@ -38,6 +40,7 @@ log = logging.getLogger("recsys.data")
 MIXES = ("target", "joint", "hybrid")
 PROTOCOLS = ("ranking", "paper")  # our candidate ranking | WeaveRec's released prompt (recsys/data/paper_prompt.py)
 SOURCES = ("synthetic", "plain", "raw")
+CANDIDATES = ("sampled", "retrieved")  # evaluation candidates (recsys.data.candidates | recsys.data.retrieval)
 
 
 PLAIN_FILES = ("items.jsonl", "sequences.jsonl")  # what makes a folder a plain-format domain (readers.read_plain)
@@ -288,6 +291,9 @@ class RecDataModule(L.LightningDataModule):
         protocol: str = "ranking",
         paper: dict | None = None,
         collection: str | None = None,
+        candidates: str = "sampled",
+        retriever: str | None = None,
+        retrieve_k: int = 20,
     ):
         super().__init__()
         # the config's domains, and the plain-format ones found under root (the config's own specs win)
@@ -307,6 +313,8 @@ class RecDataModule(L.LightningDataModule):
             raise DataError(f"data.paper has unknown keys {unknown}: known are {sorted(PaperTemplate.__dataclass_fields__)}")
         self.protocol, self.paper_template = protocol, PaperTemplate(**dict(paper or {}))
         self.collection = collection  # the name of this set of domains (it names the adapter store)
+        # evaluation candidates: sampled (fixed negatives) | retrieved (a retriever run's top K, recsys.data.retrieval)
+        self.candidates, self.retriever, self.retrieve_k = candidates, retriever, int(retrieve_k)
         self.cache_dir, self.root = cache_dir, root
         self.kind, self.likelihood = kind, likelihood
         self.tokenizer = tokenizer
@@ -346,6 +354,12 @@ class RecDataModule(L.LightningDataModule):
         for key, value in [("max_train_examples", self.max_train_examples), ("max_eval_users", self.max_eval_users)]:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise DataError(f"data.{key}={value!r} must be null (all) or an integer >= 1")
+        if self.candidates not in CANDIDATES:
+            raise DataError(f"data.candidates={self.candidates!r} is unknown: use one of {CANDIDATES}")
+        if self.candidates == "retrieved" and not self.retriever:
+            raise DataError("data.candidates=retrieved needs data.retriever=<a retriever run folder> (e.g. a method=sasrec run)")
+        if self.candidates == "retrieved" and self.protocol == "paper":
+            raise DataError("data.candidates=retrieved works with protocol=ranking (the paper protocol needs its target among the candidates)")
         if self.train_on_val and not (0.0 < self.selection_share < 1.0):
             raise DataError(f"data.selection_share={self.selection_share} must be in (0, 1) with data.train_on_val=true")
 
@@ -385,7 +399,10 @@ class RecDataModule(L.LightningDataModule):
         for split in ("val", "test"):
             users = self.selection_users if split == "val" and self.train_on_val else self.eval_users
             exs = [e for e in tgt.examples(split, self.max_history) if e.user in users]
-            cands, pos = eval_candidates(tgt, exs, split, self.num_negatives, self.seed, self.candidate_sampling)
+            if self.candidates == "retrieved":  # two-stage: the retriever's top K (target absent: position -1)
+                cands, pos = retrieved_candidates(tgt, exs, split, self.retriever, self.retrieve_k)
+            else:
+                cands, pos = eval_candidates(tgt, exs, split, self.num_negatives, self.seed, self.candidate_sampling)
             self.eval_sets[split] = EvalDataset(self.target, exs, cands, pos)
         self.train_entries = self._train_entries()
         if self.tokenizer is not None:
@@ -547,7 +564,10 @@ class RecDataModule(L.LightningDataModule):
         """Random and popularity rankers on the target's fixed candidates of ``split``."""
         ds = self.eval_sets[split]
         counts = np.asarray(self.domains[self.target].train_item_counts())
-        return reference_metrics(ds.candidates, ds.target, counts, seed=self.seed)
+        out = reference_metrics(ds.candidates, ds.target, counts, seed=self.seed)
+        if self.candidates == "retrieved":  # metrics.json: retrieval/<split>/recall@K
+            out["retrieval"] = {f"recall@{self.retrieve_k}": retrieval_recall(ds.target)}
+        return out
 
     def summary(self) -> dict:
         out = {"target": self.domains[self.target].summary()}
