@@ -513,6 +513,8 @@ class RecDataModule(L.LightningDataModule):
     def _lengths(self, entries) -> list[int] | None:
         if not self.bucket_by_length:
             return None
+        if self.kind == "ids":  # item-id batches: the history's length
+            return [len(ex.history) for _, ex in entries]
         titles = {n: self.text.title_ids(n) for n in self.domains}
         return [sum(len(titles[d][i]) for i in ex.history) for d, ex in entries]
 
