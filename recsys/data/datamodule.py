@@ -293,7 +293,7 @@ class RecDataModule(L.LightningDataModule):
         collection: str | None = None,
         candidates: str = "sampled",
         retriever: str | None = None,
-        retrieve_k: int = 20,
+        retrieve_k: int | None = None,
     ):
         super().__init__()
         # the config's domains, and the plain-format ones found under root (the config's own specs win)
@@ -314,7 +314,8 @@ class RecDataModule(L.LightningDataModule):
         self.protocol, self.paper_template = protocol, PaperTemplate(**dict(paper or {}))
         self.collection = collection  # the name of this set of domains (it names the adapter store)
         # evaluation candidates: sampled (fixed negatives) | retrieved (a retriever run's top K, recsys.data.retrieval)
-        self.candidates, self.retriever, self.retrieve_k = candidates, retriever, int(retrieve_k)
+        self.candidates, self.retriever = candidates, retriever
+        self.retrieve_k = None if retrieve_k is None else int(retrieve_k)  # None: the K the retriever stored
         self.cache_dir, self.root = cache_dir, root
         self.kind, self.likelihood = kind, likelihood
         self.tokenizer = tokenizer
@@ -568,7 +569,7 @@ class RecDataModule(L.LightningDataModule):
         counts = np.asarray(self.domains[self.target].train_item_counts())
         out = reference_metrics(ds.candidates, ds.target, counts, seed=self.seed)
         if self.candidates == "retrieved":  # metrics.json: retrieval/<split>/recall@K
-            out["retrieval"] = {f"recall@{self.retrieve_k}": retrieval_recall(ds.target)}
+            out["retrieval"] = {f"recall@{ds.candidates.shape[1]}": retrieval_recall(ds.target)}
         return out
 
     def summary(self) -> dict:

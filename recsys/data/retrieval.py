@@ -39,14 +39,16 @@ def load_retrieved(folder: str | Path, domain: Domain, split: str) -> dict[str, 
 
 
 def retrieved_candidates(domain: Domain, examples: list[Example], split: str, folder: str | Path,
-                         k: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """The retriever's top ``k`` as each example's candidates.
+                         k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The retriever's top ``k`` (None: all it stored) as each example's candidates.
 
     Returns:
         candidates (N, k) item indices (shuffled by a stable seed) and target (N,) the target's position,
         -1 where the retriever missed it.
     """
     top = load_retrieved(folder, domain, split)
+    if k is None:
+        k = min((len(v) for v in top.values()), default=0)
     index = {iid: i for i, iid in enumerate(domain.item_ids)}
     cands = np.empty((len(examples), k), dtype=np.int64)
     target = np.empty(len(examples), dtype=np.int64)
