@@ -10,7 +10,8 @@ Config (``conf/data/*.yaml``):
   (WeaveRec: one stream per source, target and that source 50/50, ``hybrid_cap`` a side, plus
   the target-only stream).
 
-Validation and test always use the target's fixed candidates (``recsys.data.candidates``).
+Validation and test always use the target's fixed candidates (``recsys.data.candidates``), or with
+``candidates=retrieved`` a retriever run's top K (``recsys.data.retrieval``).
 Training negatives are fresh each epoch and depend only on (seed, epoch, example), so they are
 the same whatever the number of workers or processes.
 """
@@ -256,6 +257,8 @@ class RecDataModule(L.LightningDataModule):
             adapter store is one folder a collection, so same-named domains never share adapters.
         root, year, k_core: data-config settings that the domain specs interpolate
             (``conf/data/raw.yaml``); the domains' own specs are what is read.
+        candidates: ``sampled`` (the fixed negatives) | ``retrieved`` (two-stage: each user's candidates are
+            the top ``retrieve_k`` of the ``retriever`` run folder, ``recsys.data.retrieval``; None: the K it stored).
     """
 
     def __init__(
