@@ -81,6 +81,13 @@ class RankingMetrics(Metric):
         return out
 
 
+def reference_scores(candidates: np.ndarray, item_counts: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    """(N, C) scores of the random (seeded) and popularity (training counts) rankers on candidate lists."""
+    rng = np.random.default_rng(seed)
+    return {"random": rng.random(candidates.shape),
+            "popularity": np.asarray(item_counts, dtype=np.float64)[candidates]}
+
+
 def reference_metrics(
     candidates: np.ndarray, target: np.ndarray, item_counts: np.ndarray, seed: int = 0
 ) -> dict[str, dict[str, float]]:
@@ -96,12 +103,7 @@ def reference_metrics(
     """
     tgt = torch.as_tensor(target)
     out = {}
-    rng = np.random.default_rng(seed)
-    scorers = {
-        "random": rng.random(candidates.shape),
-        "popularity": np.asarray(item_counts, dtype=np.float64)[candidates],
-    }
-    for name, scores in scorers.items():
+    for name, scores in reference_scores(candidates, item_counts, seed).items():
         m = RankingMetrics()
         m.update(torch.as_tensor(scores), tgt)
         out[name] = {k: float(v) for k, v in m.compute().items()}

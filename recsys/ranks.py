@@ -116,4 +116,60 @@ def record(module, stage: str) -> None:
             return
     dm = trainer.datamodule
     ds = dm.eval_sets["val" if stage == "val" else "test"]
-    write(folder, frame(dm.domains[dm.target], ds.examples, ranks, counts, split))
+    rows = [frame(dm.domains[dm.target], ds.examples, ranks, counts, split)]
+    if split == "test" and len(ranks) == len(ds.examples):  # the reference rankers on the same candidates
+        rows += reference_frames(dm, "test")
+    write(folder, pd.concat(rows, ignore_index=True))
+
+
+def reference_frames(dm, split: str) -> list[pd.DataFrame]:
+    """Rows ``random/<split>`` and ``popularity/<split>``: the reference rankers' per-user ranks on the
+    fixed candidates, as ``RecDataModule.reference_metrics`` scores them."""
+    from recsys.metrics import eval_ranks, reference_scores
+
+    ds, domain = dm.eval_sets[split], dm.domains[dm.target]
+    counts = np.asarray(domain.train_item_counts())
+    out = []
+    for name, scores in reference_scores(ds.candidates, counts, seed=dm.seed).items():
+        r = eval_ranks(torch.as_tensor(scores), torch.as_tensor(ds.target)).numpy()
+        out.append(frame(domain, ds.examples, r, np.full(len(r), ds.candidates.shape[1]), f"{name}/{split}"))
+    return out
+
+
+def summary(df: pd.DataFrame, k: int = 10) -> pd.DataFrame:
+    """Per split: users, and HR@1, HR@k, NDCG@k, MRR as mean and standard error over users."""
+    from recsys.stats import standard_error
+
+    rows = []
+    for split, g in df.groupby("split", sort=True):
+        r = g["rank"].to_numpy(dtype=float, na_value=np.inf)
+        per_user = {"hr@1": (r <= 1).astype(float), f"hr@{k}": (r <= k).astype(float), f"ndcg@{k}": ndcg(g["rank"], k),
+                    "mrr": np.where(np.isfinite(r), 1.0 / r, 0.0)}
+        row = {"split": split, "users": len(g)}
+        for name, v in per_user.items():
+            row[name], row[f"{name}_se"] = float(v.mean()), standard_error(v)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    """``python -m recsys.ranks <run folder or ranks.csv.gz>...``: mean ± standard error over users per split."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m recsys.ranks", description=main.__doc__)
+    p.add_argument("paths", nargs="+")
+    args = p.parse_args(argv)
+    out = []
+    for path in args.paths:
+        s = summary(read(path))
+        s.insert(0, "run", str(path))
+        out.append(s)
+        print(f"{path}")
+        for _, r in s.iterrows():
+            cells = "  ".join(f"{m} {r[m]:.4f} ± {r[m + '_se']:.4f}" for m in ("hr@1", "hr@10", "ndcg@10", "mrr"))
+            print(f"  {r['split']:<24} users {r['users']:>6}  {cells}")
+    return pd.concat(out, ignore_index=True)
+
+
+if __name__ == "__main__":
+    main()

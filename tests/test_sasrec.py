@@ -77,7 +77,13 @@ def test_sasrec_run_writes_metrics_ranks_and_retrieved(retriever):
     assert metrics["params/trainable"] > 0
     df = ranks.read(out)
     assert list(df.columns) == list(ranks.COLUMNS)
-    assert sorted(df["split"].unique()) == ["test", "test/full", "val", "val/full"]
+    assert sorted(df["split"].unique()) == ["popularity/test", "random/test", "test", "test/full", "val", "val/full"]
+    for ref in ("popularity", "random"):  # the reference rows' per-user ranks reproduce their metrics
+        rows = df[df["split"] == f"{ref}/test"]
+        assert ranks.ndcg(rows["rank"]).mean() == pytest.approx(metrics[f"{ref}/test/ndcg@10"], abs=1e-6)
+    s = ranks.summary(df).set_index("split")
+    assert s.loc["test", "ndcg@10"] == pytest.approx(metrics["test/ndcg@10"], abs=1e-6)
+    assert s.loc["test", "mrr"] == pytest.approx(metrics["test/mrr"], abs=1e-6) and s.loc["test", "users"] == 60
     test = df[df["split"] == "test"]
     assert len(test) == 60 and (test["n_candidates"] == 20).all() and test["rank"].between(1, 20).all()
     assert test["user"].is_unique
