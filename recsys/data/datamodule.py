@@ -29,10 +29,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from recsys.data.candidates import NegativeSampler, eval_candidates, stable_seed
-from recsys.data.retrieval import recall as retrieval_recall
-from recsys.data.retrieval import retrieved_candidates
 from recsys.data.domain import DataError, Domain, Example
 from recsys.data.paper_prompt import PaperCollator, PaperPrompt, PaperTemplate
+from recsys.data.retrieval import recall as retrieval_recall
+from recsys.data.retrieval import retrieved_candidates
 from recsys.data.text import Collator, PromptTemplate, TextEncoder
 from recsys.metrics import reference_metrics
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.errors import UserError
 from recsys import ranks
+from recsys.errors import UserError
 from recsys.metrics import ChanceCheck, GenerationMetrics, RankingMetrics, eval_ranks
 from recsys.models.backbone import Backbone
 from recsys.models.generation import answer_loss, greedy_generate, match_ranks
