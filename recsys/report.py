@@ -65,10 +65,11 @@ class Job:
     error: str = ""
     wandb_project: str | None = None
     variant: str = ""
+    candidates: str = "sampled"  # data.candidates: runs on other candidate lists are never in one table
 
     @property
     def group(self) -> tuple:
-        return self.target, self.sources, self.fraction, self.backbone
+        return self.target, self.sources, self.fraction, self.backbone, self.candidates
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -101,6 +102,7 @@ def load_job(folder: Path) -> Job:
         backbone=str(_select(cfg, "backbone.name", "?")), seed=int(seed) if seed is not None else None,
         overrides=overrides, metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         error=error, wandb_project=(wandb or {}).get("project") if isinstance(wandb, dict) else None,
+        candidates=str(_select(cfg, "data.candidates", "sampled") or "sampled"),
     )
 
 
@@ -129,8 +131,9 @@ def _label_variants(jobs: list[Job]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- tables
-def setting_name(sources: tuple[str, ...], fraction: float, backbone: str) -> str:
-    return f"sources {'+'.join(sources) or '-'}, target fraction {fraction:g}, {backbone}"
+def setting_name(sources: tuple[str, ...], fraction: float, backbone: str, candidates: str = "sampled") -> str:
+    name = f"sources {'+'.join(sources) or '-'}, target fraction {fraction:g}, {backbone}"
+    return name if candidates == "sampled" else f"{name}, {candidates} candidates"
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -142,9 +145,10 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 
 def _row(group: tuple, kind: str, name: str, variant: str, runs: list[dict], prefix: str, failed: int = 0) -> dict:
-    target, sources, fraction, backbone = group
+    target, sources, fraction, backbone, candidates = group
     row = {"target": target, "sources": "+".join(sources), "target_fraction": fraction, "backbone": backbone,
-           "setting": setting_name(sources, fraction, backbone), "kind": kind, "row": name, "variant": variant,
+           "candidates": candidates, "setting": setting_name(sources, fraction, backbone, candidates), "kind": kind,
+           "row": name, "variant": variant,
            "n": len(runs), "seeds": " ".join(str(r["seed"]) for r in runs), "failed": failed}
     for m in METRICS:
         values = [r["metrics"].get(f"{prefix}{m}") for r in runs]
@@ -159,7 +163,7 @@ def _row(group: tuple, kind: str, name: str, variant: str, runs: list[dict], pre
 def summarise(jobs: list[Job]) -> pd.DataFrame:
     """One row per (group, method + variant) and per reference row; mean/std columns per metric."""
     rows: list[dict] = []
-    groups = sorted({j.group for j in jobs}, key=lambda g: (g[0], g[1], g[2], g[3]))
+    groups = sorted({j.group for j in jobs}, key=lambda g: (g[0], g[1], g[2], g[3], g[4]))
     for g in groups:
         in_group = [j for j in jobs if j.group == g]
         ok = [j for j in in_group if j.status == "ok"]
@@ -294,9 +298,9 @@ def paired_rows(jobs: list[Job], sub: pd.DataFrame) -> tuple[dict, list[dict]]:
     if len(methods) < 2:
         return {}, []
     best = methods.loc[methods["ndcg@10_mean"].idxmax()]
-    target, sources, fraction, backbone = best["target"], best["sources"], best["target_fraction"], best["backbone"]
-    in_group = [j for j in jobs if j.status == "ok" and j.target == target and "+".join(j.sources) == sources
-                and j.fraction == fraction and j.backbone == backbone]
+    key = (best["target"], best["sources"], best["target_fraction"], best["backbone"], best["candidates"])
+    in_group = [j for j in jobs if j.status == "ok"
+                and (j.target, "+".join(j.sources), j.fraction, j.backbone, j.candidates) == key]
     rows_of = lambda r: [j for j in in_group if (j.method, j.variant) == (r["row"], r["variant"] or "")]  # noqa: E731
     out, table = {_label(best): "best"}, []
     for _, r in methods.iterrows():
@@ -469,7 +473,7 @@ def write_report(folders: list[str | Path], out: str | Path, metric: str = "ndcg
             err = j.error.splitlines()[0] if j.error else "no metrics.json (killed, or still running)"
             err = err.replace("|", "\\|")
             md.append(f"| `{j.dir}` | {j.status} | {_label({'row': j.method, 'variant': j.variant})} | {j.target} "
-                      f"| {setting_name(j.sources, j.fraction, j.backbone)} | {j.seed} | {err[:200]} |")
+                      f"| {setting_name(j.sources, j.fraction, j.backbone, j.candidates)} | {j.seed} | {err[:200]} |")
     else:
         md.append("None.")
     plots = efficiency_plots(df, out / "plots", metric) + bar_plots(df, out / "plots", metric)

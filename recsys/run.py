@@ -350,6 +350,9 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
     if cfg.get("protocol") == "paper" and run_cfg is not cfg:  # evaluate.py protocol=paper on a run folder
         run_cfg.data.protocol, run_cfg.data.num_negatives = "paper", cfg.data.num_negatives
         run_cfg.data.paper = cfg.data.paper
+    if cfg.data.get("candidates") == "retrieved" and run_cfg is not cfg:  # a run folder re-ranking a retriever's top K
+        run_cfg.data.candidates, run_cfg.data.retriever = "retrieved", cfg.data.retriever
+        run_cfg.data.retrieve_k = cfg.data.get("retrieve_k")
     out_dir = Path(cfg.paths.output_dir)
     if ckpt:
         scale.load_checkpoint(ckpt)  # a clear error for a cut-short or unsafe file, before anything heavy
