@@ -131,6 +131,10 @@ def evaluate(module, dm, out_dir: str | Path | None, seed: int, k: int = 20,
             for name, fn in reference_scorers(dm, split, seed).items():
                 ranks, _ = rank_catalogue(fn, domain, examples, dm.max_history)
                 metrics.update({f"{name}/{split}/full/{m}": v for m, v in metrics_from_ranks(ranks).items()})
+                if out_dir is not None and split == "test":
+                    rank_files.write(out_dir, rank_files.frame(domain, examples, ranks,
+                                                               np.full(len(ranks), domain.num_items),
+                                                               f"{name}/{split}/full"))
     finally:
         module.train(was_training)
     if stored and out_dir is not None:

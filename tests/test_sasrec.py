@@ -77,7 +77,10 @@ def test_sasrec_run_writes_metrics_ranks_and_retrieved(retriever):
     assert metrics["params/trainable"] > 0
     df = ranks.read(out)
     assert list(df.columns) == list(ranks.COLUMNS)
-    assert sorted(df["split"].unique()) == ["popularity/test", "random/test", "test", "test/full", "val", "val/full"]
+    assert sorted(df["split"].unique()) == ["popularity/test", "popularity/test/full", "random/test",
+                                            "random/test/full", "test", "test/full", "val", "val/full"]
+    assert ranks.ndcg(df[df["split"] == "popularity/test/full"]["rank"]).mean() == pytest.approx(
+        metrics["popularity/test/full/ndcg@10"], abs=1e-6)
     for ref in ("popularity", "random"):  # the reference rows' per-user ranks reproduce their metrics
         rows = df[df["split"] == f"{ref}/test"]
         assert ranks.ndcg(rows["rank"]).mean() == pytest.approx(metrics[f"{ref}/test/ndcg@10"], abs=1e-6)
