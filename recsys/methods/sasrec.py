@@ -102,13 +102,19 @@ class SASRecModule(RecModule):
 
     # ------------------------------------------------------------------ scoring
     def score(self, batch: dict) -> torch.Tensor:
-        """(B, C) dot products of the user state with the candidates' embeddings."""
-        state = self.net(batch["history"])
-        return torch.einsum("bd,bcd->bc", state, self.net.item_vectors(batch["candidates"]))
+        """(B, C) dot products of the user state with the candidates' embeddings, in float32."""
+        state = self.net(batch["history"]).float()
+        with torch.autocast(state.device.type, enabled=False):
+            return torch.einsum("bd,bcd->bc", state, self.net.item_vectors(batch["candidates"]).float())
 
     def score_all(self, history: torch.Tensor) -> torch.Tensor:
-        """(B, L) histories (``recsys.data.ids`` layout) -> (B, N) scores of every catalogue item."""
-        return self.net(history) @ self.net.item_vectors().T
+        """(B, L) histories (``recsys.data.ids`` layout) -> (B, N) scores of every catalogue item, in float32.
+
+        Scores are float32 even under ``trainer.precision=bf16-mixed``: bf16 keeps 8 bits of mantissa, so
+        candidates with close scores would tie, and ties count against the model."""
+        state = self.net(history).float()
+        with torch.autocast(state.device.type, enabled=False):
+            return state @ self.net.item_vectors().float().T
 
     # ------------------------------------------------------------------ training
     def objective(self, batch: dict, score_fn=None, stream: str = "train") -> torch.Tensor:
