@@ -115,6 +115,8 @@ def record(module, stage: str) -> None:
         if before and now <= max(before):
             return
     dm = trainer.datamodule
+    if dm is None or not hasattr(dm, "eval_sets"):  # loaders passed by hand: no examples to name the rows
+        return
     ds = dm.eval_sets["val" if stage == "val" else "test"]
     rows = [frame(dm.domains[dm.target], ds.examples, ranks, counts, split)]
     if split == "test" and len(ranks) == len(ds.examples):  # the reference rankers on the same candidates
