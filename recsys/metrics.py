@@ -33,6 +33,14 @@ def target_rank(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(nan_target, torch.full_like(rank, scores.size(1) - 1), rank)
 
 
+def eval_ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,) float 0-based pessimistic ranks (``target_rank``); ``inf`` where ``target`` is -1 (the true
+    item is not among the candidates, e.g. missed by a retriever: a miss at every k)."""
+    missing = target < 0
+    rank = target_rank(scores, target.clamp(min=0)).double()
+    return torch.where(missing.to(rank.device), torch.full_like(rank, torch.inf), rank)
+
+
 class RankingMetrics(Metric):
     """HR@k and NDCG@k for k in ``ks`` and MRR, averaged over examples and synchronised across processes.
 
@@ -52,7 +60,8 @@ class RankingMetrics(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, scores: torch.Tensor, target: torch.Tensor) -> None:
-        self._accumulate(target_rank(scores, target).double())
+        """``target`` -1: the true item is not a candidate (rank ``inf``, 0 on every metric)."""
+        self._accumulate(eval_ranks(scores, target))
 
     def _accumulate(self, rank: torch.Tensor) -> None:
         """Add (B,) 0-based float ranks; ``inf`` (the true item not ranked at all) scores 0 everywhere."""
@@ -74,6 +83,13 @@ class RankingMetrics(Metric):
         return out
 
 
+def reference_scores(candidates: np.ndarray, item_counts: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    """(N, C) scores of the random (seeded) and popularity (training counts) rankers on candidate lists."""
+    rng = np.random.default_rng(seed)
+    return {"random": rng.random(candidates.shape),
+            "popularity": np.asarray(item_counts, dtype=np.float64)[candidates]}
+
+
 def reference_metrics(
     candidates: np.ndarray, target: np.ndarray, item_counts: np.ndarray, seed: int = 0
 ) -> dict[str, dict[str, float]]:
@@ -89,12 +105,7 @@ def reference_metrics(
     """
     tgt = torch.as_tensor(target)
     out = {}
-    rng = np.random.default_rng(seed)
-    scorers = {
-        "random": rng.random(candidates.shape),
-        "popularity": np.asarray(item_counts, dtype=np.float64)[candidates],
-    }
-    for name, scores in scorers.items():
+    for name, scores in reference_scores(candidates, item_counts, seed).items():
         m = RankingMetrics()
         m.update(torch.as_tensor(scores), tgt)
         out[name] = {k: float(v) for k, v in m.compute().items()}

@@ -1,4 +1,5 @@
-"""Results tables and plots from sweep folders: mean +- std over seeds, per target domain and setting.
+"""Results tables and plots from sweep folders: means and 95% intervals over seeds, and paired tests over
+users, per target domain and setting.
 
     python -m recsys.report multirun/train/2026-01-01_10-00-00 [more folders] --out reports/main
     python report.py multirun/train/* --out reports/all --metric hr@10 --wandb on
@@ -7,8 +8,12 @@ Reads every job folder under the given folders (``.hydra/config.yaml`` and ``met
 ``failed.json``; a job with neither is *incomplete*: killed, or still running). A group is a target
 domain and a setting: the source domains, the target fraction and the backbone. Per group, one row
 per method (and per hyper-parameter variant, when a sweep varied other keys) with the test metrics'
-mean +- std over seeds, the trainable parameters and the training time; then the zero-shot, random
-and popularity rows. Failed and incomplete jobs are counted in their row and listed at the end.
+mean and 95% t interval over seeds (std in the CSV), the trainable parameters and the training time; then
+the zero-shot, random and popularity rows, and the full-catalogue rows of runs with eval.candidates=full.
+Each method is compared with the best method of its group on the same users: per-user NDCG@10 from
+the jobs' ``ranks.csv.gz`` (seeds both ran, averaged per user), paired bootstrap and Wilcoxon
+signed-rank p-values and the rank-biserial effect size (``recsys.stats``), in a column of the table
+(``*``: p < 0.05) and a table below it. Plots draw the 95% intervals as error bars. Failed and incomplete jobs are counted in their row and listed at the end.
 
 Writes to ``--out``: ``report.md`` (every table and the failures), ``results.csv`` (every row, mean
 and std in columns), ``jobs.csv`` (one line a job, with its status and error), ``tables/<group>.md``
@@ -31,6 +36,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
+from recsys import ranks, stats
 from recsys.metrics import REPORT_KEYS
 
 METRICS = REPORT_KEYS  # the tables' metrics (recsys.metrics)
@@ -60,10 +66,11 @@ class Job:
     error: str = ""
     wandb_project: str | None = None
     variant: str = ""
+    candidates: str = "sampled"  # data.candidates: runs on other candidate lists are never in one table
 
     @property
     def group(self) -> tuple:
-        return self.target, self.sources, self.fraction, self.backbone
+        return self.target, self.sources, self.fraction, self.backbone, self.candidates
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -96,6 +103,7 @@ def load_job(folder: Path) -> Job:
         backbone=str(_select(cfg, "backbone.name", "?")), seed=int(seed) if seed is not None else None,
         overrides=overrides, metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         error=error, wandb_project=(wandb or {}).get("project") if isinstance(wandb, dict) else None,
+        candidates=str(_select(cfg, "data.candidates", "sampled") or "sampled"),
     )
 
 
@@ -124,8 +132,9 @@ def _label_variants(jobs: list[Job]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- tables
-def setting_name(sources: tuple[str, ...], fraction: float, backbone: str) -> str:
-    return f"sources {'+'.join(sources) or '-'}, target fraction {fraction:g}, {backbone}"
+def setting_name(sources: tuple[str, ...], fraction: float, backbone: str, candidates: str = "sampled") -> str:
+    name = f"sources {'+'.join(sources) or '-'}, target fraction {fraction:g}, {backbone}"
+    return name if candidates == "sampled" else f"{name}, {candidates} candidates"
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -137,12 +146,15 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 
 def _row(group: tuple, kind: str, name: str, variant: str, runs: list[dict], prefix: str, failed: int = 0) -> dict:
-    target, sources, fraction, backbone = group
+    target, sources, fraction, backbone, candidates = group
     row = {"target": target, "sources": "+".join(sources), "target_fraction": fraction, "backbone": backbone,
-           "setting": setting_name(sources, fraction, backbone), "kind": kind, "row": name, "variant": variant,
+           "candidates": candidates, "setting": setting_name(sources, fraction, backbone, candidates), "kind": kind,
+           "row": name, "variant": variant,
            "n": len(runs), "seeds": " ".join(str(r["seed"]) for r in runs), "failed": failed}
     for m in METRICS:
-        row[f"{m}_mean"], row[f"{m}_std"] = _stats([r["metrics"].get(f"{prefix}{m}") for r in runs])
+        values = [r["metrics"].get(f"{prefix}{m}") for r in runs]
+        row[f"{m}_mean"], row[f"{m}_std"] = _stats(values)
+        row[f"{m}_ci"] = stats.mean_ci(values)[1]  # half-width of the 95% t interval over seeds (NaN: one seed)
     if kind == "method":
         row["params_trainable"] = _stats([r["metrics"].get("params/trainable") for r in runs])[0]
         row["train_s_mean"], row["train_s_std"] = _stats([r["metrics"].get("time/train_s") for r in runs])
@@ -152,7 +164,7 @@ def _row(group: tuple, kind: str, name: str, variant: str, runs: list[dict], pre
 def summarise(jobs: list[Job]) -> pd.DataFrame:
     """One row per (group, method + variant) and per reference row; mean/std columns per metric."""
     rows: list[dict] = []
-    groups = sorted({j.group for j in jobs}, key=lambda g: (g[0], g[1], g[2], g[3]))
+    groups = sorted({j.group for j in jobs}, key=lambda g: (g[0], g[1], g[2], g[3], g[4]))
     for g in groups:
         in_group = [j for j in jobs if j.group == g]
         ok = [j for j in in_group if j.status == "ok"]
@@ -171,6 +183,15 @@ def summarise(jobs: list[Job]) -> pd.DataFrame:
             runs = _per_seed(ok, f"{ref}/test/")
             if runs:
                 rows.append(_row(g, "reference", ref, "", runs, f"{ref}/test/"))
+        for method, variant in methods:  # eval.candidates=full: ranked against the whole catalogue
+            runs = [{"seed": j.seed, "metrics": j.metrics} for j in ok
+                    if (j.method, j.variant) == (method, variant) and "test/full/hr@1" in j.metrics]
+            if runs:
+                rows.append(_row(g, "full", f"{method} (full catalogue)", variant, runs, "test/full/"))
+        for ref in REFERENCES:
+            runs = _per_seed(ok, f"{ref}/test/full/")
+            if runs:
+                rows.append(_row(g, "full", f"{ref} (full catalogue)", "", runs, f"{ref}/test/full/"))
     return pd.DataFrame(rows)
 
 
@@ -189,20 +210,33 @@ def _fmt(mean: float, std: float, digits: int = 4) -> str:
     return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _fmt_ci(mean: float, half: float, digits: int = 4) -> str:
+    """``mean [lo, hi]`` (the 95% t interval over seeds), or the mean alone for one seed."""
+    if math.isnan(mean):
+        return "—"
+    if half is None or math.isnan(half):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{mean - half:.{digits}f}, {mean + half:.{digits}f}]"
+
+
 def _label(r) -> str:
     return f"{r['row']} [{r['variant']}]" if r["variant"] else str(r["row"])
 
 
-def markdown_table(df: pd.DataFrame) -> str:
-    """The Markdown table of one group's rows; the best method mean of each metric in bold."""
+def markdown_table(df: pd.DataFrame, paired: dict | None = None) -> str:
+    """The Markdown table of one group's rows: mean [95% CI over seeds] per metric, the best method mean of
+    each metric in bold; ``paired``: label -> the paired comparison with the best method (``vs best`` column)."""
+    paired = paired or {}
     head = ["row", "n", *[m.upper() for m in METRICS], "trainable params", "train time (s)", "failed"]
+    if paired:
+        head.append(f"vs best: ΔNDCG@10, p (Wilcoxon)")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     methods = df[df.kind == "method"]
     best = {m: methods[f"{m}_mean"].max() for m in METRICS} if len(methods) else {}
     for _, r in df.iterrows():
         cells = [_label(r), str(r["n"])]
         for m in METRICS:
-            cell = _fmt(r[f"{m}_mean"], r[f"{m}_std"])
+            cell = _fmt_ci(r[f"{m}_mean"], r.get(f"{m}_ci", math.nan))
             if r["kind"] == "method" and len(methods) > 1 and r[f"{m}_mean"] == best.get(m):
                 cell = f"**{cell}**"
             cells.append(cell)
@@ -211,7 +245,84 @@ def markdown_table(df: pd.DataFrame) -> str:
         train_s = _fmt(r.get("train_s_mean", math.nan), r.get("train_s_std", math.nan), 1)
         cells.append(train_s if r["kind"] == "method" else "")
         cells.append(str(r["failed"]) if r["failed"] else "")
+        if paired:
+            c = paired.get(_label(r)) if r["kind"] == "method" else None
+            cells.append("" if c is None else ("best" if c == "best" else
+                         f"{c['delta']:+.4f}, {c['p_wilcoxon']:.2g}{' *' if c['p_wilcoxon'] < 0.05 else ''}"))
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- paired tests
+def user_ndcg(job: Job, k: int = 10, split: str = "test") -> pd.Series | None:
+    """Per-user NDCG@k of a job from its ranks.csv.gz (index: user), or None without a ranks file."""
+    path = job.dir / ranks.FILE
+    if job.status != "ok" or not path.is_file():
+        return None
+    df = ranks.read(path)
+    df = df[df["split"] == split]
+    return pd.Series(ranks.ndcg(df["rank"], k), index=df["domain"] + "/" + df["user"]) if len(df) else None
+
+
+def paired_comparison(a: list[Job], b: list[Job], k: int = 10, resamples: int = 10_000) -> dict | None:
+    """Paired comparison of two rows on the same users: per seed both ran, the per-user NDCG@k of each
+    (same seed: same candidates); differences averaged over seeds per user, then a paired bootstrap and
+    a Wilcoxon signed-rank test over users. None when no seed has ranks files for both."""
+    by_seed = {j.seed: j for j in b}
+    diffs, va, vb = [], [], []
+    for ja in a:
+        jb = by_seed.get(ja.seed)
+        if jb is None:
+            continue
+        sa, sb = user_ndcg(ja, k), user_ndcg(jb, k)
+        if sa is None or sb is None:
+            continue
+        both = sa.index.intersection(sb.index)
+        va.append(sa[both])
+        vb.append(sb[both])
+    if not va:
+        return None
+    ua = pd.concat(va).groupby(level=0).mean()
+    ub = pd.concat(vb).groupby(level=0).mean().reindex(ua.index)
+    boot = stats.paired_bootstrap(ua.to_numpy(), ub.to_numpy(), resamples=resamples)
+    w = stats.wilcoxon(ua.to_numpy(), ub.to_numpy())
+    return {"users": len(ua), "seeds": len(va), "mean_a": float(ua.mean()), "mean_b": float(ub.mean()),
+            "delta": boot.mean, "ci_lo": boot.lo, "ci_hi": boot.hi, "p_bootstrap": boot.p,
+            "p_wilcoxon": w.p, "wilcoxon_method": w.method, "rank_biserial": w.r,
+            "se_a": stats.standard_error(ua.to_numpy()), "se_b": stats.standard_error(ub.to_numpy())}
+
+
+def paired_rows(jobs: list[Job], sub: pd.DataFrame) -> tuple[dict, list[dict]]:
+    """For one group: each method row compared with the best method (by NDCG@10 mean), per user.
+    Returns (label -> comparison or "best", the comparisons as rows)."""
+    methods = sub[sub.kind == "method"].dropna(subset=["ndcg@10_mean"])
+    if len(methods) < 2:
+        return {}, []
+    best = methods.loc[methods["ndcg@10_mean"].idxmax()]
+    key = (best["target"], best["sources"], best["target_fraction"], best["backbone"], best["candidates"])
+    in_group = [j for j in jobs if j.status == "ok"
+                and (j.target, "+".join(j.sources), j.fraction, j.backbone, j.candidates) == key]
+    rows_of = lambda r: [j for j in in_group if (j.method, j.variant) == (r["row"], r["variant"] or "")]  # noqa: E731
+    out, table = {_label(best): "best"}, []
+    for _, r in methods.iterrows():
+        if _label(r) == _label(best):
+            continue
+        c = paired_comparison(rows_of(best), rows_of(r))
+        if c is not None:
+            out[_label(r)] = {**c, "delta": -c["delta"]}  # the row minus the best
+            table.append({"a": _label(best), "b": _label(r), **c})
+    return (out if len(out) > 1 else {}), table
+
+
+def paired_markdown(table: list[dict]) -> str:
+    head = ["best (a)", "row (b)", "users", "seeds", "NDCG@10 a", "NDCG@10 b", "Δ a−b [95% bootstrap CI]",
+            "p (bootstrap)", "p (Wilcoxon)", "r (rank-biserial)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    for c in table:
+        lines.append(f"| {c['a']} | {c['b']} | {c['users']} | {c['seeds']} | {c['mean_a']:.4f} ± {c['se_a']:.4f} "
+                     f"| {c['mean_b']:.4f} ± {c['se_b']:.4f} | {c['delta']:+.4f} [{c['ci_lo']:+.4f}, {c['ci_hi']:+.4f}] "
+                     f"| {c['p_bootstrap']:.3g} | {c['p_wilcoxon']:.3g} ({c['wilcoxon_method']}) "
+                     f"| {c['rank_biserial']:+.3f} |")
     return "\n".join(lines)
 
 
@@ -242,7 +353,7 @@ def efficiency_plots(df: pd.DataFrame, out: Path, metric: str) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, line, style in lines:
             line = line.sort_values("target_fraction")
-            y, e = line[f"{metric}_mean"].to_numpy(float), np.nan_to_num(line[f"{metric}_std"].to_numpy(float))
+            y, e = line[f"{metric}_mean"].to_numpy(float), np.nan_to_num(line[f"{metric}_ci"].to_numpy(float))
             ax.errorbar(line["target_fraction"], y, yerr=e, marker="o", capsize=3, linestyle=style, label=label)
         for ref in REFERENCES:
             ref_rows = sub[sub.row == ref]
@@ -280,7 +391,7 @@ def bar_plots(df: pd.DataFrame, out: Path, metric: str) -> list[Path]:
         for i, label in enumerate(labels):
             rows = sub[sub.label == label].set_index("setting")
             y = [rows[f"{metric}_mean"].get(s, np.nan) for s in settings]
-            e = [0.0 if pd.isna(v) else v for v in (rows[f"{metric}_std"].get(s, np.nan) for s in settings)]
+            e = [0.0 if pd.isna(v) else v for v in (rows[f"{metric}_ci"].get(s, np.nan) for s in settings)]
             ax.bar(x + (i - (len(labels) - 1) / 2) * width, y, width, yerr=e, capsize=2, label=label)
         ax.set_xticks(x)
         ax.set_xticklabels([s.replace(", ", "\n") for s in settings], fontsize=8)
@@ -339,13 +450,19 @@ def write_report(folders: list[str | Path], out: str | Path, metric: str = "ndcg
 
     counts = jf["status"].value_counts().to_dict()
     md = [f"# Results: {len(jobs)} jobs ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})", "",
-          "Test metrics, mean ± sample std over seeds (n); bold: the best method. "
+          "Test metrics, mean [95% t interval over seeds] (n seeds; sample std in results.csv); bold: the best "
+          "method; * : p < 0.05 in a paired Wilcoxon signed-rank test against the best method over users. "
           "Folders: " + ", ".join(f"`{f}`" for f in folders), ""]
     tables = []
     for (target, setting), sub in df.groupby(["target", "setting"], sort=False):
         slug = _slug(f"{target}__{setting}")
         sub.to_csv(out / "tables" / f"{slug}.csv", index=False)
-        table = markdown_table(sub)
+        marks, comparisons = paired_rows(jobs, sub)
+        table = markdown_table(sub, marks)
+        if comparisons:
+            table += ("\n\nPaired on the same users (per-user NDCG@10 from ranks.csv.gz, averaged over the seeds "
+                      "both ran; ± standard error over users): \n\n" + paired_markdown(comparisons))
+            pd.DataFrame(comparisons).to_csv(out / "tables" / f"{slug}_paired.csv", index=False)
         (out / "tables" / f"{slug}.md").write_text(f"## {target}: {setting}\n\n{table}\n")
         tables.append(out / "tables" / f"{slug}.csv")
         md += [f"## {target}: {setting}", "", table, ""]
@@ -357,7 +474,7 @@ def write_report(folders: list[str | Path], out: str | Path, metric: str = "ndcg
             err = j.error.splitlines()[0] if j.error else "no metrics.json (killed, or still running)"
             err = err.replace("|", "\\|")
             md.append(f"| `{j.dir}` | {j.status} | {_label({'row': j.method, 'variant': j.variant})} | {j.target} "
-                      f"| {setting_name(j.sources, j.fraction, j.backbone)} | {j.seed} | {err[:200]} |")
+                      f"| {setting_name(j.sources, j.fraction, j.backbone, j.candidates)} | {j.seed} | {err[:200]} |")
     else:
         md.append("None.")
     plots = efficiency_plots(df, out / "plots", metric) + bar_plots(df, out / "plots", metric)

@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from recsys import scale, speed, stages, tracking
+from recsys import ranks, scale, speed, stages, tracking
 from recsys.data.datamodule import RecDataModule
 from recsys.errors import UserError, checked
 from recsys.files import write_json
@@ -180,6 +180,8 @@ def zero_shot_test(trainer: L.Trainer, module: RecModule, dm: RecDataModule) -> 
         out = trainer.test(module, datamodule=dm, verbose=False, weights_only=True)[0]
     finally:
         trainer.loggers = loggers
+    if trainer.is_global_zero:
+        ranks.rename_split(module.ranks_dir, "test", "zero_shot/test")  # its per-user ranks, apart from the final test's
     return {f"zero_shot/{k}": v for k, v in _floats(out).items()}
 
 
@@ -203,6 +205,7 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
     store = AdapterStore(cfg.paths.adapter_store, seed=cfg.seed)
     adapter_store.READ.clear()
     module = speed.apply(build_module(cfg, backbone, dm, store), cfg.get("speed"))
+    module.ranks_dir = out_dir  # every evaluation writes the per-user ranks (ranks.csv.gz, recsys.ranks)
     trainer = build_trainer(cfg)
     dm.prepare_data()
     dm.setup("fit")
@@ -214,7 +217,7 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
     if cfg.zero_shot:
         metrics.update(zero_shot_test(trainer, module, dm))
     trained, best = fit(cfg, trainer, module, dm, metrics)
-    metrics.update(best_test_metrics(trainer, module, dm, best))
+    metrics.update(best_test_metrics(cfg, trainer, module, dm, best))
     metrics.update(module.extra_metrics())
     if trained:
         metrics.update(module.training_health())
@@ -251,12 +254,18 @@ def fit(cfg: DictConfig, trainer: L.Trainer, module: RecModule, dm: RecDataModul
     return trained, best
 
 
-def best_test_metrics(trainer: L.Trainer, module: RecModule, dm: RecDataModule, best: str) -> dict:
+def best_test_metrics(cfg: DictConfig, trainer: L.Trainer, module: RecModule, dm: RecDataModule, best: str) -> dict:
     """Test metrics of the best checkpoint (or the module as it is), the data sizes and the reference rows."""
     t0 = time.time()
     if best:
         scale.load_checkpoint(best)
     metrics = _floats(trainer.test(module, datamodule=dm, ckpt_path=best or None, verbose=False, weights_only=True)[0])
+    if (cfg.get("eval") or {}).get("candidates", "sampled") == "full":  # also rank against the whole catalogue
+        from recsys import catalogue
+
+        out_dir = Path(cfg.paths.output_dir) if trainer.is_global_zero else None
+        metrics.update(catalogue.evaluate(module, dm, out_dir, cfg.seed,
+                                          int(cfg.eval.get("retrieve_k", 20))))
     metrics["time/test_s"] = round(time.time() - t0, 3)
     metrics["data/test_examples"] = len(dm.eval_sets["test"])
     metrics["data/train_examples"] = sum(len(v) for v in dm.train_entries.values())
@@ -373,6 +382,9 @@ def evaluated_config(cfg: DictConfig) -> tuple[DictConfig, Path | None]:
         if cfg.get("protocol") == "paper":  # evaluate.py protocol=paper on a run folder
             run_cfg.data.protocol, run_cfg.data.num_negatives = "paper", cfg.data.num_negatives
             run_cfg.data.paper = cfg.data.paper
+        if cfg.data.get("candidates") == "retrieved":  # a run folder re-ranking a retriever's top K
+            run_cfg.data.candidates, run_cfg.data.retriever = "retrieved", cfg.data.retriever
+            run_cfg.data.retrieve_k = cfg.data.get("retrieve_k")
     return run_cfg, (Path(ckpt) if ckpt else None)
 
 
@@ -425,6 +437,7 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
         module = build_module(run_cfg, backbone, dm, AdapterStore(run_cfg.paths.adapter_store, seed=run_cfg.seed))
     speed.apply(module, cfg.get("speed"))
     trainer, log_cfg = eval_trainer(cfg, run_cfg)
+    module.ranks_dir = Path(cfg.paths.output_dir)  # ranks.csv.gz of this evaluation (recsys.ranks)
     tracking.log_hyperparameters(trainer.loggers, log_cfg, {"params/total": sum(p.numel() for p in module.parameters())})
     dm.prepare_data()
     dm.setup("test")

@@ -17,11 +17,11 @@ PKG = ROOT / "recsys"
 
 # the layer of each top-level part of the package: a module may import only its own layer or a lower one
 LAYERS = {
-    "errors": 0, "files": 0, "progress": 0, "metrics": 0,
+    "errors": 0, "files": 0, "progress": 0, "metrics": 0, "stats": 0, "ranks": 0,
     "data": 1,
     "models": 2,
     "methods": 3,
-    "speed": 4, "scale": 4, "tracking": 4, "stages": 4, "run": 4, "report": 4,
+    "speed": 4, "scale": 4, "tracking": 4, "stages": 4, "run": 4, "report": 4, "catalogue": 4,
     "cli": 5, "conf": 5, "__init__": 5,
 }
 

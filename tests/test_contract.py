@@ -45,7 +45,7 @@ class ItemBagModule(RecModule):
 
     def score(self, batch: dict) -> torch.Tensor:
         user = (self.items(batch["history"]) * batch["history_mask"].unsqueeze(-1)).sum(1)  # (B, d)
-        return torch.einsum("bd,bcd->bc", user, self.items(batch["candidates"]))  # (B, C)
+        return torch.einsum("bd,bcd->bc", user, self.items(batch["candidates"] + 1))  # (B, C)
 
 
 def config(tmp: Path, *overrides: str):

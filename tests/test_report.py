@@ -100,7 +100,9 @@ def test_report_tables_and_plots(sweep):
 
     md = (out / "report.md").read_text()
     assert "## tools: sources -, target fraction 0.25, tiny:encoder" in md
-    assert "0.3350 ± 0.0100" in md and "**0.4350 ± 0.0100**" in md  # xcross is best: bold
+    # mean [95% t interval over 3 seeds]: 0.335 -+ t(0.975, 2) * 0.01 / sqrt(3) = 0.335 -+ 0.0248; xcross is best: bold
+    assert "0.3350 [0.3102, 0.3598]" in md and "**0.4350 [0.4102, 0.4598]**" in md
+    assert lora["ndcg@10_ci"] == pytest.approx(4.302653 * 0.01 / math.sqrt(3), rel=1e-5)
     assert "Failed and incomplete jobs (2)" in md and "source adapter missing for toys" in md
     assert "killed, or still running" in md
     jobs = pd.read_csv(out / "jobs.csv")

@@ -10,7 +10,8 @@ Config (``conf/data/*.yaml``):
   (WeaveRec: one stream per source, target and that source 50/50, ``hybrid_cap`` a side, plus
   the target-only stream).
 
-Validation and test always use the target's fixed candidates (``recsys.data.candidates``).
+Validation and test always use the target's fixed candidates (``recsys.data.candidates``), or with
+``candidates=retrieved`` a retriever run's top K (``recsys.data.retrieval``).
 Training negatives are fresh each epoch and depend only on (seed, epoch, example), so they are
 the same whatever the number of workers or processes.
 """
@@ -31,7 +32,10 @@ from recsys.data import selection
 from recsys.data.candidates import NegativeSampler, eval_candidates, stable_seed
 from recsys.data.domain import DataError, Domain, Example
 from recsys.data.paper_prompt import PaperCollator, PaperPrompt, PaperTemplate
-from recsys.data.text import Collator, IdCollator, PromptTemplate, TextEncoder
+from recsys.data.ids import IdCollator
+from recsys.data.retrieval import recall as retrieval_recall
+from recsys.data.retrieval import retrieved_candidates
+from recsys.data.text import Collator, PromptTemplate, TextEncoder
 from recsys.errors import checked
 from recsys.metrics import reference_metrics
 
@@ -40,6 +44,7 @@ log = logging.getLogger("recsys.data")
 MIXES = ("target", "joint", "hybrid")
 PROTOCOLS = ("ranking", "paper")  # our candidate ranking | WeaveRec's released prompt (recsys/data/paper_prompt.py)
 SOURCES = ("synthetic", "plain", "raw")
+CANDIDATES = ("sampled", "retrieved")  # evaluation candidates (recsys.data.candidates | recsys.data.retrieval)
 
 
 PLAIN_FILES = ("items.jsonl", "sequences.jsonl")  # what makes a folder a plain-format domain (readers.read_plain)
@@ -261,6 +266,12 @@ def check_settings(dm: "RecDataModule") -> None:
             raise DataError(f"data.{key}={value!r} must be null (all) or an integer >= 1")
     if dm.train_on_val and not (0.0 < dm.selection_share < 1.0):
         raise DataError(f"data.selection_share={dm.selection_share} must be in (0, 1) with data.train_on_val=true")
+    if dm.candidates not in CANDIDATES:
+        raise DataError(f"data.candidates={dm.candidates!r} is unknown: use one of {CANDIDATES}")
+    if dm.candidates == "retrieved" and not dm.retriever:
+        raise DataError("data.candidates=retrieved needs data.retriever=<a retriever run folder> (e.g. a method=sasrec run)")
+    if dm.candidates == "retrieved" and dm.protocol == "paper":
+        raise DataError("data.candidates=retrieved works with protocol=ranking (the paper protocol needs its target among the candidates)")
 
 
 class RecDataModule(L.LightningDataModule):
@@ -291,41 +302,22 @@ class RecDataModule(L.LightningDataModule):
             adapter store is one folder a collection, so same-named domains never share adapters.
         root, year, k_core: data-config settings that the domain specs interpolate
             (``conf/data/raw.yaml``); the domains' own specs are what is read.
+        candidates: ``sampled`` (the fixed negatives) | ``retrieved`` (two-stage: each user's candidates are
+            the top ``retrieve_k`` of the ``retriever`` run folder, ``recsys.data.retrieval``; None: the K it stored).
     """
 
     def __init__(
-        self,
-        domains: dict[str, dict],
-        target: str,
-        sources: list[str] | None = None,
-        target_fraction: float = 1.0,
-        mix: str = "target",
-        hybrid_cap: int = 40_000,
-        max_history: int = 10,
-        num_negatives: int = 19,
-        num_train_negatives: int = 4,
-        candidate_sampling: str = "uniform",
-        max_eval_users: int | None = None,
-        max_train_examples: int | None = None,
-        cap_scales_with_fraction: bool = False,
-        train_on_val: bool = False,
-        selection_share: float = 0.02,
-        seed: int = 0,
-        batch_size: int = 16,
-        eval_batch_size: int = 8,
-        num_workers: int = 0,
-        bucket_by_length: bool = False,
-        prompt: dict | None = None,
-        cache_dir: str | None = None,
-        tokenizer: Any = None,
-        kind: str = "encoder",
-        likelihood: bool = False,
-        root: str | None = None,
-        year: int | None = None,
-        k_core: int | None = None,
-        protocol: str = "ranking",
-        paper: dict | None = None,
-        collection: str | None = None,
+        self, domains: dict[str, dict], target: str, sources: list[str] | None = None, target_fraction: float = 1.0,
+        mix: str = "target", hybrid_cap: int = 40_000, max_history: int = 10,
+        num_negatives: int = 19, num_train_negatives: int = 4, candidate_sampling: str = "uniform",
+        max_eval_users: int | None = None, max_train_examples: int | None = None, cap_scales_with_fraction: bool = False,
+        train_on_val: bool = False, selection_share: float = 0.02, seed: int = 0,
+        batch_size: int = 16, eval_batch_size: int = 8, num_workers: int = 0, bucket_by_length: bool = False,
+        prompt: dict | None = None, cache_dir: str | None = None,
+        tokenizer: Any = None, kind: str = "encoder", likelihood: bool = False,
+        root: str | None = None, year: int | None = None, k_core: int | None = None,
+        protocol: str = "ranking", paper: dict | None = None, collection: str | None = None,
+        candidates: str = "sampled", retriever: str | None = None, retrieve_k: int | None = None,
     ):
         super().__init__()
         # the config's domains, and the plain-format ones found under root (the config's own specs win)
@@ -342,6 +334,9 @@ class RecDataModule(L.LightningDataModule):
         self.template = checked(PromptTemplate, prompt, "data.prompt", DataError)  # typed: a typo'd key or type fails here
         self.protocol, self.paper_template = protocol, checked(PaperTemplate, paper, "data.paper", DataError)
         self.collection = collection  # the name of this set of domains (it names the adapter store)
+        # evaluation candidates: sampled (fixed negatives) | retrieved (a retriever run's top K, recsys.data.retrieval)
+        self.candidates, self.retriever = candidates, retriever
+        self.retrieve_k = None if retrieve_k is None else int(retrieve_k)  # None: the K the retriever stored
         self.cache_dir, self.root = cache_dir, root
         self.kind, self.likelihood = kind, likelihood
         self.tokenizer = tokenizer
@@ -351,12 +346,13 @@ class RecDataModule(L.LightningDataModule):
         check_settings(self)
 
     def attach(self, tokenizer, kind: str, likelihood: bool = False) -> "RecDataModule":
-        """Give the DataModule the backbone's tokenizer (the text layout depends on it)."""
+        """Give the DataModule the backbone's tokenizer (the text layout depends on it); ``attach(None,
+        "ids")``: batches of item indices for a method without a backbone (``recsys.data.ids``)."""
         self.tokenizer, self.kind, self.likelihood = tokenizer, kind, likelihood
         return self
 
     def attach_ids(self) -> "RecDataModule":
-        """Batches of item ids instead of text (``recsys.data.text.IdCollator``), for a method without a
+        """Batches of item ids instead of text (``recsys.data.ids.IdCollator``), for a method without a
         language model (``needs_backbone = False``)."""
         self.item_ids = True
         return self
@@ -402,7 +398,10 @@ class RecDataModule(L.LightningDataModule):
         for split in ("val", "test"):
             users = self.selection_users if split == "val" and self.train_on_val else self.eval_users
             exs = [e for e in tgt.examples(split, self.max_history) if e.user in users]
-            cands, pos = eval_candidates(tgt, exs, split, self.num_negatives, self.seed, self.candidate_sampling)
+            if self.candidates == "retrieved":  # two-stage: the retriever's top K (target absent: position -1)
+                cands, pos = retrieved_candidates(tgt, exs, split, self.retriever, self.retrieve_k)
+            else:
+                cands, pos = eval_candidates(tgt, exs, split, self.num_negatives, self.seed, self.candidate_sampling)
             self.eval_sets[split] = EvalDataset(self.target, exs, cands, pos)
         self.train_entries = selection.train_streams(self)
         if self.tokenizer is not None:
@@ -433,7 +432,7 @@ class RecDataModule(L.LightningDataModule):
 
     def _collator(self):
         if self.item_ids:  # a method without a language model (needs_backbone = False): item ids, no text
-            return IdCollator()
+            return IdCollator(self.max_history)
         if self.protocol == "paper":
             return PaperCollator(self.paper_prompt())
         return Collator(self._text(), self.likelihood)
@@ -504,7 +503,10 @@ class RecDataModule(L.LightningDataModule):
         """Random and popularity rankers on the target's fixed candidates of ``split``."""
         ds = self.eval_sets[split]
         counts = np.asarray(self.domains[self.target].train_item_counts())
-        return reference_metrics(ds.candidates, ds.target, counts, seed=self.seed)
+        out = reference_metrics(ds.candidates, ds.target, counts, seed=self.seed)
+        if self.candidates == "retrieved":  # metrics.json: retrieval/<split>/recall@K
+            out["retrieval"] = {f"recall@{ds.candidates.shape[1]}": retrieval_recall(ds.target)}
+        return out
 
     def summary(self) -> dict:
         out = {"target": self.domains[self.target].summary()}

@@ -122,24 +122,6 @@ def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     return out
 
 
-class IdCollator:
-    """Batches of item ids, for a method without a language model (``needs_backbone = False``): no text.
-
-    Returns ``history`` (B, H) long, the history's item indices + 1 right-padded with 0 (0 is padding),
-    ``history_mask`` (B, H), ``candidates`` (B, C) long item indices + 1, ``labels`` (B,) the target
-    positions, ``num_candidates`` C and ``domains`` (B names: the item indices are per domain).
-    """
-
-    def __call__(self, items) -> dict:
-        history = pad([[i + 1 for i in it[1]] for it in items], 0)
-        return {
-            "history": history, "history_mask": (history != 0).long(),
-            "candidates": torch.tensor([[c + 1 for c in it[2]] for it in items], dtype=torch.long),
-            "labels": torch.tensor([it[3] for it in items], dtype=torch.long),
-            "num_candidates": len(items[0][2]), "domains": [it[0] for it in items],
-        }
-
-
 class Collator:
     """Turns items ``(domain_name, history, candidates, target_pos)`` into a model batch.
 

@@ -9,7 +9,7 @@ class; CONTRIBUTING.md walks through it):
 
 - ``needs_backbone`` (class attribute, default True): False for a method without a language model
   (e.g. an ID-based baseline): the pipeline loads no backbone, attaches no tokenizer (batches then hold
-  item ids, ``recsys.data.text.IdCollator``) and passes ``backbone=None``.
+  item ids, ``recsys.data.ids.IdCollator``) and passes ``backbone=None``.
 - ``required_adapters(run, backbone, **kwargs) -> list[AdapterSpec]``: the stored adapters it needs;
   the pipeline finds them, trains the missing ones it may, and hands their folders in ``run.adapters``.
 - ``from_config(backbone, run, **kwargs)``: builds the module from its own config keys
@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys import ranks
 from recsys.errors import UserError
-from recsys.metrics import ChanceCheck, RankingMetrics
+from recsys.metrics import ChanceCheck, RankingMetrics, eval_ranks
 from recsys.models.adapter_store import AdapterSpec, AdapterStore
 from recsys.models.backbone import Backbone
 from recsys.models.generation import PaperProtocol
@@ -146,6 +147,8 @@ class RecModule(L.LightningModule):
         self.paper: PaperProtocol | None = None  # the paper protocol, when enabled (enable_paper_protocol)
         self.chance = ChanceCheck()  # training losses after warm-up: a run that stays at ln C is flagged
         self.warmup_steps = 0  # set by configure_optimizers
+        self.rank_log = ranks.RankLog()  # per-user ranks of the current evaluation
+        self.ranks_dir = None  # the run folder: each evaluation writes ranks.csv.gz there (None: not written)
 
     def enable_paper_protocol(self, prompt) -> None:
         """WeaveRec's released protocol (``protocol=paper``, :class:`PaperProtocol`): train on the answer tokens,
@@ -252,7 +255,9 @@ class RecModule(L.LightningModule):
         return loss
 
     def _eval_step(self, stage: str, batch: dict) -> None:
-        self.metrics[stage].update(self.score(batch).float(), batch["labels"])
+        scores = self.score(batch).float()
+        self.metrics[stage].update(scores, batch["labels"])
+        self.rank_log.add(stage, eval_ranks(scores, batch["labels"]), scores.size(1))  # per-user ranks (recsys.ranks)
         if self.paper is not None:  # generate with the model as ``score`` left it
             self.paper.evaluate(stage, self.model, self.backbone.tokenizer, batch)
 
@@ -270,6 +275,7 @@ class RecModule(L.LightningModule):
         self.metrics[stage].reset()
         if stage == "val" and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self.val_history[self.current_epoch] = {k: float(v) for k, v in values.items()}
+        ranks.record(self, stage)  # ranks.csv.gz in self.ranks_dir (set by the pipeline)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")

@@ -1,0 +1,188 @@
+"""Per-user ranks of the target: ``ranks.csv.gz`` in the run folder, so that two runs on the same
+candidates can be compared user by user (``recsys.stats``, ``recsys.report``).
+
+One row a (split, user): ``domain``, ``user`` (external id), ``split`` (``val``, ``test``,
+``zero_shot/test``, ``test/full``...), ``target`` (external item id), ``rank`` (1-based: 1 is the
+top; empty when the target is not among the candidates, e.g. missed by a retriever) and
+``n_candidates``. The file is rewritten after each evaluation; the rows of a split are replaced by
+its latest evaluation, except validation during training, whose rows are those of the best epoch so
+far (the epoch model selection keeps).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+FILE = "ranks.csv.gz"
+COLUMNS = ("domain", "user", "split", "target", "rank", "n_candidates")
+
+
+class RankLog:
+    """0-based ranks (float, ``inf``: target not a candidate) and candidate counts of one evaluation,
+    per stage, in the order the (unshuffled) evaluation loader yields the examples."""
+
+    def __init__(self):
+        self.buf: dict[str, list[tuple[torch.Tensor, int]]] = {}
+
+    def add(self, stage: str, ranks: torch.Tensor, num_candidates: int) -> None:
+        self.buf.setdefault(stage, []).append((ranks.detach().double().cpu(), int(num_candidates)))
+
+    def take(self, stage: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ranks, n_candidates) of this process, emptied."""
+        parts = self.buf.pop(stage, [])
+        if not parts:
+            return np.zeros(0), np.zeros(0, dtype=np.int64)
+        ranks = torch.cat([r for r, _ in parts]).numpy()
+        counts = np.concatenate([np.full(len(r), c, dtype=np.int64) for r, c in parts])
+        return ranks, counts
+
+
+def gather(ranks: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every process's ranks in dataset order (the evaluation sampler gives rank r the indices r::world)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return ranks, counts
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return ranks, counts
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, (ranks, counts))
+    n = sum(len(p[0]) for p in parts)
+    out_r, out_c = np.empty(n), np.empty(n, dtype=np.int64)
+    for r, (pr, pc) in enumerate(parts):
+        out_r[r::world], out_c[r::world] = pr, pc
+    return out_r, out_c
+
+
+def frame(domain, examples, ranks: np.ndarray, counts: np.ndarray, split: str) -> pd.DataFrame:
+    """The rows of one evaluation: ``examples`` (``Example``s of ``domain``) with their 0-based ranks."""
+    if len(examples) < len(ranks):
+        raise ValueError(f"{len(ranks)} ranks for {len(examples)} examples of {split}")
+    examples = examples[: len(ranks)]  # trainer.limit_*_batches: the loader's first examples
+    rank = np.where(np.isfinite(ranks), ranks + 1, np.nan)
+    return pd.DataFrame({
+        "domain": domain.name, "user": [domain.user_ids[e.user] for e in examples], "split": split,
+        "target": [domain.item_ids[e.target] for e in examples],
+        "rank": pd.array([None if math.isnan(r) else int(r) for r in rank], dtype="Int64"), "n_candidates": counts,
+    })
+
+
+def write(folder: str | Path, rows: pd.DataFrame) -> Path:
+    """Replace the rows of ``rows``' splits in ``<folder>/ranks.csv.gz`` (created when missing)."""
+    path = Path(folder) / FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        old = read(path)
+        rows = pd.concat([old[~old["split"].isin(set(rows["split"]))], rows], ignore_index=True)
+    rows.to_csv(path, index=False, compression="gzip")
+    return path
+
+
+def rename_split(folder: str | Path | None, old: str, new: str) -> None:
+    """Rename the rows of split ``old`` to ``new`` in ``<folder>/ranks.csv.gz`` (e.g. the zero-shot test's)."""
+    path = Path(folder) / FILE if folder is not None else None
+    if path is None or not path.is_file():
+        return
+    rows = read(path)
+    rows = rows[rows["split"] != new]
+    rows.loc[rows["split"] == old, "split"] = new
+    rows.to_csv(path, index=False, compression="gzip")
+
+
+def read(path: str | Path) -> pd.DataFrame:
+    """A ranks file (or a run folder holding one), ``rank`` as nullable integers."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILE
+    df = pd.read_csv(path, dtype={"user": str, "target": str, "domain": str, "split": str})
+    df["rank"] = df["rank"].astype("Int64")
+    return df
+
+
+def ndcg(rank, k: int = 10) -> np.ndarray:
+    """Per-row NDCG@k of a single relevant item from 1-based ranks (missing: 0)."""
+    r = pd.array(rank, dtype="Int64").to_numpy(dtype=float, na_value=np.inf)
+    return np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0)
+
+
+def record(module, stage: str) -> None:
+    """After an evaluation epoch of ``module`` (a ``RecModule``): write its ranks when it has a
+    ``ranks_dir`` (set by the pipeline). Validation during fit writes only an epoch that improves the
+    monitored metric (the first best, as model selection)."""
+    ranks, counts = gather(*module.rank_log.take(stage))
+    folder = getattr(module, "ranks_dir", None)
+    trainer = module.trainer
+    if folder is None or not trainer.is_global_zero or getattr(trainer, "sanity_checking", False):
+        return
+    split = stage
+    if stage == "val" and trainer.state.fn == "fit":
+        history = module.val_history
+        now = history.get(module.current_epoch, {}).get(module.monitor, -math.inf)
+        before = [v.get(module.monitor, -math.inf) for e, v in history.items() if e != module.current_epoch]
+        if before and now <= max(before):
+            return
+    dm = trainer.datamodule
+    if dm is None or not hasattr(dm, "eval_sets"):  # loaders passed by hand: no examples to name the rows
+        return
+    ds = dm.eval_sets["val" if stage == "val" else "test"]
+    rows = [frame(dm.domains[dm.target], ds.examples, ranks, counts, split)]
+    if split == "test" and len(ranks) == len(ds.examples):  # the reference rankers on the same candidates
+        rows += reference_frames(dm, "test")
+    write(folder, pd.concat(rows, ignore_index=True))
+
+
+def reference_frames(dm, split: str) -> list[pd.DataFrame]:
+    """Rows ``random/<split>`` and ``popularity/<split>``: the reference rankers' per-user ranks on the
+    fixed candidates, as ``RecDataModule.reference_metrics`` scores them."""
+    from recsys.metrics import eval_ranks, reference_scores
+
+    ds, domain = dm.eval_sets[split], dm.domains[dm.target]
+    counts = np.asarray(domain.train_item_counts())
+    out = []
+    for name, scores in reference_scores(ds.candidates, counts, seed=dm.seed).items():
+        r = eval_ranks(torch.as_tensor(scores), torch.as_tensor(ds.target)).numpy()
+        out.append(frame(domain, ds.examples, r, np.full(len(r), ds.candidates.shape[1]), f"{name}/{split}"))
+    return out
+
+
+def summary(df: pd.DataFrame, k: int = 10) -> pd.DataFrame:
+    """Per split: users, and HR@1, HR@k, NDCG@k, MRR as mean and standard error over users."""
+    from recsys.stats import standard_error
+
+    rows = []
+    for split, g in df.groupby("split", sort=True):
+        r = g["rank"].to_numpy(dtype=float, na_value=np.inf)
+        per_user = {"hr@1": (r <= 1).astype(float), f"hr@{k}": (r <= k).astype(float), f"ndcg@{k}": ndcg(g["rank"], k),
+                    "mrr": np.where(np.isfinite(r), 1.0 / r, 0.0)}
+        row = {"split": split, "users": len(g)}
+        for name, v in per_user.items():
+            row[name], row[f"{name}_se"] = float(v.mean()), standard_error(v)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    """``python -m recsys.ranks <run folder or ranks.csv.gz>...``: mean ± standard error over users per split."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m recsys.ranks", description=main.__doc__)
+    p.add_argument("paths", nargs="+")
+    args = p.parse_args(argv)
+    out = []
+    for path in args.paths:
+        s = summary(read(path))
+        s.insert(0, "run", str(path))
+        out.append(s)
+        print(f"{path}")
+        for _, r in s.iterrows():
+            cells = "  ".join(f"{m} {r[m]:.4f} ± {r[m + '_se']:.4f}" for m in ("hr@1", "hr@10", "ndcg@10", "mrr"))
+            print(f"  {r['split']:<24} users {r['users']:>6}  {cells}")
+    return pd.concat(out, ignore_index=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Intervals over seeds and paired tests over users (recsys.stats), checked against hand computations,
+and the report's paired comparisons over a multirun of seeds 0, 1, 2 with ranks files."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from recsys import ranks, stats
+from recsys.report import METRICS, write_report
+
+G = {r: 1 / math.log2(r + 1) for r in (1, 2, 3, 4, 5, 6)}  # NDCG@10 of a single item at 1-based rank r
+
+
+def test_mean_ci_by_hand():
+    mean, half = stats.mean_ci([0.50, 0.52, 0.54])
+    # mean 0.52, sample std 0.02, t(0.975, df=2) = 4.302653
+    assert mean == pytest.approx(0.52) and half == pytest.approx(4.302653 * 0.02 / math.sqrt(3), rel=1e-6)
+    assert math.isnan(stats.mean_ci([0.5])[1]) and stats.t_quantile(30) == pytest.approx(2.042, abs=1e-3)
+    assert stats.standard_error([0.0, 1.0, 0.0, 1.0]) == pytest.approx(math.sqrt(1 / 3) / 2)
+
+
+def test_wilcoxon_exact_by_hand():
+    # d = a - b = [1, .5, .2440, .0745, -.3691, -.0693, 0]: the zero is dropped, n = 6, no ties;
+    # |d| ranks: .0693 -> 1 (-), .0745 -> 2 (+), .2440 -> 3 (+), .3691 -> 4 (-), .5 -> 5 (+), 1 -> 6 (+)
+    # W+ = 2 + 3 + 5 + 6 = 16, W- = 1 + 4 = 5. Of the 2^6 = 64 sign patterns, 10 have W+ <= 5 ({}, {1}, {2},
+    # {3}, {4}, {5}, {1,2}, {1,3}, {1,4}, {2,3}): p = 2 * 10 / 64 = 0.3125; r = (16 - 5) / 21.
+    a = np.array([G[1], G[1], G[2], G[4], G[2], G[4], G[1]])
+    b = np.array([0.0, G[3], G[5], G[6], G[1], G[3], G[1]])
+    w = stats.wilcoxon(a, b)
+    assert (w.n, w.w_plus, w.w_minus, w.statistic, w.method) == (6, 16.0, 5.0, 5.0, "exact")
+    assert w.p == pytest.approx(20 / 64) and w.r == pytest.approx(11 / 21)
+
+
+def test_wilcoxon_normal_with_ties_by_hand():
+    # d = [1, 1, -1, 2, 2, 2, -3, 4] (ties: no exact test). |d| ranks: 1,1,1 -> 2; 2,2,2 -> 5; 3 -> 7; 4 -> 8.
+    # W+ = 2 + 2 + 5 * 3 + 8 = 27, W- = 2 + 7 = 9; mean n(n+1)/4 = 18;
+    # var = 8 * 9 * 17 / 24 - ((27 - 3) + (27 - 3)) / 48 = 51 - 1 = 50; z = 9 / sqrt(50); p = erfc(|z| / sqrt 2)
+    d = np.array([1, 1, -1, 2, 2, 2, -3, 4], dtype=float)
+    w = stats.wilcoxon(d, np.zeros_like(d))
+    assert (w.w_plus, w.w_minus, w.method) == (27.0, 9.0, "normal")
+    assert w.p == pytest.approx(math.erfc(9 / math.sqrt(50) / math.sqrt(2))) and w.r == pytest.approx(18 / 36)
+
+
+def test_wilcoxon_agrees_with_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for n in (10, 45, 400):
+        a, b = rng.random(n), rng.random(n) + 0.05
+        assert stats.wilcoxon(a, b).p == pytest.approx(scipy_stats.wilcoxon(a, b).pvalue, rel=1e-9)
+    a, b = np.round(rng.random(300), 1), np.round(rng.random(300), 1)  # ties and zeros
+    assert stats.wilcoxon(a, b).p == pytest.approx(scipy_stats.wilcoxon(a, b, method="approx").pvalue, rel=1e-9)
+
+
+def test_paired_bootstrap():
+    b = stats.paired_bootstrap(np.full(50, 0.6), np.full(50, 0.5), resamples=200)
+    assert b.mean == pytest.approx(0.1) and b.lo == pytest.approx(0.1) and b.hi == pytest.approx(0.1) and b.p == 0.0
+    assert stats.paired_bootstrap(np.ones(10), np.ones(10), resamples=200).p == 1.0
+    rng = np.random.default_rng(1)
+    a, c = rng.normal(0.5, 0.3, 4000), rng.normal(0.5, 0.3, 4000)
+    boot = stats.paired_bootstrap(a, c, resamples=2000)
+    se = np.std(a - c, ddof=1) / math.sqrt(4000)  # the interval is about mean -+ 1.96 se
+    assert boot.hi - boot.lo == pytest.approx(2 * 1.96 * se, rel=0.1) and 0.0 < boot.p <= 1.0
+    assert stats.paired_bootstrap(a, c, resamples=500, seed=3) == stats.paired_bootstrap(a, c, resamples=500, seed=3)
+
+
+# ---------------------------------------------------------------------------------------------- the report
+A_RANKS = [1, 1, 2, 4, 2, 4, 1]  # method a (the best), per user; NDCG@10 as in test_wilcoxon_exact_by_hand
+B_RANKS = [11, 3, 5, 6, 1, 3, 1]  # method b: rank 11 is outside the top 10 (NDCG 0)
+
+
+def job(root: Path, num: int, method: str, seed: int, user_ranks: list[int]) -> None:
+    d = root / str(num)
+    (d / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"seed": seed, "method": {"name": method}, "backbone": {"name": "none"},
+                                     "data": {"target": "beauty", "sources": [], "target_fraction": 1.0}}),
+                   d / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create([f"method={method}", f"seed={seed}"]), d / ".hydra" / "overrides.yaml")
+    nd = ranks.ndcg(pd.array(user_ranks, dtype="Int64"))
+    metrics = {f"test/{m}": float(nd.mean()) + 0.001 * seed for m in METRICS}
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    ranks.write(d, pd.DataFrame({"domain": "beauty", "user": [f"u{i}" for i in range(len(user_ranks))],
+                                 "split": "test", "target": "i0", "rank": pd.array(user_ranks, dtype="Int64"),
+                                 "n_candidates": 20}))
+
+
+def test_report_over_seeds_prints_intervals_and_paired_p_values(tmp_path):
+    """A multirun of seeds 0, 1, 2 of two methods (the same per-user ranks each seed): the table shows the
+    t intervals and the paired Wilcoxon p of the hand computation (0.3125), bootstrap and effect size."""
+    root = tmp_path / "multirun"
+    n = 0
+    for seed in (0, 1, 2):
+        for method, r in (("sasrec", A_RANKS), ("lora", B_RANKS)):
+            job(root, n, method, seed, r)
+            n += 1
+    write_report([root], tmp_path / "report", wandb="off")
+    md = (tmp_path / "report" / "report.md").read_text()
+    paired = pd.read_csv(next((tmp_path / "report" / "tables").glob("*_paired.csv")))
+    c = paired.iloc[0]
+    a = np.array([G[1], G[1], G[2], G[4], G[2], G[4], G[1]])
+    b = np.array([0.0, G[3], G[5], G[6], G[1], G[3], G[1]])
+    assert (c["a"], c["b"], c["users"], c["seeds"]) == ("sasrec", "lora", 7, 3)
+    assert c["p_wilcoxon"] == pytest.approx(20 / 64) and c["rank_biserial"] == pytest.approx(11 / 21)
+    assert c["delta"] == pytest.approx((a - b).mean()) and c["ci_lo"] <= c["delta"] <= c["ci_hi"]
+    assert 0.0 < c["p_bootstrap"] <= 1.0
+    # intervals: mean of seeds (x, x + .001, x + .002) -+ t(.975, 2) * .001 / sqrt(3)
+    half = 4.302653 * 0.001 / math.sqrt(3)
+    x = a.mean() + 0.001
+    assert f"**{x:.4f} [{x - half:.4f}, {x + half:.4f}]**" in md
+    assert f"{-(a - b).mean():+.4f}, 0.31" in md and "| best |" in md
