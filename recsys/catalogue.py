@@ -23,6 +23,7 @@ import torch
 from recsys import ranks as rank_files
 from recsys.data.candidates import stable_seed
 from recsys.data.ids import IdCollator
+from recsys.files import write_with
 from recsys.metrics import KS, target_rank
 
 log = logging.getLogger("recsys")
@@ -138,5 +139,9 @@ def evaluate(module, dm, out_dir: str | Path | None, seed: int, k: int = 20,
     finally:
         module.train(was_training)
     if stored and out_dir is not None:
-        np.savez_compressed(Path(out_dir) / RETRIEVED, domain=np.asarray(domain.name), k=np.asarray(k), **stored)
+        def save(tmp: Path) -> None:  # a file object: savez would add ".npz" to the temp name
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, domain=np.asarray(domain.name), k=np.asarray(k), **stored)
+
+        write_with(Path(out_dir) / RETRIEVED, save)  # atomically: two-stage runs read it
     return metrics

@@ -5,16 +5,23 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+
+def write_with(path: Path, write: Callable[[Path], object]) -> Path:
+    """Atomic write of any format: ``write(tmp)`` fills a temp file beside ``path``, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def write_text(path: Path, text: str) -> None:
     """Atomic text write: a temp file beside ``path``, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_with(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: Path, obj: dict) -> None:

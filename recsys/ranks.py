@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from recsys.files import write_with
+
 FILE = "ranks.csv.gz"
 COLUMNS = ("domain", "user", "split", "target", "rank", "n_candidates")
 
@@ -74,12 +76,15 @@ def frame(domain, examples, ranks: np.ndarray, counts: np.ndarray, split: str) -
 def write(folder: str | Path, rows: pd.DataFrame) -> Path:
     """Replace the rows of ``rows``' splits in ``<folder>/ranks.csv.gz`` (created when missing)."""
     path = Path(folder) / FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_file():
         old = read(path)
         rows = pd.concat([old[~old["split"].isin(set(rows["split"]))], rows], ignore_index=True)
-    rows.to_csv(path, index=False, compression="gzip")
-    return path
+    return _store(path, rows)
+
+
+def _store(path: Path, rows: pd.DataFrame) -> Path:
+    """``rows`` as ``path`` (gzip CSV), atomically: a kill mid-write leaves the old file."""
+    return write_with(path, lambda tmp: rows.to_csv(tmp, index=False, compression="gzip"))
 
 
 def rename_split(folder: str | Path | None, old: str, new: str) -> None:
@@ -90,7 +95,7 @@ def rename_split(folder: str | Path | None, old: str, new: str) -> None:
     rows = read(path)
     rows = rows[rows["split"] != new]
     rows.loc[rows["split"] == old, "split"] = new
-    rows.to_csv(path, index=False, compression="gzip")
+    _store(path, rows)
 
 
 def read(path: str | Path) -> pd.DataFrame:
