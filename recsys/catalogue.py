@@ -2,8 +2,9 @@
 
 For methods that score every item cheaply (``score_all``: SASRec) and the popularity and random
 rankers: each val/test target is ranked against every item of the target domain's catalogue except
-the user's own sequence items (the same exclusion as the sampled negatives; the target itself is
-kept), ties against the model (``recsys.metrics.target_rank``). Metrics go to metrics.json as
+the user's history items, those before the target in the sequence (the target itself is kept; a
+later item is not excluded: a val ranking may hold the test target, unknown at that point), ties
+against the model (``recsys.metrics.target_rank``). Metrics go to metrics.json as
 ``<split>/full/<metric>`` (the method) and ``<ranker>/<split>/full/<metric>`` (popularity, random),
 beside the sampled ``<split>/<metric>``; the method's ranks go to ranks.csv.gz (split ``<split>/full``).
 
@@ -29,6 +30,8 @@ from recsys.metrics import KS, target_rank
 log = logging.getLogger("recsys")
 
 RETRIEVED = "retrieved.npz"
+LATER = {"val": 2, "test": 1}  # a split's target sits this many items from the end of the sequence
+EXCLUDES = "history"  # retrieved.npz's "excludes": the ranking excluded only the items before the target
 
 
 def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
@@ -44,12 +47,15 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
     return out
 
 
-def rank_catalogue(score_fn, domain, examples, max_len: int, batch_size: int = 256, k: int = 0):
-    """Rank each example's target against the catalogue.
+def rank_catalogue(score_fn, domain, examples, max_len: int, batch_size: int = 256, k: int = 0,
+                   split: str = "test"):
+    """Rank each example's target against the catalogue, the user's history items excluded: every item
+    before the target in the sequence (not only the ``max_len`` shown), never the target itself, and never
+    a later item (a val ranking may hold the test target: it is not known yet).
 
     Args:
         score_fn: ``(history (B, L) long, ids layout of recsys.data.ids, rows: slice) -> (B, N)`` scores.
-        domain: the target ``Domain``; ``examples``: its val or test ``Example``s.
+        domain: the target ``Domain``; ``examples``: its ``split`` (val or test) ``Example``s.
         k: also return each user's top ``k`` item indices (0: none).
     Returns:
         (N,) float 0-based ranks and (N, k) long top-k item indices (or None).
@@ -61,8 +67,10 @@ def rank_catalogue(score_fn, domain, examples, max_len: int, batch_size: int = 2
         hist = collate([(domain.name, e.history, [e.target], 0) for e in exs])["history"]
         with torch.no_grad():
             scores = score_fn(hist, slice(s, s + len(exs))).detach().float().cpu().clone()
+        later = LATER[split]
         for b, e in enumerate(exs):
-            excl = [i for i in set(domain.sequences[e.user]) if i != e.target]
+            seq = domain.sequences[e.user]
+            excl = [i for i in set(seq[: len(seq) - later]) if i != e.target]
             scores[b, excl] = -torch.inf
         target = torch.tensor([e.target for e in exs])
         out_ranks.append(target_rank(scores, target).double().numpy())
@@ -120,7 +128,7 @@ def evaluate(module, dm, out_dir: str | Path | None, seed: int, k: int = 20,
         for split in splits:
             examples = dm.eval_sets[split].examples
             if model is not None:
-                ranks, top = rank_catalogue(model, domain, examples, dm.max_history, k=k)
+                ranks, top = rank_catalogue(model, domain, examples, dm.max_history, k=k, split=split)
                 metrics.update({f"{split}/full/{m}": v for m, v in metrics_from_ranks(ranks).items()})
                 metrics[f"{split}/full/recall@{k}"] = float(np.mean(ranks < k)) if len(ranks) else float("nan")
                 if out_dir is not None:
@@ -130,7 +138,7 @@ def evaluate(module, dm, out_dir: str | Path | None, seed: int, k: int = 20,
                 stored[f"{split}/users"] = np.asarray([domain.user_ids[e.user] for e in examples])
                 stored[f"{split}/items"] = item_ids[top]
             for name, fn in reference_scorers(dm, split, seed).items():
-                ranks, _ = rank_catalogue(fn, domain, examples, dm.max_history)
+                ranks, _ = rank_catalogue(fn, domain, examples, dm.max_history, split=split)
                 metrics.update({f"{name}/{split}/full/{m}": v for m, v in metrics_from_ranks(ranks).items()})
                 if out_dir is not None and split == "test":
                     rank_files.write(out_dir, rank_files.frame(domain, examples, ranks,
@@ -141,7 +149,7 @@ def evaluate(module, dm, out_dir: str | Path | None, seed: int, k: int = 20,
     if stored and out_dir is not None:
         def save(tmp: Path) -> None:  # a file object: savez would add ".npz" to the temp name
             with open(tmp, "wb") as f:
-                np.savez_compressed(f, domain=np.asarray(domain.name), k=np.asarray(k), **stored)
+                np.savez_compressed(f, domain=np.asarray(domain.name), k=np.asarray(k), excludes=np.asarray(EXCLUDES), **stored)
 
         write_with(Path(out_dir) / RETRIEVED, save)  # atomically: two-stage runs read it
     return metrics

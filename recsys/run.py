@@ -254,18 +254,26 @@ def fit(cfg: DictConfig, trainer: L.Trainer, module: RecModule, dm: RecDataModul
     return trained, best
 
 
+def catalogue_metrics(options, module: RecModule, dm: RecDataModule, out_dir: Path | None, seed: int,
+                      splits: tuple[str, ...]) -> dict:
+    """``eval.candidates=full``: the full-catalogue metrics of ``splits`` (and ranks, retrieved.npz in
+    ``out_dir``, ``recsys.catalogue``); nothing with ``sampled``."""
+    options = options or {}
+    if (options.get("candidates") or "sampled") != "full":
+        return {}
+    from recsys import catalogue
+
+    return catalogue.evaluate(module, dm, out_dir, seed, int(options.get("retrieve_k") or 20), splits)
+
+
 def best_test_metrics(cfg: DictConfig, trainer: L.Trainer, module: RecModule, dm: RecDataModule, best: str) -> dict:
     """Test metrics of the best checkpoint (or the module as it is), the data sizes and the reference rows."""
     t0 = time.time()
     if best:
         scale.load_checkpoint(best)
     metrics = _floats(trainer.test(module, datamodule=dm, ckpt_path=best or None, verbose=False, weights_only=True)[0])
-    if (cfg.get("eval") or {}).get("candidates", "sampled") == "full":  # also rank against the whole catalogue
-        from recsys import catalogue
-
-        out_dir = Path(cfg.paths.output_dir) if trainer.is_global_zero else None
-        metrics.update(catalogue.evaluate(module, dm, out_dir, cfg.seed,
-                                          int(cfg.eval.get("retrieve_k", 20))))
+    out_dir = Path(cfg.paths.output_dir) if trainer.is_global_zero else None
+    metrics.update(catalogue_metrics(cfg.get("eval"), module, dm, out_dir, cfg.seed, ("val", "test")))
     metrics["time/test_s"] = round(time.time() - t0, 3)
     metrics["data/test_examples"] = len(dm.eval_sets["test"])
     metrics["data/train_examples"] = sum(len(v) for v in dm.train_entries.values())
@@ -444,6 +452,9 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
     run = trainer.validate if split == "val" else trainer.test
     metrics = _floats(run(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, verbose=False,
                           weights_only=True)[0])
+    own = {k: v for k, v in (cfg.get("eval") or {}).items() if v is not None}  # evaluate.py's, else the run's
+    metrics.update(catalogue_metrics({**(run_cfg.get("eval") or {}), **own}, module, dm,
+                                     Path(cfg.paths.output_dir) if trainer.is_global_zero else None, run_cfg.seed, (split,)))
     for row, values in dm.reference_metrics(split).items():
         metrics.update({f"{row}/{split}/{k}": v for k, v in values.items()})
     if trainer.is_global_zero:

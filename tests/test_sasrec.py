@@ -8,11 +8,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from recsys import ranks, run
 from recsys.data.datamodule import RecDataModule
 from recsys.data.domain import DataError
 from recsys.data.ids import IdCollator
+from recsys.data.retrieval import RetrievedNegatives
 from recsys.metrics import eval_ranks
 from recsys.methods.sasrec import SASRecModule
 
@@ -141,3 +143,78 @@ def test_retrieved_needs_a_retriever(tmp_path):
     dm = RecDataModule(synth, target="tools", candidates="retrieved", retriever=str(tmp_path))
     with pytest.raises(DataError, match="no retrieved.npz"):
         dm.setup()
+
+
+def test_catalogue_excludes_only_the_history():
+    """A val target is ranked against the later items too (the test target is not known yet); a test target
+    against everything but its history; an earlier purchase of the target itself is never excluded."""
+    from recsys.catalogue import rank_catalogue
+    from recsys.data.domain import Domain
+
+    dom = Domain("d", [f"i{n}" for n in range(6)], [f"t{n}" for n in range(6)], ["u0", "u1"],
+                 [[0, 1, 2, 3], [4, 5, 4]])
+    score = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])  # item 3 (u0's test target) scores highest
+
+    def fn(hist, rows):
+        return score.expand(hist.size(0), -1)
+
+    val, test = dom.examples("val", 5), dom.examples("test", 5)
+    r_val, top = rank_catalogue(fn, dom, val, 5, k=3, split="val")
+    r_test, _ = rank_catalogue(fn, dom, test, 5, split="test")
+    # u0: val target 2 behind items 5, 4, 3 (3 is u0's later test item: kept); u1: val target 5, first
+    assert r_val.tolist() == [3.0, 0.0]
+    assert top[0].tolist() == [5, 4, 3]
+    # u0: test target 3 behind 5, 4 (0, 1, 2 are history); u1: test target 4 (bought before too) behind nothing
+    assert r_test.tolist() == [2.0, 0.0]
+
+
+def test_hard_negatives_from_the_retriever(retriever, tmp_path):
+    """data.train_negatives=retrieved: the training negatives of a target example come from the retriever's
+    val top K of that user, deterministically; an old retrieved.npz or a missing retriever is a clear error."""
+    out, cfg, metrics = retriever
+    cfg.data.train_negatives, cfg.data.retriever = "retrieved", str(out)
+    dm = run.build_datamodule(cfg)
+    dm.load_domains()
+    run.attach_backbone(cfg, dm, None)
+    dm.setup("fit")
+    dom = dm.domains["tools"]
+    with np.load(out / "retrieved.npz") as z:
+        assert str(z["excludes"]) == "history"
+        top = {u: set(items.tolist()) for u, items in zip(z["val/users"].tolist(), z["val/items"])}
+    index = {iid: i for i, iid in enumerate(dom.item_ids)}
+    ds = dm.train_loaders()["train"].dataset
+    assert len(ds) > 50
+    for idx in range(len(ds)):
+        _, ex = ds.entries[idx]
+        _, _, cands, pos = ds[(idx, 0)]
+        negatives = [c for j, c in enumerate(cands) if j != pos]
+        pool = {index[i] for i in top[dom.user_ids[ex.user]]} - {ex.target}
+        assert len(negatives) == dm.num_train_negatives == 4 and cands[pos] == ex.target
+        assert set(negatives) <= pool or set(pool) <= set(negatives), (negatives, pool)  # K = 5: four from the pool
+        assert ds[(idx, 0)][2] == cands  # the same draw again
+    # an old file (ranked with the whole sequence excluded) is refused for hard negatives
+    old = tmp_path / "old"
+    old.mkdir()
+    with np.load(out / "retrieved.npz") as z:
+        np.savez(old / "retrieved.npz", **{k: z[k] for k in z.files if k != "excludes"})
+    with pytest.raises(DataError, match="store it again"):
+        RetrievedNegatives(dom, old)
+    with pytest.raises(DataError, match="train_negatives=retrieved needs data.retriever"):
+        RecDataModule({"tools": {"source": "synthetic"}}, target="tools", train_negatives="retrieved")
+
+
+def test_evaluate_full_catalogue(retriever, tmp_path):
+    """evaluate.py eval.candidates=full on a run folder: the full-catalogue metrics of the split, as training
+    measured them, and the split's top K stored for a two-stage run."""
+    out, _, metrics = retriever
+    (out / ".hydra").mkdir(exist_ok=True)  # what Hydra writes for a train.py run
+    OmegaConf.save(config(out), out / ".hydra" / "config.yaml")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "recsys" / "conf"), version_base="1.3"):
+        ecfg = compose("eval", overrides=[f"run_dir={out}", f"paths.output_dir={tmp_path}", "method=sasrec",
+                                          "split=val", "eval.candidates=full", "trainer.precision=32-true",
+                                          f"paths.cache_dir={out.parent / 'cache'}"])
+    _, m = run.evaluate(ecfg)
+    assert m["val/full/ndcg@10"] == pytest.approx(metrics["val/full/ndcg@10"], abs=1e-6)
+    with np.load(tmp_path / "retrieved.npz") as z:
+        assert z["val/items"].shape == (60, K) and "test/items" not in z.files

@@ -45,9 +45,9 @@ class NegativeSampler:
             self.prob = w / w.sum()
         self.max_user_items = max((len(s) for s in self.user_items), default=0)
 
-    def sample(self, user: int, k: int, rng: np.random.Generator) -> list[int]:
-        """``k`` distinct items outside the user's sequence."""
-        exclude = self.user_items[user]
+    def sample(self, user: int, k: int, rng: np.random.Generator, also: list[int] = ()) -> list[int]:
+        """``k`` distinct items outside the user's sequence (and outside ``also``)."""
+        exclude = self.user_items[user].union(also)
         n = self.domain.num_items
         if n - len(exclude) < k:
             raise DataError(

@@ -34,7 +34,7 @@ from recsys.data.domain import DataError, Domain, Example
 from recsys.data.paper_prompt import PaperCollator, PaperPrompt, PaperTemplate
 from recsys.data.ids import IdCollator
 from recsys.data.retrieval import recall as retrieval_recall
-from recsys.data.retrieval import retrieved_candidates
+from recsys.data.retrieval import RetrievedNegatives, retrieved_candidates
 from recsys.data.text import Collator, PromptTemplate, TextEncoder
 from recsys.errors import checked
 from recsys.metrics import reference_metrics
@@ -45,6 +45,7 @@ MIXES = ("target", "joint", "hybrid")
 PROTOCOLS = ("ranking", "paper")  # our candidate ranking | WeaveRec's released prompt (recsys/data/paper_prompt.py)
 SOURCES = ("synthetic", "plain", "raw")
 CANDIDATES = ("sampled", "retrieved")  # evaluation candidates (recsys.data.candidates | recsys.data.retrieval)
+TRAIN_NEGATIVES = ("sampled", "retrieved")  # training negatives: fresh draws | the retriever's top K (hard)
 
 
 PLAIN_FILES = ("items.jsonl", "sequences.jsonl")  # what makes a folder a plain-format domain (readers.read_plain)
@@ -270,6 +271,10 @@ def check_settings(dm: "RecDataModule") -> None:
         raise DataError(f"data.candidates={dm.candidates!r} is unknown: use one of {CANDIDATES}")
     if dm.candidates == "retrieved" and not dm.retriever:
         raise DataError("data.candidates=retrieved needs data.retriever=<a retriever run folder> (e.g. a method=sasrec run)")
+    if dm.train_negatives not in TRAIN_NEGATIVES:
+        raise DataError(f"data.train_negatives={dm.train_negatives!r} is unknown: use one of {TRAIN_NEGATIVES}")
+    if dm.train_negatives == "retrieved" and not dm.retriever:
+        raise DataError("data.train_negatives=retrieved needs data.retriever=<a retriever run folder> (e.g. a method=sasrec run)")
     if dm.candidates == "retrieved" and dm.protocol == "paper":
         raise DataError("data.candidates=retrieved works with protocol=ranking (the paper protocol needs its target among the candidates)")
 
@@ -304,6 +309,8 @@ class RecDataModule(L.LightningDataModule):
             (``conf/data/raw.yaml``); the domains' own specs are what is read.
         candidates: ``sampled`` (the fixed negatives) | ``retrieved`` (two-stage: each user's candidates are
             the top ``retrieve_k`` of the ``retriever`` run folder, ``recsys.data.retrieval``; None: the K it stored).
+        train_negatives: ``sampled`` (fresh ``candidate_sampling`` draws) | ``retrieved`` (hard negatives from
+            the ``retriever``'s top K of each target user, ``recsys.data.retrieval.RetrievedNegatives``).
     """
 
     def __init__(
@@ -318,6 +325,7 @@ class RecDataModule(L.LightningDataModule):
         root: str | None = None, year: int | None = None, k_core: int | None = None,
         protocol: str = "ranking", paper: dict | None = None, collection: str | None = None,
         candidates: str = "sampled", retriever: str | None = None, retrieve_k: int | None = None,
+        train_negatives: str = "sampled",
     ):
         super().__init__()
         # the config's domains, and the plain-format ones found under root (the config's own specs win)
@@ -335,7 +343,7 @@ class RecDataModule(L.LightningDataModule):
         self.protocol, self.paper_template = protocol, checked(PaperTemplate, paper, "data.paper", DataError)
         self.collection = collection  # the name of this set of domains (it names the adapter store)
         # evaluation candidates: sampled (fixed negatives) | retrieved (a retriever run's top K, recsys.data.retrieval)
-        self.candidates, self.retriever = candidates, retriever
+        self.candidates, self.retriever, self.train_negatives = candidates, retriever, train_negatives
         self.retrieve_k = None if retrieve_k is None else int(retrieve_k)  # None: the K the retriever stored
         self.cache_dir, self.root = cache_dir, root
         self.kind, self.likelihood = kind, likelihood
@@ -391,6 +399,8 @@ class RecDataModule(L.LightningDataModule):
             return
         self.load_domains()
         self.samplers = {n: NegativeSampler(d, self.candidate_sampling) for n, d in self.domains.items()}
+        if self.train_negatives == "retrieved":  # hard negatives for the target's examples
+            self.samplers[self.target] = RetrievedNegatives(self.domains[self.target], self.retriever, self.candidate_sampling)
         tgt = self.domains[self.target]
         self.eval_users = selection.eval_users(self, tgt)
         self.selection_users = selection.selection_users(self, tgt) if self.train_on_val else None
