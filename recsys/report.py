@@ -246,7 +246,7 @@ def markdown_table(df: pd.DataFrame, paired: dict | None = None) -> str:
         cells.append(train_s if r["kind"] == "method" else "")
         cells.append(str(r["failed"]) if r["failed"] else "")
         if paired:
-            c = paired.get(_label(r)) if r["kind"] == "method" else None
+            c = paired.get(_label(r)) if r["kind"] != "full" else None
             cells.append("" if c is None else ("best" if c == "best" else
                          f"{c['delta']:+.4f}, {c['p_wilcoxon']:.2g}{' *' if c['p_wilcoxon'] < 0.05 else ''}"))
         lines.append("| " + " | ".join(cells) + " |")
@@ -264,17 +264,20 @@ def user_ndcg(job: Job, k: int = 10, split: str = "test") -> pd.Series | None:
     return pd.Series(ranks.ndcg(df["rank"], k), index=df["domain"] + "/" + df["user"]) if len(df) else None
 
 
-def paired_comparison(a: list[Job], b: list[Job], k: int = 10, resamples: int = 10_000) -> dict | None:
+def paired_comparison(a: list[Job], b: list[Job], k: int = 10, resamples: int = 10_000,
+                      split_b: str = "test") -> dict | None:
     """Paired comparison of two rows on the same users: per seed both ran, the per-user NDCG@k of each
     (same seed: same candidates); differences averaged over seeds per user, then a paired bootstrap and
-    a Wilcoxon signed-rank test over users. None when no seed has ranks files for both."""
+    a Wilcoxon signed-rank test over users. ``split_b``: the ranks of ``b``'s jobs that row ``b`` is
+    (``zero_shot/test``, ``popularity/test``: the rows a method's run also ranks). None when no seed has
+    ranks for both."""
     by_seed = {j.seed: j for j in b}
-    diffs, va, vb = [], [], []
+    va, vb = [], []
     for ja in a:
         jb = by_seed.get(ja.seed)
         if jb is None:
             continue
-        sa, sb = user_ndcg(ja, k), user_ndcg(jb, k)
+        sa, sb = user_ndcg(ja, k), user_ndcg(jb, k, split_b)
         if sa is None or sb is None:
             continue
         both = sa.index.intersection(sb.index)
@@ -293,10 +296,11 @@ def paired_comparison(a: list[Job], b: list[Job], k: int = 10, resamples: int = 
 
 
 def paired_rows(jobs: list[Job], sub: pd.DataFrame) -> tuple[dict, list[dict]]:
-    """For one group: each method row compared with the best method (by NDCG@10 mean), per user.
+    """For one group: each method row, and the zero-shot and reference rows (random, popularity) of the same
+    runs, compared with the best method (by NDCG@10 mean), per user.
     Returns (label -> comparison or "best", the comparisons as rows)."""
     methods = sub[sub.kind == "method"].dropna(subset=["ndcg@10_mean"])
-    if len(methods) < 2:
+    if len(methods) < 1 or len(sub[sub.kind.isin(["method", "zero-shot", "reference"])]) < 2:
         return {}, []
     best = methods.loc[methods["ndcg@10_mean"].idxmax()]
     key = (best["target"], best["sources"], best["target_fraction"], best["backbone"], best["candidates"])
@@ -304,10 +308,16 @@ def paired_rows(jobs: list[Job], sub: pd.DataFrame) -> tuple[dict, list[dict]]:
                 and (j.target, "+".join(j.sources), j.fraction, j.backbone, j.candidates) == key]
     rows_of = lambda r: [j for j in in_group if (j.method, j.variant) == (r["row"], r["variant"] or "")]  # noqa: E731
     out, table = {_label(best): "best"}, []
-    for _, r in methods.iterrows():
+    for _, r in sub[sub.kind.isin(["method", "zero-shot", "reference"])].iterrows():
         if _label(r) == _label(best):
             continue
-        c = paired_comparison(rows_of(best), rows_of(r))
+        if r["kind"] == "method":
+            c = paired_comparison(rows_of(best), rows_of(r))
+        elif r["kind"] == "reference":  # random, popularity: ranked in the best method's own runs
+            c = paired_comparison(rows_of(best), rows_of(best), split_b=f"{r['row']}/test")
+        else:  # "zero-shot" or "zero-shot (<method>)": that method's untrained module
+            method = best["row"] if r["row"] == "zero-shot" else r["row"][len("zero-shot ("):-1]
+            c = paired_comparison(rows_of(best), [j for j in in_group if j.method == method], split_b="zero_shot/test")
         if c is not None:
             out[_label(r)] = {**c, "delta": -c["delta"]}  # the row minus the best
             table.append({"a": _label(best), "b": _label(r), **c})

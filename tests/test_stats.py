@@ -112,3 +112,29 @@ def test_report_over_seeds_prints_intervals_and_paired_p_values(tmp_path):
     x = a.mean() + 0.001
     assert f"**{x:.4f} [{x - half:.4f}, {x + half:.4f}]**" in md
     assert f"{-(a - b).mean():+.4f}, 0.31" in md and "| best |" in md
+
+
+def test_report_pairs_a_method_with_the_reference_rows_of_its_runs(tmp_path):
+    """One method over seeds 0, 1, 2: its popularity and zero-shot rows (ranked in the same runs, on the same
+    candidates) are paired with it user by user, from the splits popularity/test and zero_shot/test."""
+    root = tmp_path / "multirun"
+    for seed in (0, 1, 2):
+        job(root, seed, "lora", seed, A_RANKS)
+        d = root / str(seed)
+        metrics = json.loads((d / "metrics.json").read_text())
+        for row in ("popularity", "zero_shot"):
+            metrics.update({f"{row}/test/{m}": 0.1 for m in METRICS})
+        (d / "metrics.json").write_text(json.dumps(metrics))
+        df = ranks.read(d)
+        extra = [df.assign(split=f"{row}/test", rank=pd.array(r, dtype="Int64"))
+                 for row, r in (("popularity", B_RANKS), ("zero_shot", [20] * len(A_RANKS)))]
+        (d / ranks.FILE).unlink()
+        ranks.write(d, pd.concat([df, *extra], ignore_index=True))
+    write_report([root], tmp_path / "report", wandb="off")
+    paired = pd.read_csv(next((tmp_path / "report" / "tables").glob("*_paired.csv"))).set_index("b")
+    assert set(paired.index) == {"popularity", "zero-shot"} and (paired["a"] == "lora").all()
+    assert paired.loc["popularity", "p_wilcoxon"] == pytest.approx(20 / 64)
+    assert paired.loc["popularity", "seeds"] == 3 and paired.loc["popularity", "users"] == 7
+    assert paired.loc["zero-shot", "mean_b"] == 0.0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| popularity | 3 |" in md and ", 0.31" in md
