@@ -170,13 +170,60 @@ def summary(df: pd.DataFrame, k: int = 10) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def paired(a: str | Path, b: str | Path, split: str = "test", k: int = 10) -> dict:
+    """Per-user NDCG@k of two rows on the same users and targets, compared (paired bootstrap, Wilcoxon).
+
+    ``a`` and ``b`` are run folders or ranks files, each optionally ``<path>@<split>`` (e.g.
+    ``run@popularity/test``; default ``split``). The users both rows ranked must have the same targets
+    (the same evaluation), else a ValueError names the mismatch.
+    """
+    from recsys import stats
+
+    def rows(spec) -> pd.DataFrame:
+        path, _, sp = str(spec).partition("@")
+        df = read(path)
+        df = df[df["split"] == (sp or split)]
+        if df.empty:
+            raise ValueError(f"{path} has no rows of split {sp or split!r}: splits {sorted(read(path)['split'].unique())}")
+        return df.set_index(df["domain"] + "/" + df["user"])
+
+    ra, rb = rows(a), rows(b)
+    both = ra.index.intersection(rb.index)
+    if both.empty:
+        raise ValueError(f"{a} and {b} share no users: they are not evaluations of the same users")
+    differ = (ra.loc[both, "target"] != rb.loc[both, "target"]).sum()
+    if differ:
+        raise ValueError(f"{a} and {b}: {differ} of {len(both)} shared users have another target (not the same split)")
+    na, nb = ndcg(ra.loc[both, "rank"], k), ndcg(rb.loc[both, "rank"], k)
+    boot, w = stats.paired_bootstrap(na, nb), stats.wilcoxon(na, nb)
+    return {"users": len(both), "mean_a": float(na.mean()), "mean_b": float(nb.mean()), "delta": boot.mean,
+            "ci_lo": boot.lo, "ci_hi": boot.hi, "p_bootstrap": boot.p, "p_wilcoxon": w.p,
+            "wilcoxon_method": w.method, "rank_biserial": w.r}
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    """``python -m recsys.ranks <run folder or ranks.csv.gz>...``: mean ± standard error over users per split."""
+    """``python -m recsys.ranks <run folder or ranks.csv.gz>...``: mean ± standard error over users per split;
+    with ``--paired``: the first path against each other on the same users (per-user NDCG@10: the mean
+    difference with its 95% paired-bootstrap interval, the bootstrap and Wilcoxon signed-rank p, the
+    rank-biserial effect size); ``<path>@<split>`` picks a split (e.g. ``run@popularity/test``)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m recsys.ranks", description=main.__doc__)
     p.add_argument("paths", nargs="+")
+    p.add_argument("--paired", action="store_true", help="compare the first path with each other, user by user")
+    p.add_argument("--split", default="test", help="the split compared with --paired (default test)")
     args = p.parse_args(argv)
+    if args.paired:
+        if len(args.paths) < 2:
+            p.error("--paired needs two paths or more")
+        out = []
+        for other in args.paths[1:]:
+            c = paired(args.paths[0], other, args.split)
+            out.append({"a": args.paths[0], "b": other, **c})
+            print(f"{args.paths[0]} vs {other}: users {c['users']}  NDCG@10 {c['mean_a']:.4f} vs {c['mean_b']:.4f}  "
+                  f"a-b {c['delta']:+.4f} [{c['ci_lo']:+.4f}, {c['ci_hi']:+.4f}]  p bootstrap {c['p_bootstrap']:.3g}  "
+                  f"p Wilcoxon {c['p_wilcoxon']:.3g} ({c['wilcoxon_method']})  r {c['rank_biserial']:+.3f}")
+        return pd.DataFrame(out)
     out = []
     for path in args.paths:
         s = summary(read(path))

@@ -138,3 +138,24 @@ def test_report_pairs_a_method_with_the_reference_rows_of_its_runs(tmp_path):
     assert paired.loc["zero-shot", "mean_b"] == 0.0
     md = (tmp_path / "report" / "report.md").read_text()
     assert "| popularity | 3 |" in md and ", 0.31" in md
+
+
+def test_ranks_paired_cli_by_hand(tmp_path, capsys):
+    """python -m recsys.ranks a b --paired: the hand-computed Wilcoxon p and mean difference; `@split` picks a
+    row of the same file; runs of other users or targets are refused."""
+    job(tmp_path, 0, "sasrec", 0, A_RANKS)
+    job(tmp_path, 1, "lora", 0, B_RANKS)
+    a, b = tmp_path / "0", tmp_path / "1"
+    out = ranks.main([str(a), str(b), "--paired"])
+    c = out.iloc[0]
+    assert c["users"] == 7 and c["p_wilcoxon"] == pytest.approx(20 / 64)
+    assert c["delta"] == pytest.approx(ranks.ndcg(pd.array(A_RANKS)).mean() - ranks.ndcg(pd.array(B_RANKS)).mean())
+    assert "p Wilcoxon 0.312" in capsys.readouterr().out
+    df = ranks.read(b)
+    ranks.write(a, df.assign(split="popularity/test"))
+    assert ranks.paired(a, f"{a}@popularity/test")["p_wilcoxon"] == pytest.approx(20 / 64)
+    ranks.write(b, df.assign(target="other"))
+    with pytest.raises(ValueError, match="another target"):
+        ranks.paired(a, b)
+    with pytest.raises(ValueError, match="no rows of split"):
+        ranks.paired(a, f"{b}@val")
