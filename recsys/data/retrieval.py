@@ -11,7 +11,7 @@ everything is deterministic.
 The same top K can supply hard training negatives (``data.train_negatives=retrieved``, as two-stage LLM
 re-rankers are commonly trained): :class:`RetrievedNegatives` draws each training example's negatives
 from the retriever's top K of the user's validation split (the ranking computed from the training
-part of the sequence), never an item of the user's own sequence.
+part of the sequence, which that ranking excludes).
 """
 
 from __future__ import annotations
