@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--split", default="test", help="the split compared with --paired (default test)")
     args = p.parse_args(argv)
     if args.paired:
+        from recsys import stats
+
         if len(args.paths) < 2:
             p.error("--paired needs two paths or more")
         out = []
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             c = paired(args.paths[0], other, args.split)
             out.append({"a": args.paths[0], "b": other, **c})
             print(f"{args.paths[0]} vs {other}: users {c['users']}  NDCG@10 {c['mean_a']:.4f} vs {c['mean_b']:.4f}  "
-                  f"a-b {c['delta']:+.4f} [{c['ci_lo']:+.4f}, {c['ci_hi']:+.4f}]  p bootstrap {c['p_bootstrap']:.3g}  "
+                  f"a-b {c['delta']:+.4f} [{c['ci_lo']:+.4f}, {c['ci_hi']:+.4f}]  p bootstrap {stats.format_p_bootstrap(c['p_bootstrap'])}  "
                   f"p Wilcoxon {c['p_wilcoxon']:.3g} ({c['wilcoxon_method']})  r {c['rank_biserial']:+.3f}")
         return pd.DataFrame(out)
     out = []

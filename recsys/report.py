@@ -324,11 +324,6 @@ def paired_rows(jobs: list[Job], sub: pd.DataFrame) -> tuple[dict, list[dict]]:
     return (out if len(out) > 1 else {}), table
 
 
-def _p_boot(p: float, resamples: int = 10_000) -> str:
-    """A bootstrap p-value; 0 (no resample crossed zero) reads as ``< 2/resamples``, its resolution."""
-    return f"< {2 / resamples:.0e}" if p == 0 else f"{p:.3g}"
-
-
 def paired_markdown(table: list[dict]) -> str:
     head = ["best (a)", "row (b)", "users", "seeds", "NDCG@10 a", "NDCG@10 b", "Δ a−b [95% bootstrap CI]",
             "p (bootstrap)", "p (Wilcoxon)", "r (rank-biserial)"]
@@ -336,7 +331,7 @@ def paired_markdown(table: list[dict]) -> str:
     for c in table:
         lines.append(f"| {c['a']} | {c['b']} | {c['users']} | {c['seeds']} | {c['mean_a']:.4f} ± {c['se_a']:.4f} "
                      f"| {c['mean_b']:.4f} ± {c['se_b']:.4f} | {c['delta']:+.4f} [{c['ci_lo']:+.4f}, {c['ci_hi']:+.4f}] "
-                     f"| {_p_boot(c['p_bootstrap'])} | {c['p_wilcoxon']:.3g} ({c['wilcoxon_method']}) "
+                     f"| {stats.format_p_bootstrap(c['p_bootstrap'])} | {c['p_wilcoxon']:.3g} ({c['wilcoxon_method']}) "
                      f"| {c['rank_biserial']:+.3f} |")
     return "\n".join(lines)
 

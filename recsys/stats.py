@@ -80,6 +80,11 @@ def paired_bootstrap(a, b, resamples: int = 10_000, seed: int = 0, level: float 
     return Bootstrap(float(d.mean()), float(lo), float(hi), p)
 
 
+def format_p_bootstrap(p: float, resamples: int = 10_000) -> str:
+    """A bootstrap p-value as text; 0 (no resample crossed zero) reads as ``< 2/resamples``, its resolution."""
+    return f"< {2 / resamples:.0e}" if p == 0 else f"{p:.3g}"
+
+
 def rankdata(x: np.ndarray) -> np.ndarray:
     """1-based ranks, ties given their average rank."""
     x = np.asarray(x, dtype=float)
