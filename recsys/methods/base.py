@@ -100,6 +100,7 @@ class Recipe:
     max_epochs: int = 1  # epochs (trainer.max_epochs)
     batch_size: int = 16  # training users a batch (data.batch_size)
     gradient_clip_val: float | None = 1.0  # gradient-norm clipping (trainer.gradient_clip_val)
+    patience: int = 3  # validations without a better monitored metric before early stopping (callbacks.early_stopping)
 
 
 def paper_protocol_error(cls) -> str:

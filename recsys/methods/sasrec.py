@@ -37,7 +37,7 @@ class SASRec(nn.Module):
     """
 
     def __init__(self, num_items: int, max_len: int, hidden: int = 64, blocks: int = 2, heads: int = 1,
-                 dropout: float = 0.2):
+                 dropout: float = 0.5):
         super().__init__()
         self.item = nn.Embedding(num_items + 1, hidden, padding_idx=0)
         self.pos = nn.Embedding(max_len, hidden)
