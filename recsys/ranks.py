@@ -103,6 +103,9 @@ def read(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if path.is_dir():
         path = path / FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such ranks file (a run from before per-user ranks has none: "
+                                f"python evaluate.py run_dir=<the run folder> writes one in its own folder)")
     df = pd.read_csv(path, dtype={"user": str, "target": str, "domain": str, "split": str})
     df["rank"] = df["rank"].astype("Int64")
     return df
@@ -213,6 +216,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--paired", action="store_true", help="compare the first path with each other, user by user")
     p.add_argument("--split", default="test", help="the split compared with --paired (default test)")
     args = p.parse_args(argv)
+    try:
+        return _main(p, args)
+    except (FileNotFoundError, ValueError) as e:
+        p.exit(2, f"error: {e}\n")
+
+
+def _main(p, args) -> pd.DataFrame:
     if args.paired:
         from recsys import stats
 

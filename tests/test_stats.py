@@ -159,3 +159,6 @@ def test_ranks_paired_cli_by_hand(tmp_path, capsys):
         ranks.paired(a, b)
     with pytest.raises(ValueError, match="no rows of split"):
         ranks.paired(a, f"{b}@val")
+    with pytest.raises(SystemExit) as e:  # a run without ranks: the command says how to make them
+        ranks.main([str(a), str(tmp_path / "old_run"), "--paired"])
+    assert e.value.code == 2 and "python evaluate.py run_dir=" in capsys.readouterr().err
