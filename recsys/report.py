@@ -10,7 +10,8 @@ domain and a setting: the source domains, the target fraction and the backbone. 
 per method (and per hyper-parameter variant, when a sweep varied other keys) with the test metrics'
 mean and 95% t interval over seeds (std in the CSV), the trainable parameters and the training time; then
 the zero-shot, random and popularity rows, and the full-catalogue rows of runs with eval.candidates=full.
-Each method is compared with the best method of its group on the same users: per-user NDCG@10 from
+Each method, and the zero-shot and reference rows ranked in its runs, is compared with the best method
+of its group on the same users: per-user NDCG@10 from
 the jobs' ``ranks.csv.gz`` (seeds both ran, averaged per user), paired bootstrap and Wilcoxon
 signed-rank p-values and the rank-biserial effect size (``recsys.stats``), in a column of the table
 (``*``: p < 0.05) and a table below it. Plots draw the 95% intervals as error bars. Failed and incomplete jobs are counted in their row and listed at the end.
