@@ -197,11 +197,7 @@ def paired(a: str | Path, b: str | Path, split: str = "test", k: int = 10) -> di
     differ = (ra.loc[both, "target"] != rb.loc[both, "target"]).sum()
     if differ:
         raise ValueError(f"{a} and {b}: {differ} of {len(both)} shared users have another target (not the same split)")
-    na, nb = ndcg(ra.loc[both, "rank"], k), ndcg(rb.loc[both, "rank"], k)
-    boot, w = stats.paired_bootstrap(na, nb), stats.wilcoxon(na, nb)
-    return {"users": len(both), "mean_a": float(na.mean()), "mean_b": float(nb.mean()), "delta": boot.mean,
-            "ci_lo": boot.lo, "ci_hi": boot.hi, "p_bootstrap": boot.p, "p_wilcoxon": w.p,
-            "wilcoxon_method": w.method, "rank_biserial": w.r}
+    return stats.compare_paired(ndcg(ra.loc[both, "rank"], k), ndcg(rb.loc[both, "rank"], k))
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:

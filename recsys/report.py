@@ -288,12 +288,7 @@ def paired_comparison(a: list[Job], b: list[Job], k: int = 10, resamples: int = 
         return None
     ua = pd.concat(va).groupby(level=0).mean()
     ub = pd.concat(vb).groupby(level=0).mean().reindex(ua.index)
-    boot = stats.paired_bootstrap(ua.to_numpy(), ub.to_numpy(), resamples=resamples)
-    w = stats.wilcoxon(ua.to_numpy(), ub.to_numpy())
-    return {"users": len(ua), "seeds": len(va), "mean_a": float(ua.mean()), "mean_b": float(ub.mean()),
-            "delta": boot.mean, "ci_lo": boot.lo, "ci_hi": boot.hi, "p_bootstrap": boot.p,
-            "p_wilcoxon": w.p, "wilcoxon_method": w.method, "rank_biserial": w.r,
-            "se_a": stats.standard_error(ua.to_numpy()), "se_b": stats.standard_error(ub.to_numpy())}
+    return {"seeds": len(va), **stats.compare_paired(ua.to_numpy(), ub.to_numpy(), resamples=resamples)}
 
 
 def paired_rows(jobs: list[Job], sub: pd.DataFrame) -> tuple[dict, list[dict]]:

@@ -80,6 +80,17 @@ def paired_bootstrap(a, b, resamples: int = 10_000, seed: int = 0, level: float 
     return Bootstrap(float(d.mean()), float(lo), float(hi), p)
 
 
+def compare_paired(a, b, resamples: int = 10_000) -> dict:
+    """Two rows' per-user values on the same users (a[i], b[i]: user i): their means and standard errors,
+    the mean difference a - b with its paired-bootstrap interval and p, the Wilcoxon signed-rank p and
+    the rank-biserial effect size; the one record ``recsys.report`` and ``recsys.ranks --paired`` print."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    boot, w = paired_bootstrap(a, b, resamples=resamples), wilcoxon(a, b)
+    return {"users": len(a), "mean_a": float(a.mean()), "mean_b": float(b.mean()), "delta": boot.mean,
+            "ci_lo": boot.lo, "ci_hi": boot.hi, "p_bootstrap": boot.p, "p_wilcoxon": w.p,
+            "wilcoxon_method": w.method, "rank_biserial": w.r, "se_a": standard_error(a), "se_b": standard_error(b)}
+
+
 def format_p_bootstrap(p: float, resamples: int = 10_000) -> str:
     """A bootstrap p-value as text; 0 (no resample crossed zero) reads as ``< 2/resamples``, its resolution."""
     return f"< {2 / resamples:.0e}" if p == 0 else f"{p:.3g}"
