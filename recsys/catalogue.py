@@ -61,13 +61,13 @@ def rank_catalogue(score_fn, domain, examples, max_len: int, batch_size: int = 2
         (N,) float 0-based ranks and (N, k) long top-k item indices (or None).
     """
     collate = IdCollator(max_len)
+    later = LATER[split]
     out_ranks, out_top = [], []
     for s in range(0, len(examples), batch_size):
         exs = examples[s : s + batch_size]
         hist = collate([(domain.name, e.history, [e.target], 0) for e in exs])["history"]
         with torch.no_grad():
             scores = score_fn(hist, slice(s, s + len(exs))).detach().float().cpu().clone()
-        later = LATER[split]
         for b, e in enumerate(exs):
             seq = domain.sequences[e.user]
             excl = [i for i in set(seq[: len(seq) - later]) if i != e.target]
