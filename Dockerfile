@@ -20,6 +20,7 @@ COPY requirements-embedded.txt ./
 RUN pip install --no-cache-dir --no-deps -r requirements-embedded.txt
 COPY pyproject.toml README.md ./
 COPY recsys ./recsys
+COPY conf ./conf
 COPY hydra_plugins ./hydra_plugins
 RUN pip install --no-cache-dir .
 

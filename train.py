@@ -1,5 +1,5 @@
 """Train one method on one target domain; writes metrics.json and prints the results table.
-The same as the installed ``recsys-train`` (recsys/cli.py); configs in recsys/conf/.
+The same as the installed ``recsys-train`` (recsys/cli.py); configs in conf/.
 
     python train.py                                   # LoRA on a synthetic domain, offline, CPU
     python train.py method=lora backbone=minilm data=amazon data.target=beauty seed=1

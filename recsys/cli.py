@@ -1,5 +1,5 @@
 """The installed commands (``pip install .``), each a Hydra app on the configs shipped in the package
-(``recsys/conf``), usable from any folder:
+(``conf/``), usable from any folder:
 
     recsys-train [group=option ...] [key=value ...]      # = python train.py
     recsys-evaluate run_dir=<run folder>                 # = python evaluate.py
@@ -14,19 +14,20 @@ A folder of your own configs adds or overrides groups: ``--config-dir <folder>``
 import hydra
 from omegaconf import DictConfig
 
-from recsys.run import evaluate as _evaluate
-from recsys.run import guarded
-from recsys.run import train as _train
+from recsys import CONFIG_DIR
+from recsys.pipeline.run import evaluate as _evaluate
+from recsys.pipeline.run import guarded
+from recsys.pipeline.run import train as _train
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def train(cfg: DictConfig) -> float:
     """Train one method on one target domain; writes metrics.json and prints the results table."""
     metric, _ = guarded(_train, cfg)
     return metric
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 def evaluate(cfg: DictConfig) -> float:
     """Score a trained run, checkpoint or stored adapter on the validation or test split."""
     metric, _ = guarded(_evaluate, cfg)
@@ -34,8 +35,8 @@ def evaluate(cfg: DictConfig) -> float:
 
 
 def report() -> None:
-    """Results tables and plots from run and sweep folders (``recsys.report.main`` returns its result: a
+    """Results tables and plots from run and sweep folders (``recsys.evaluation.tables.main`` returns its result: a
     console script would take it for an exit status)."""
-    from recsys.report import main
+    from recsys.evaluation.tables import main
 
     main()

@@ -1,9 +1,10 @@
 """The source tree's shape (CONTRIBUTING.md, "Layers"), read from the AST of every module under recsys/:
 
-- imports point down the layers data -> models -> methods -> pipeline -> entry points, and no import
-  cycle joins recsys modules (a function-level import counts too);
-- no method imports the pipeline (``recsys.run``, ``recsys.stages``): a method declares what it needs and
-  the pipeline provides it;
+- the folders of recsys/ are the layers (core -> data -> models, evaluation -> methods -> pipeline -> entry
+  points), imports point down them, and no import cycle joins recsys modules (a function-level import
+  counts too);
+- no method imports the pipeline (``recsys.pipeline``): a method declares what it needs and the pipeline
+  provides it;
 - the size limits of CONTRIBUTING.md (functions <= 60 lines, classes <= 250) hold, except the few listed.
 """
 
@@ -15,15 +16,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "recsys"
 
-# the layer of each top-level part of the package: a module may import only its own layer or a lower one
-LAYERS = {
-    "errors": 0, "files": 0, "progress": 0, "metrics": 0, "stats": 0, "ranks": 0,
-    "data": 1,
-    "models": 2,
-    "methods": 3,
-    "speed": 4, "scale": 4, "tracking": 4, "stages": 4, "run": 4, "report": 4, "catalogue": 4,
-    "cli": 5, "conf": 5, "__init__": 5,
-}
+# The layers, bottom up: each is a folder of recsys/ (a module may import only its own layer or a lower
+# one); the package's top-level modules (cli, __init__) and the configs are the entry points above them.
+LAYERS = [("core",), ("data",), ("models", "evaluation"), ("methods",), ("pipeline",)]
+ENTRY = {"__init__", "cli", "conf"}
+MAX_TOP_LEVEL_MODULES = 4  # besides the layer folders (CONTRIBUTING.md, "Layers")
+LAYER_OF = {folder: i for i, floor in enumerate(LAYERS) for folder in floor} | {e: len(LAYERS) for e in ENTRY}
 
 # functions and classes over the limits, and why (CONTRIBUTING.md, "Size limits")
 SIZE_EXCEPTIONS = {
@@ -69,12 +67,20 @@ def graph() -> dict[str, set[str]]:
 
 def layer(module: str) -> int:
     parts = module.split(".")
-    return LAYERS[parts[1]] if len(parts) > 1 else LAYERS["__init__"]
+    return LAYER_OF[parts[1]] if len(parts) > 1 else LAYER_OF["__init__"]
+
+
+def test_the_folders_are_the_layers():
+    """Every folder of recsys/ is a layer, every layer a folder, and only the entry points sit beside them."""
+    folders = {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert folders == {f for floor in LAYERS for f in floor}, folders
+    top = {p.stem for p in PKG.glob("*.py")}
+    assert top <= ENTRY and len(top) <= MAX_TOP_LEVEL_MODULES, top
 
 
 def test_no_method_imports_the_pipeline():
     bad = {(m, d) for m, deps in graph().items() if m.startswith("recsys.methods")
-           for d in deps if d in ("recsys.run", "recsys.stages") or d.startswith("recsys.cli")}
+           for d in deps if d in ("recsys.pipeline.run", "recsys.pipeline.stages") or d.startswith("recsys.cli")}
     assert not bad, f"methods import the pipeline: {sorted(bad)}"
 
 

@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-CONF = Path(__file__).resolve().parents[1] / "recsys" / "conf"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 PRESETS = {  # preset -> the transformers config class of its architecture
     "qwen2_7b_instruct": "Qwen2Config", "qwen2_5_0_5b": "Qwen2Config", "qwen2_5_1_5b": "Qwen2Config",
     "llama3_2_1b": "LlamaConfig",
@@ -29,7 +29,7 @@ def test_every_preset_is_tested():
 
 
 def test_hf_options_reach_from_pretrained(monkeypatch):
-    import recsys.run as run
+    import recsys.pipeline.run as run
 
     seen = {}
     monkeypatch.setattr(run, "load_backbone", lambda name, **kw: seen.update(name=name, **kw))
@@ -59,7 +59,7 @@ def test_preset_builds(preset, tmp_path, tokenizer_folder):
     import transformers
 
     from recsys.methods.lora import LoRAModule
-    from recsys.run import build_backbone
+    from recsys.pipeline.run import build_backbone
 
     cfg = compose_train(f"backbone={preset}")
     b = cfg.backbone

@@ -9,7 +9,7 @@ import torch
 
 from recsys.data.datamodule import RecDataModule
 from recsys.methods.lora import LoRAModule
-from recsys.metrics import ChanceCheck
+from recsys.core.metrics import ChanceCheck
 from recsys.models.backbone import load_backbone
 
 

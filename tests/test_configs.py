@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-CONF = Path(__file__).resolve().parents[1] / "recsys" / "conf"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 NOT_STANDALONE = {"data": {"common"}}  # shared bases, included by the real options
 
 

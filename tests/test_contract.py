@@ -1,7 +1,7 @@
 """The method contract (CONTRIBUTING.md): a method is one class; the pipeline asks it what it needs.
 
 - A method without a language model (``needs_backbone = False``) trains and tests through the real
-  pipeline (``recsys.run.train``) with no backbone loaded and batches of item ids: the seam an ID-based
+  pipeline (``recsys.pipeline.run.train``) with no backbone loaded and batches of item ids: the seam an ID-based
   baseline (SASRec) lands on, touching only its own file, its config and its tests. The toy method below
   is such a file.
 - ``from_config`` gets the run's narrow view (``RunInfo``) and its own config keys, nothing else.
@@ -21,11 +21,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-import recsys.run as run
-from recsys.errors import UserError, checked
+import recsys.pipeline.run as run
+from recsys.core.errors import UserError, checked
 from recsys.methods.base import RecModule, RunInfo
 
-CONF = Path(__file__).resolve().parents[1] / "recsys" / "conf"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 class ItemBagModule(RecModule):

@@ -428,7 +428,7 @@ def test_domains_found_under_root(tmp_path, monkeypatch):
     (tmp_path / "notes").mkdir()  # not a domain: no plain files
     (tmp_path / "notes" / "items.jsonl").write_text("")
     monkeypatch.setenv("RECSYS_DATA", str(tmp_path))
-    conf = Path(__file__).resolve().parents[1] / "recsys" / "conf"
+    conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose("train", overrides=["data=amazon", "data.target=kitchen", "paths.output_dir=/tmp/x"])
     assert cfg.data.root == str(tmp_path)

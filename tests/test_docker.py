@@ -84,9 +84,9 @@ def test_build_context():
             for src in a.split()[:-1]:
                 assert (REPO / src).exists(), src
                 assert not excluded(src.rstrip("/").removeprefix("./"), patterns), src
-    for inside in ("recsys/cli.py", "recsys/conf/train.yaml", "hydra_plugins/recsys_config_dir/__init__.py"):
+    for inside in ("recsys/cli.py", "conf/train.yaml", "hydra_plugins/recsys_config_dir/__init__.py"):
         assert not excluded(inside, patterns), inside
     for outside in (".venv/bin/python", "outputs/train/x/metrics.json", "artifacts/adapters/a", ".cache/recsys/x",
                     "wandb/run", ".git/HEAD", "tests/test_docker.py", "recsys/__pycache__/run.cpython-312.pyc",
-                    "recsys/conf/local/slurm.yaml", "multirun/x"):
+                    "conf/local/slurm.yaml", "multirun/x"):
         assert excluded(outside, patterns), outside

@@ -21,17 +21,17 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from safetensors.torch import save_file
 
-from recsys import scale, stages
+from recsys.pipeline import scale, stages
 from recsys.data.datamodule import RecDataModule
 from recsys.data.domain import DataError
 from recsys.data.readers import read_plain
-from recsys.errors import UserError
+from recsys.core.errors import UserError
 from recsys.methods.base import RunInfo
 from recsys.methods.lora import LoRAModule
 from recsys.methods.xcross import XCrossModule
 from recsys.models.adapter_store import AdapterStore, StoreError
 from recsys.models.backbone import load_backbone
-from recsys.run import best_checkpoint, evaluate, train
+from recsys.pipeline.run import best_checkpoint, evaluate, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ SYNTH = {"tools": {"source": "synthetic", "kind": "tools", "n_users": 40, "n_ite
 
 def config(out: Path, *overrides: str, name: str = "train"):
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "recsys" / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(name, overrides=[f"paths.output_dir={out}", f"paths.adapter_store={out.parent / 'store'}",
                                         f"paths.cache_dir={out.parent / 'cache'}", *overrides])
 
@@ -79,7 +79,7 @@ def test_a_run_without_an_optimizer_step_fails_and_exports_nothing(tmp_path):
 
 
 def provide_sources(store):
-    """X-Cross's source adapters as the pipeline finds them before building the module (recsys.stages)."""
+    """X-Cross's source adapters as the pipeline finds them before building the module (recsys.pipeline.stages)."""
     run = RunInfo(target="tools", sources=("toys", "sports"), store=store)
     specs = XCrossModule.required_adapters(run, load_backbone("tiny:encoder"))
     return stages.provide(None, specs, "tiny:encoder", store, False, train)[0]

@@ -207,7 +207,7 @@ def test_exported_adapter_loads_with_plain_peft(sweep, key):
     from peft import PeftModel
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from recsys.metrics import RankingMetrics
+    from recsys.core.metrics import RankingMetrics
     from recsys.models.backbone import build_tiny
 
     kind = key[0].split("_")[1]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from recsys.metrics import KS, RankingMetrics, reference_metrics, target_rank
+from recsys.core.metrics import KS, RankingMetrics, reference_metrics, target_rank
 
 C = 12
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from recsys.data.domain import DataError
 from recsys.data.paper_prompt import PaperCollator, PaperPrompt, PaperTemplate
 from recsys.data.text import PromptTemplate, TextEncoder
-from recsys.metrics import GenerationMetrics
+from recsys.core.metrics import GenerationMetrics
 from recsys.models.backbone import load_backbone
 from recsys.models.generation import answer_loss, greedy_generate, match_ranks
 from recsys.models.scoring import likelihood_scores, likelihood_scores_naive

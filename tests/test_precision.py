@@ -72,7 +72,7 @@ def test_untrained_rows_have_no_ties_and_chance_hr10():
                        target="tools", max_history=5, max_eval_users=32, eval_batch_size=16)
     dm.attach(backbone.tokenizer, backbone.kind)
     dm.setup("test")
-    from recsys.metrics import RankingMetrics
+    from recsys.core.metrics import RankingMetrics
     from recsys.models.scoring import pooled_hidden
 
     pooled, labels = [], []

@@ -1,4 +1,4 @@
-"""Progress on the long steps outside Lightning's loops (recsys/progress.py): raw-dump parsing (lines
+"""Progress on the long steps outside Lightning's loops (recsys/core/progress.py): raw-dump parsing (lines
 read), k-core filtering (rounds, users left) and AdaMerging (steps)."""
 
 import io
@@ -8,7 +8,7 @@ import pytest
 import torch
 from rich.console import Console
 
-import recsys.progress as progress
+import recsys.core.progress as progress
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "raw" / "2014"
 

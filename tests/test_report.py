@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from recsys.report import METRICS, find_jobs, write_report
+from recsys.evaluation.tables import METRICS, find_jobs, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"lora": 0.30, "xcross": 0.40}
@@ -145,7 +145,7 @@ def test_report_to_wandb_offline(tmp_path, monkeypatch):
 
 def test_report_on_a_local_executor_sweep(tmp_path):
     """Two jobs through submitit's local executor (hydra/launcher=local), one failing (LoRA rank 0);
-    then ``python -m recsys.report`` on the sweep folder."""
+    then ``python -m recsys.evaluation.tables`` on the sweep folder."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline",
            "OMP_NUM_THREADS": "1"}
     sweep = tmp_path / "sweep"
@@ -161,7 +161,7 @@ def test_report_on_a_local_executor_sweep(tmp_path):
     assert "method.r=0 must be >= 1" in json.loads((sweep / "1" / "failed.json").read_text())["error"]
 
     out = tmp_path / "report"
-    p = subprocess.run([sys.executable, "-m", "recsys.report", str(sweep), "--out", str(out), "--wandb", "off"],
+    p = subprocess.run([sys.executable, "-m", "recsys.evaluation.tables", str(sweep), "--out", str(out), "--wandb", "off"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     md = (out / "report.md").read_text()

@@ -10,12 +10,13 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from recsys import ranks, run
+from recsys.evaluation import ranks
+from recsys.pipeline import run
 from recsys.data.datamodule import RecDataModule
 from recsys.data.domain import DataError
 from recsys.data.ids import IdCollator
 from recsys.data.retrieval import RetrievedNegatives
-from recsys.metrics import eval_ranks
+from recsys.core.metrics import eval_ranks
 from recsys.methods.sasrec import SASRecModule
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`", "ignore:The ``compute`` method")
@@ -29,7 +30,7 @@ TINY = ["method=sasrec", "logger=none", "~callbacks.rich_progress_bar", "trainer
 
 def config(out: Path, *overrides: str):
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "recsys" / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("train", overrides=[f"paths.output_dir={out}", f"paths.adapter_store={out.parent / 'store'}",
                                            f"paths.cache_dir={out.parent / 'cache'}", *TINY, *overrides])
 
@@ -129,7 +130,7 @@ def test_two_stage_candidates_from_the_retriever(retriever):
     users = [dm.domains["tools"].user_ids[e.user] for e in ds.examples]
     assert [int(full[u]) for u, f in zip(users, found) if f] == (r[found] + 1).astype(int).tolist()
     # the metrics of a run on these candidates: a miss is 0 everywhere
-    from recsys.metrics import RankingMetrics
+    from recsys.core.metrics import RankingMetrics
 
     m = RankingMetrics()
     m.update(module.score(batch).detach(), batch["labels"])
@@ -148,7 +149,7 @@ def test_retrieved_needs_a_retriever(tmp_path):
 def test_catalogue_excludes_only_the_history():
     """A val target is ranked against the later items too (the test target is not known yet); a test target
     against everything but its history; an earlier purchase of the target itself is never excluded."""
-    from recsys.catalogue import rank_catalogue
+    from recsys.evaluation.catalogue import rank_catalogue
     from recsys.data.domain import Domain
 
     dom = Domain("d", [f"i{n}" for n in range(6)], [f"t{n}" for n in range(6)], ["u0", "u1"],
@@ -210,7 +211,7 @@ def test_evaluate_full_catalogue(retriever, tmp_path):
     (out / ".hydra").mkdir(exist_ok=True)  # what Hydra writes for a train.py run
     OmegaConf.save(config(out), out / ".hydra" / "config.yaml")
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "recsys" / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         ecfg = compose("eval", overrides=[f"run_dir={out}", f"paths.output_dir={tmp_path}", "method=sasrec",
                                           "split=val", "eval.candidates=full", "trainer.precision=32-true",
                                           f"paths.cache_dir={out.parent / 'cache'}"])

@@ -24,7 +24,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "recsys" / "conf"
+CONF = REPO / "conf"
 TINY = ["backbone=tiny_encoder", "logger=none", "callbacks.rich_progress_bar=null", "export_adapter=false"]
 
 
@@ -172,7 +172,7 @@ def test_multinode_preset_renders_its_sbatch_script(tmp_path):
 def test_resume_takes_the_newest_checkpoint_whoever_wrote_it(tmp_path):
     """last.ckpt (ours), epochNN.ckpt (model selection), hpc_ckpt_<n>.ckpt (Lightning's SLURM requeue, in
     the run folder): the newest readable one."""
-    from recsys.scale import resume_checkpoint
+    from recsys.pipeline.scale import resume_checkpoint
 
     (tmp_path / "checkpoints").mkdir()
     files = {"last": tmp_path / "checkpoints" / "last.ckpt", "best": tmp_path / "checkpoints" / "epoch00.ckpt",
@@ -208,7 +208,7 @@ def test_hparams_search_composes(search, method, keys):
 
 
 def test_ddp_child_command():
-    from recsys.scale import _config_flags, _quote
+    from recsys.pipeline.scale import _config_flags, _quote
 
     argv = ["-m", "--config-name", "train", "seed=0,1", "-cp=conf", "x=1"]
     assert _config_flags(argv) == ["--config-name", "train", "-cp=conf"]
@@ -234,7 +234,7 @@ def _loss_and_grads(module):
 
 
 def test_speed_switches_on_cpu():
-    from recsys import speed
+    from recsys.pipeline import speed
 
     c = compose_train()
     assert {"compile", "activation_checkpointing", "matmul_precision"} <= set(c.speed)
@@ -293,7 +293,7 @@ def test_rng_state_round_trip(tmp_path):
 
     import numpy as np
 
-    from recsys.scale import ResumeState
+    from recsys.pipeline.scale import ResumeState
 
     torch.manual_seed(5)
     np.random.seed(5)
@@ -310,7 +310,7 @@ def test_rng_state_round_trip(tmp_path):
 
 def test_auto_resume_refuses_another_configuration(tmp_path):
     """A run folder reused for another run does not silently continue the old checkpoint."""
-    from recsys.scale import resume_checkpoint
+    from recsys.pipeline.scale import resume_checkpoint
 
     cfg = compose_train(f"paths.output_dir={tmp_path}", "logger=csv")
     assert resume_checkpoint(tmp_path, cfg) is None  # first start: keeps the settings
@@ -457,7 +457,7 @@ def test_resume_after_a_kill(tmp_path, uninterrupted, sig, logger):
     assert proc.returncode != 0 and not (folder / "metrics.json").exists(), err[-3000:]
     if sig == signal.SIGTERM:
         assert proc.returncode == 143
-    from recsys.scale import resume_checkpoint
+    from recsys.pipeline.scale import resume_checkpoint
 
     state = torch.load(resume_checkpoint(folder), map_location="cpu", weights_only=True)
     assert 0 < state["global_step"] < 24  # killed before the end of training

@@ -217,7 +217,7 @@ def test_shared_prompt_training_equals_per_candidate_smollm2(scoring):
 def test_shared_prompt_with_activation_checkpointing(dec):
     """speed.activation_checkpointing recomputes the blocks in backward: same loss and gradients (no KV
     cache is involved, which transformers turns off under checkpointing)."""
-    from recsys.speed import enable_activation_checkpointing
+    from recsys.pipeline.speed import enable_activation_checkpointing
 
     b = batch_of(dec)
     model, head = lora_model(dec)

@@ -1,4 +1,4 @@
-"""Intervals over seeds and paired tests over users (recsys.stats), checked against hand computations,
+"""Intervals over seeds and paired tests over users (recsys.evaluation.significance), checked against hand computations,
 and the report's paired comparisons over a multirun of seeds 0, 1, 2 with ranks files."""
 
 import json
@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from recsys import ranks, stats
-from recsys.report import METRICS, write_report
+from recsys.evaluation import ranks
+from recsys.evaluation import significance as stats
+from recsys.evaluation.tables import METRICS, write_report
 
 G = {r: 1 / math.log2(r + 1) for r in (1, 2, 3, 4, 5, 6)}  # NDCG@10 of a single item at 1-based rank r
 
@@ -141,7 +142,7 @@ def test_report_pairs_a_method_with_the_reference_rows_of_its_runs(tmp_path):
 
 
 def test_ranks_paired_cli_by_hand(tmp_path, capsys):
-    """python -m recsys.ranks a b --paired: the hand-computed Wilcoxon p and mean difference; `@split` picks a
+    """python -m recsys.evaluation.ranks a b --paired: the hand-computed Wilcoxon p and mean difference; `@split` picks a
     row of the same file; runs of other users or targets are refused."""
     job(tmp_path, 0, "sasrec", 0, A_RANKS)
     job(tmp_path, 1, "lora", 0, B_RANKS)

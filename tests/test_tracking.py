@@ -1,4 +1,4 @@
-"""What the loggers receive (recsys/tracking.py): the resolved config and parameter counts on every
+"""What the loggers receive (recsys/pipeline/tracking.py): the resolved config and parameter counts on every
 logger, the learning rate, group/tags/job_type, the mode from WANDB_MODE, the exported adapter as a
 model artifact with its manifest, the adapters a run read (lineage), the results table.
 
@@ -127,7 +127,7 @@ def test_online_runs_use_the_input_artifacts(tmp_path):
     """Online, each input is ``use_artifact``-ed by name (offline wandb refuses use_artifact)."""
     from lightning.pytorch.loggers import WandbLogger
 
-    from recsys.tracking import use_adapters
+    from recsys.pipeline.tracking import use_adapters
 
     class Run:  # what use_adapters touches of a wandb run
         class settings:  # noqa: N801
@@ -159,7 +159,7 @@ def test_mode_follows_wandb_mode(monkeypatch):
             monkeypatch.delenv("WANDB_MODE", raising=False)
         else:
             monkeypatch.setenv("WANDB_MODE", env)
-        with initialize_config_dir(config_dir=str(REPO / "recsys" / "conf"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             c = compose("train", overrides=["logger=wandb", "paths.output_dir=/tmp/x"])
         assert c.logger.wandb.mode == mode
         assert "offline" not in c.logger.wandb  # nothing overrides the mode

@@ -3,7 +3,7 @@
 either order, the exported merge loaded with plain peft, ``evaluate`` reproducing the test metrics,
 every merge rule, and clear errors for bad inputs.
 
-Runs go through the real pipeline in-process (``hydra.compose`` + ``recsys.run.train``) on tiny
+Runs go through the real pipeline in-process (``hydra.compose`` + ``recsys.pipeline.run.train``) on tiny
 random models, a few batches and 8 evaluation users.
 """
 
@@ -24,7 +24,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from recsys.data.datamodule import RecDataModule
-from recsys.errors import UserError
+from recsys.core.errors import UserError
 from recsys.methods.lora import LoRAModule
 from recsys.methods.weaverec import MERGED, WeaveRecModule, weaverec_name
 from recsys.models.adapter_store import AdapterStore, hybrid_name
@@ -32,10 +32,10 @@ from recsys.models.backbone import load_backbone
 from recsys.models.head import ScoringHead
 from recsys.models.merging import MERGE_RULES, lora_delta
 from recsys.models.scoring import likelihood_scores, pair_scores
-from recsys.run import build_datamodule, build_module, evaluate, train
+from recsys.pipeline.run import build_datamodule, build_module, evaluate, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # steps run without a Trainer
-CONF = Path(__file__).resolve().parents[1] / "recsys" / "conf"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 ROWS = ("hr@1", "hr@3", "hr@5", "hr@10", "ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "mrr")
 TINY = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.precision=32-true", "logger=none",
         "data.max_eval_users=8", "data.batch_size=4", "data.eval_batch_size=8", "zero_shot=false",
@@ -137,7 +137,7 @@ def test_evaluate_run_dir_reproduces_test_metrics(runs, key, tmp_path):
 
 def _run_module(run_dir: Path, store: Path):
     """The run's module at its best checkpoint (as evaluate.py builds it), its config and a test batch."""
-    from recsys.run import build_backbone
+    from recsys.pipeline.run import build_backbone
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     backbone = build_backbone(cfg)
@@ -288,7 +288,7 @@ def test_store_reuses_a_hybrid_in_either_order(runs, tmp_path, caplog):
     # the hybrid of (tools, toys) trained with target tools serves target toys with source tools
     cfg = config(tmp_path / "run", *TINY, "backbone=tiny_encoder", "method=weaverec", "data.target=toys",
                  "data.sources=[tools]", store=store)
-    from recsys.run import build_backbone
+    from recsys.pipeline.run import build_backbone
 
     backbone = build_backbone(cfg)
     dm = build_datamodule(cfg, backbone)
@@ -360,7 +360,7 @@ def test_joint_trains_one_lora_on_pooled_data(tmp_path):
 def _merge_sources(store, tmp, *extra):
     cfg = config(tmp, *TINY, "backbone=tiny_encoder", "method=merge_sources", "data.sources=[toys]", *extra,
                  store=store)
-    from recsys.run import build_backbone
+    from recsys.pipeline.run import build_backbone
 
     backbone = build_backbone(cfg)
     return build_module(cfg, backbone, build_datamodule(cfg, backbone), AdapterStore(store))

@@ -7,7 +7,7 @@ training) equal to evaluating the adapter itself; ``train_missing``; clear error
 among the sources, fewer than two sources, sources changed since training); the presets compose;
 and a data-efficiency multirun.
 
-Runs go through the real pipeline in-process (``hydra.compose`` + ``recsys.run.train``/``evaluate``,
+Runs go through the real pipeline in-process (``hydra.compose`` + ``recsys.pipeline.run.train``/``evaluate``,
 as train.py/evaluate.py call them) on tiny random models, 2 batches and 8 evaluation users.
 """
 
@@ -30,15 +30,15 @@ from omegaconf import OmegaConf
 
 from recsys.methods.lora import LoRAModule
 from recsys.methods.xcross import SourceAdapterError
-from recsys.stages import train_command
+from recsys.pipeline.stages import train_command
 from recsys.models.adapter_store import AdapterStore
 from recsys.models.backbone import load_backbone
 from recsys.models.integrator import XCrossModel
-from recsys.run import build_backbone, build_datamodule, build_module, evaluate, train
+from recsys.pipeline.run import build_backbone, build_datamodule, build_module, evaluate, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "recsys" / "conf"
+CONF = REPO / "conf"
 ROWS = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr")
 CONTRACT = (
     [f"test/{k}" for k in ROWS] + [f"val/{k}" for k in ROWS]

@@ -36,8 +36,8 @@ from recsys.data.ids import IdCollator
 from recsys.data.retrieval import recall as retrieval_recall
 from recsys.data.retrieval import RetrievedNegatives, retrieved_candidates
 from recsys.data.text import Collator, PromptTemplate, TextEncoder
-from recsys.errors import checked
-from recsys.metrics import reference_metrics
+from recsys.core.errors import checked
+from recsys.core.metrics import reference_metrics
 
 log = logging.getLogger("recsys.data")
 

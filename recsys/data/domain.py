@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from recsys.errors import UserError
+from recsys.core.errors import UserError
 
 Split = Literal["train", "val", "test"]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from recsys.data.domain import DataError, Domain, clean_title, drop_short_users
 from recsys.data.readers import find_raw_files, read_plain, read_raw
-from recsys.progress import status
+from recsys.core.progress import status
 
 log = logging.getLogger("recsys.data")
 

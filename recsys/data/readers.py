@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from recsys.data.domain import DataError, Domain, clean_title, drop_short_users
-from recsys.progress import track
+from recsys.core.progress import track
 
 log = logging.getLogger("recsys.data")
 

@@ -2,7 +2,7 @@
 
 A retriever run (a method that scores the whole catalogue, e.g. ``method=sasrec``, trained with
 ``eval.candidates=full``) stores each user's top K items for val and test in its run folder
-(``retrieved.npz``, ``recsys.catalogue``). A re-ranking run (``data.retriever=<that folder>``) takes
+(``retrieved.npz``, ``recsys.evaluation.catalogue``). A re-ranking run (``data.retriever=<that folder>``) takes
 those K items as the candidate list of each user: the target may be absent, which counts as a miss
 at every k (its position is -1); when present, the method ranks it among the K. The list order is
 shuffled by a stable seed of (domain, user, split), so a re-ranker cannot read the retriever's order;
@@ -23,7 +23,7 @@ import numpy as np
 from recsys.data.candidates import NegativeSampler, stable_seed
 from recsys.data.domain import DataError, Domain, Example
 
-RETRIEVED = "retrieved.npz"  # written by recsys.catalogue.evaluate
+RETRIEVED = "retrieved.npz"  # written by recsys.evaluation.catalogue.evaluate
 
 
 def load_retrieved(folder: str | Path, domain: Domain, split: str, history_only: bool = False) -> dict[str, list[str]]:

@@ -9,7 +9,7 @@ Layouts (``{...}`` are the template strings of ``conf/data/*.yaml``):
   token types 0 then 1;
 - decoder: ``[BOS] {history_prefix} t_1 {title_sep} ... t_h {candidate_prefix} c [EOS]``; the
   pooled token is the final [EOS]. Split in two (``prompt_and_continuation``, the layout every decoder
-  trains and evaluates on, ``recsys.run.prompt_layout``): the prompt ends after ``{candidate_prefix}``
+  trains and evaluates on, ``recsys.pipeline.run.prompt_layout``): the prompt ends after ``{candidate_prefix}``
   and is the same for all of a user's candidates, the continuation is ``c [EOS]``.
 """
 

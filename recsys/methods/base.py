@@ -4,7 +4,7 @@ and checkpoints that hold only what trains.
 A method subclasses :class:`RecModule` and implements ``score(batch) -> (B, C)``; the loss is the
 softmax cross-entropy of the target against its negatives (X-Cross's loss, used by every method).
 
-The method contract (what the pipeline, ``recsys/run.py`` and ``recsys/stages.py``, asks of a method
+The method contract (what the pipeline, ``recsys/pipeline/run.py`` and ``recsys/pipeline/stages.py``, asks of a method
 class; CONTRIBUTING.md walks through it):
 
 - ``needs_backbone`` (class attribute, default True): False for a method without a language model
@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys import ranks
-from recsys.errors import UserError
-from recsys.metrics import ChanceCheck, RankingMetrics, eval_ranks
+from recsys.evaluation import ranks
+from recsys.core.errors import UserError
+from recsys.core.metrics import ChanceCheck, RankingMetrics, eval_ranks
 from recsys.models.adapter_store import AdapterSpec, AdapterStore
 from recsys.models.backbone import Backbone
 from recsys.models.generation import PaperProtocol
@@ -61,7 +61,7 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, min_ratio: float = 0.0)
 
 @dataclass(frozen=True)
 class RunInfo:
-    """What a method may know of the run it is built for; the pipeline fills it (``recsys.run.run_info``).
+    """What a method may know of the run it is built for; the pipeline fills it (``recsys.pipeline.run.run_info``).
 
     Attributes:
         target, sources: the target domain and the source domains (``data.target``, ``data.sources``).
@@ -91,7 +91,7 @@ class RunInfo:
 
 @dataclass(frozen=True)
 class Recipe:
-    """The training recipe every method shares (``conf/recipe/default.yaml``), typed: ``recsys.run.train``
+    """The training recipe every method shares (``conf/recipe/default.yaml``), typed: ``recsys.pipeline.run.train``
     checks ``cfg.recipe`` against it first, so a typo'd key or a wrong type fails before anything loads."""
 
     optimizer: Mapping[str, Any] = field(default_factory=dict)  # a partial optimizer (_target_, lr, ...)
@@ -258,7 +258,7 @@ class RecModule(L.LightningModule):
     def _eval_step(self, stage: str, batch: dict) -> None:
         scores = self.score(batch).float()
         self.metrics[stage].update(scores, batch["labels"])
-        self.rank_log.add(stage, eval_ranks(scores, batch["labels"]), scores.size(1))  # per-user ranks (recsys.ranks)
+        self.rank_log.add(stage, eval_ranks(scores, batch["labels"]), scores.size(1))  # per-user ranks (recsys.evaluation.ranks)
         if self.paper is not None:  # generate with the model as ``score`` left it
             self.paper.evaluate(stage, self.model, self.backbone.tokenizer, batch)
 

@@ -8,7 +8,7 @@ It is the per-domain LoRA module on other data; only its place in the store diff
 
 from __future__ import annotations
 
-from recsys.errors import UserError
+from recsys.core.errors import UserError
 from recsys.methods.base import RunInfo
 from recsys.methods.lora import LoRAModule
 from recsys.models.adapter_store import joint_name, lora_record

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from recsys.errors import UserError
+from recsys.core.errors import UserError
 from recsys.methods.base import RecModule, RunInfo
 from recsys.models.adapter_store import AdapterStore, load_into, lora_record, mismatch
 from recsys.models.backbone import Backbone, default_lora_targets

@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from recsys.errors import UserError
+from recsys.core.errors import UserError
 from recsys.methods.base import RecModule, RunInfo
 from recsys.models.adapter_store import AdapterSpec, AdapterStore
 from recsys.models.backbone import Backbone

@@ -11,7 +11,7 @@ No language model: ``needs_backbone = False`` tells the pipeline not to load one
 item indices (``recsys.data.ids``).
 
 ``score_all`` scores the whole catalogue, so the run can rank against every item
-(``eval.candidates=full``) and store its top K as a retriever (``recsys.catalogue``).
+(``eval.candidates=full``) and store its top K as a retriever (``recsys.evaluation.catalogue``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.errors import UserError
+from recsys.core.errors import UserError
 from recsys.methods.base import RecModule
 
 LOSSES = ("ce", "bce")

@@ -17,7 +17,7 @@ Validation scores every branch (``branch<i>/val/...``) and the merged model (``v
 model selection uses); test scores the merged model. Hybrids go to the adapter store under their
 order-free name and are reused (frozen, not retrained) when a compatible one is there.
 
-Choices the paper leaves open, each **[ours]** with its config switch (``recsys/conf/method/weaverec.yaml``):
+Choices the paper leaves open, each **[ours]** with its config switch (``conf/method/weaverec.yaml``):
 
 - ``head``: the paper's model is a generative LLM whose only output layer (the LM head) is frozen
   and shared by all branches. With ``scoring=likelihood`` that is what happens here too (no head).
@@ -54,7 +54,7 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
-from recsys.errors import UserError
+from recsys.core.errors import UserError
 from recsys.methods.base import RecModule, RunInfo
 from recsys.methods.lora import lora_config
 from recsys.models.adapter_store import (

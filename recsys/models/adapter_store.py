@@ -43,11 +43,11 @@ import torch
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
-from recsys.errors import UserError
+from recsys.core.errors import UserError
 
 MANIFEST = "manifest.json"
 HEAD = "head.safetensors"
-READ: list[Path] = []  # adapter folders this process has read (load_head), in order: a run's inputs (recsys/tracking.py)
+READ: list[Path] = []  # adapter folders this process has read (load_head), in order: a run's inputs (recsys/pipeline/tracking.py)
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 

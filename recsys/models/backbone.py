@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from recsys.errors import UserError
+from recsys.core.errors import UserError
 
 
 @dataclass

@@ -100,7 +100,7 @@ def match_ranks(generated: torch.Tensor, cand_ids: list[list[list[int]]], target
 class PaperProtocol(torch.nn.Module):
     """WeaveRec's released protocol (``protocol=paper``) as one object a module is given: the training loss
     (the answer's language-model loss), the generation (greedy answer + exact title match), its metrics
-    (``<split>/gen/...``) and the table they go in (``recsys.metrics.PAPER_KEYS``, the results table).
+    (``<split>/gen/...``) and the table they go in (``recsys.core.metrics.PAPER_KEYS``, the results table).
 
     Args:
         prompt: the paper prompt builder of the run (``RecDataModule.paper_prompt()``: separators, EOS, budget).
@@ -108,7 +108,7 @@ class PaperProtocol(torch.nn.Module):
 
     def __init__(self, prompt):
         super().__init__()
-        from recsys.metrics import GenerationMetrics
+        from recsys.core.metrics import GenerationMetrics
 
         self.prompt = prompt
         self.metrics = torch.nn.ModuleDict({"val": GenerationMetrics(), "test": GenerationMetrics()})

@@ -78,8 +78,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from recsys.errors import UserError, checked
-from recsys.progress import track
+from recsys.core.errors import UserError, checked
+from recsys.core.progress import track
 
 MERGE_RULES = ("weaverec", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 _LOW_RANK_RULES = ("weaverec", "task_arithmetic")  # exact sums of products, via peft's "cat"

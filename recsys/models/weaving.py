@@ -132,7 +132,7 @@ def branch_heads(branches: Sequence[Branch], hidden_size: int, shared: bool, see
     the run's random state: a hybrid reused from the store was trained from this very initial head, so the
     merged head, their mean, averages aligned units); a reused branch's head is its stored one, frozen
     (``reused``: source -> stored hybrid folder)."""
-    from recsys.errors import UserError
+    from recsys.core.errors import UserError
     from recsys.models.adapter_store import AdapterStore
     from recsys.models.head import ScoringHead
 
@@ -158,7 +158,7 @@ class BranchValidation(nn.Module):
 
     def __init__(self, n: int):
         super().__init__()
-        from recsys.metrics import RankingMetrics
+        from recsys.core.metrics import RankingMetrics
 
         self.metrics = nn.ModuleList([RankingMetrics() for _ in range(n)])
         self.history: dict[int, dict[str, float]] = {}  # epoch -> values

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys.models.adapter_store import AdapterSpec, AdapterStore, SourceAdapterError, lora_command, mismatch
 
-log = logging.getLogger("recsys.stages")
+log = logging.getLogger("recsys.pipeline.stages")
 
 PIPELINE_KEYS = ("train_missing",)  # method.module keys the pipeline reads; the module never gets them
 
@@ -70,13 +70,15 @@ def _find(specs: list[AdapterSpec], backbone: str, store: AdapterStore) -> tuple
 
 def lora_method() -> DictConfig:
     """``method=lora``'s config node, composed by Hydra from the config search path (the package's
-    ``recsys/conf`` and a user's config folder), with its interpolations left to the run's config."""
-    from hydra import compose, initialize_config_module
+    ``conf/`` and a user's config folder), with its interpolations left to the run's config."""
+    from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+
+    from recsys import CONFIG_DIR
 
     if GlobalHydra.instance().is_initialized():  # inside train.py's Hydra app (or a test's compose)
         return compose(config_name="train", overrides=["method=lora"]).method
-    with initialize_config_module(config_module="recsys.conf", version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=["method=lora"]).method
 
 

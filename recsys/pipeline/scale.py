@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from recsys.errors import UserError
-from recsys.files import write_json, write_text
+from recsys.core.errors import UserError
+from recsys.core.files import write_json, write_text
 
 log = logging.getLogger("recsys")
 

@@ -4,7 +4,7 @@ For methods that score every item cheaply (``score_all``: SASRec) and the popula
 rankers: each val/test target is ranked against every item of the target domain's catalogue except
 the user's history items, those before the target in the sequence (the target itself is kept; a
 later item is not excluded: a val ranking may hold the test target, unknown at that point), ties
-against the model (``recsys.metrics.target_rank``). Metrics go to metrics.json as
+against the model (``recsys.core.metrics.target_rank``). Metrics go to metrics.json as
 ``<split>/full/<metric>`` (the method) and ``<ranker>/<split>/full/<metric>`` (popularity, random),
 beside the sampled ``<split>/<metric>``; the method's ranks go to ranks.csv.gz (split ``<split>/full``).
 
@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recsys import ranks as rank_files
+from recsys.evaluation import ranks as rank_files
 from recsys.data.candidates import stable_seed
 from recsys.data.ids import IdCollator
-from recsys.files import write_with
-from recsys.metrics import KS, target_rank
+from recsys.core.files import write_with
+from recsys.core.metrics import KS, target_rank
 
 log = logging.getLogger("recsys")
 

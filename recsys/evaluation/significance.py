@@ -83,7 +83,7 @@ def paired_bootstrap(a, b, resamples: int = 10_000, seed: int = 0, level: float 
 def compare_paired(a, b, resamples: int = 10_000) -> dict:
     """Two rows' per-user values on the same users (a[i], b[i]: user i): their means and standard errors,
     the mean difference a - b with its paired-bootstrap interval and p, the Wilcoxon signed-rank p and
-    the rank-biserial effect size; the one record ``recsys.report`` and ``recsys.ranks --paired`` print."""
+    the rank-biserial effect size; the one record ``recsys.evaluation.tables`` and ``recsys.evaluation.ranks --paired`` print."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     boot, w = paired_bootstrap(a, b, resamples=resamples), wilcoxon(a, b)
     return {"users": len(a), "mean_a": float(a.mean()), "mean_b": float(b.mean()), "delta": boot.mean,

@@ -1,7 +1,7 @@
 """Results tables and plots from sweep folders: means and 95% intervals over seeds, and paired tests over
 users, per target domain and setting.
 
-    python -m recsys.report multirun/train/2026-01-01_10-00-00 [more folders] --out reports/main
+    python -m recsys.evaluation.tables multirun/train/2026-01-01_10-00-00 [more folders] --out reports/main
     python report.py multirun/train/* --out reports/all --metric hr@10 --wandb on
 
 Reads every job folder under the given folders (``.hydra/config.yaml`` and ``metrics.json``, or
@@ -13,7 +13,7 @@ the zero-shot, random and popularity rows, and the full-catalogue rows of runs w
 Each method, and the zero-shot and reference rows ranked in its runs, is compared with the best method
 of its group on the same users: per-user NDCG@10 from
 the jobs' ``ranks.csv.gz`` (seeds both ran, averaged per user), paired bootstrap and Wilcoxon
-signed-rank p-values and the rank-biserial effect size (``recsys.stats``), in a column of the table
+signed-rank p-values and the rank-biserial effect size (``recsys.evaluation.significance``), in a column of the table
 (``*``: p < 0.05) and a table below it. Plots draw the 95% intervals as error bars. Failed and incomplete jobs are counted in their row and listed at the end.
 
 Writes to ``--out``: ``report.md`` (every table and the failures), ``results.csv`` (every row, mean
@@ -37,10 +37,11 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from recsys import ranks, stats
-from recsys.metrics import REPORT_KEYS
+from recsys.evaluation import ranks
+from recsys.evaluation import significance as stats
+from recsys.core.metrics import REPORT_KEYS
 
-METRICS = REPORT_KEYS  # the tables' metrics (recsys.metrics)
+METRICS = REPORT_KEYS  # the tables' metrics (recsys.core.metrics)
 REFERENCES = ("random", "popularity")  # rankers without a model: they depend on target, seed, candidates
 # override keys that define a group or a seed, or do not change results: never part of a variant label
 _NOT_VARIANT = re.compile(
@@ -496,7 +497,7 @@ def write_report(folders: list[str | Path], out: str | Path, metric: str = "ndcg
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m recsys.report", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m recsys.evaluation.tables", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", nargs="+", help="multirun (or run) folders; every job folder below is read")
     p.add_argument("--out", required=True, help="folder for report.md, results.csv, jobs.csv, tables/, plots/")

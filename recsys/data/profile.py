@@ -1,7 +1,7 @@
 """Domain statistics and the reference rankers, without any model.
 
-    python -m recsys.data.stats --root ../shared/data/amazon beauty toys games
-    python -m recsys.data.stats --synthetic toys tools
+    python -m recsys.data.profile --root ../shared/data/amazon beauty toys games
+    python -m recsys.data.profile --synthetic toys tools
 
 Prints, per domain: load time, users, items, examples per split, and the random and popularity
 rankers' test metrics on the fixed candidates (seed, num_negatives as given) — the reference rows
@@ -14,9 +14,9 @@ import argparse
 import time
 
 from recsys.data.datamodule import RecDataModule
-from recsys.metrics import REPORT_KEYS
+from recsys.core.metrics import REPORT_KEYS
 
-ROWS = REPORT_KEYS  # the results tables' metrics (recsys.metrics)
+ROWS = REPORT_KEYS  # the results tables' metrics (recsys.core.metrics)
 
 
 def domain_report(domains: dict, name: str, seed: int = 0, num_negatives: int = 19, max_history: int = 10) -> dict:

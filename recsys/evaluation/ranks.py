@@ -1,5 +1,5 @@
 """Per-user ranks of the target: ``ranks.csv.gz`` in the run folder, so that two runs on the same
-candidates can be compared user by user (``recsys.stats``, ``recsys.report``).
+candidates can be compared user by user (``recsys.evaluation.significance``, ``recsys.evaluation.tables``).
 
 One row a (split, user): ``domain``, ``user`` (external id), ``split`` (``val``, ``test``,
 ``zero_shot/test``, ``test/full``...), ``target`` (external item id), ``rank`` (1-based: 1 is the
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recsys.files import write_with
+from recsys.core.files import write_with
 
 FILE = "ranks.csv.gz"
 COLUMNS = ("domain", "user", "split", "target", "rank", "n_candidates")
@@ -146,7 +146,7 @@ def record(module, stage: str) -> None:
 def reference_frames(dm, split: str) -> list[pd.DataFrame]:
     """Rows ``random/<split>`` and ``popularity/<split>``: the reference rankers' per-user ranks on the
     fixed candidates, as ``RecDataModule.reference_metrics`` scores them."""
-    from recsys.metrics import eval_ranks, reference_scores
+    from recsys.core.metrics import eval_ranks, reference_scores
 
     ds, domain = dm.eval_sets[split], dm.domains[dm.target]
     counts = np.asarray(domain.train_item_counts())
@@ -159,7 +159,7 @@ def reference_frames(dm, split: str) -> list[pd.DataFrame]:
 
 def summary(df: pd.DataFrame, k: int = 10) -> pd.DataFrame:
     """Per split: users, and HR@1, HR@k, NDCG@k, MRR as mean and standard error over users."""
-    from recsys.stats import standard_error
+    from recsys.evaluation.significance import standard_error
 
     rows = []
     for split, g in df.groupby("split", sort=True):
@@ -180,7 +180,7 @@ def paired(a: str | Path, b: str | Path, split: str = "test", k: int = 10) -> di
     ``run@popularity/test``; default ``split``). The users both rows ranked must have the same targets
     (the same evaluation), else a ValueError names the mismatch.
     """
-    from recsys import stats
+    from recsys.evaluation import significance as stats
 
     def rows(spec) -> pd.DataFrame:
         path, _, sp = str(spec).partition("@")
@@ -201,13 +201,13 @@ def paired(a: str | Path, b: str | Path, split: str = "test", k: int = 10) -> di
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    """``python -m recsys.ranks <run folder or ranks.csv.gz>...``: mean ± standard error over users per split;
+    """``python -m recsys.evaluation.ranks <run folder or ranks.csv.gz>...``: mean ± standard error over users per split;
     with ``--paired``: the first path against each other on the same users (per-user NDCG@10: the mean
     difference with its 95% paired-bootstrap interval, the bootstrap and Wilcoxon signed-rank p, the
     rank-biserial effect size); ``<path>@<split>`` picks a split (e.g. ``run@popularity/test``)."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m recsys.ranks", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m recsys.evaluation.ranks", description=main.__doc__)
     p.add_argument("paths", nargs="+")
     p.add_argument("--paired", action="store_true", help="compare the first path with each other, user by user")
     p.add_argument("--split", default="test", help="the split compared with --paired (default test)")
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
 def _main(p, args) -> pd.DataFrame:
     if args.paired:
-        from recsys import stats
+        from recsys.evaluation import significance as stats
 
         if len(args.paths) < 2:
             p.error("--paired needs two paths or more")

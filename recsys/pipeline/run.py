@@ -1,7 +1,7 @@
 """The pipeline behind ``train.py`` and ``evaluate.py``: build, fit, test, report.
 
 Reads top to bottom: seed, backbone, data, method (its stored adapters found or trained first by
-``recsys.stages``), callbacks/loggers/trainer, zero-shot test, fit with validation-based checkpointing,
+``recsys.pipeline.stages``), callbacks/loggers/trainer, zero-shot test, fit with validation-based checkpointing,
 test with the best checkpoint, ``metrics.json``, results table, adapter export.
 """
 
@@ -23,12 +23,13 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from recsys import ranks, scale, speed, stages, tracking
+from recsys.evaluation import ranks
+from recsys.pipeline import scale, speed, stages, tracking
 from recsys.data.datamodule import RecDataModule
-from recsys.errors import UserError, checked
-from recsys.files import write_json
+from recsys.core.errors import UserError, checked
+from recsys.core.files import write_json
 from recsys.methods.base import Recipe, RecModule, RunInfo, paper_protocol_error
-from recsys.metrics import PAPER_KEYS, REPORT_KEYS
+from recsys.core.metrics import PAPER_KEYS, REPORT_KEYS
 from recsys.models import adapter_store
 from recsys.models.adapter_store import AdapterStore
 from recsys.models.backbone import load_backbone
@@ -89,7 +90,7 @@ def run_info(cfg: DictConfig, dm: RecDataModule, store: AdapterStore | None) -> 
 
 def build_module(cfg: DictConfig, backbone, dm: RecDataModule, store: AdapterStore):
     """The method's module: its required stored adapters found (the missing ones trained first with
-    ``method.module.train_missing``, ``recsys.stages``), then ``cls.build(backbone, run, **its config keys)``;
+    ``method.module.train_missing``, ``recsys.pipeline.stages``), then ``cls.build(backbone, run, **its config keys)``;
     the DataModule then loads only the training streams the module trains."""
     cls, kwargs = method_class(cfg)
     if dm.protocol == "paper" and not cls.one_language_model:
@@ -205,7 +206,7 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
     store = AdapterStore(cfg.paths.adapter_store, seed=cfg.seed)
     adapter_store.READ.clear()
     module = speed.apply(build_module(cfg, backbone, dm, store), cfg.get("speed"))
-    module.ranks_dir = out_dir  # every evaluation writes the per-user ranks (ranks.csv.gz, recsys.ranks)
+    module.ranks_dir = out_dir  # every evaluation writes the per-user ranks (ranks.csv.gz, recsys.evaluation.ranks)
     trainer = build_trainer(cfg)
     dm.prepare_data()
     dm.setup("fit")
@@ -257,11 +258,11 @@ def fit(cfg: DictConfig, trainer: L.Trainer, module: RecModule, dm: RecDataModul
 def catalogue_metrics(options, module: RecModule, dm: RecDataModule, out_dir: Path | None, seed: int,
                       splits: tuple[str, ...]) -> dict:
     """``eval.candidates=full``: the full-catalogue metrics of ``splits`` (and ranks, retrieved.npz in
-    ``out_dir``, ``recsys.catalogue``); nothing with ``sampled``."""
+    ``out_dir``, ``recsys.evaluation.catalogue``); nothing with ``sampled``."""
     options = options or {}
     if (options.get("candidates") or "sampled") != "full":
         return {}
-    from recsys import catalogue
+    from recsys.evaluation import catalogue
 
     return catalogue.evaluate(module, dm, out_dir, seed, int(options.get("retrieve_k") or 20), splits)
 
@@ -445,7 +446,7 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
         module = build_module(run_cfg, backbone, dm, AdapterStore(run_cfg.paths.adapter_store, seed=run_cfg.seed))
     speed.apply(module, cfg.get("speed"))
     trainer, log_cfg = eval_trainer(cfg, run_cfg)
-    module.ranks_dir = Path(cfg.paths.output_dir)  # ranks.csv.gz of this evaluation (recsys.ranks)
+    module.ranks_dir = Path(cfg.paths.output_dir)  # ranks.csv.gz of this evaluation (recsys.evaluation.ranks)
     tracking.log_hyperparameters(trainer.loggers, log_cfg, {"params/total": sum(p.numel() for p in module.parameters())})
     dm.prepare_data()
     dm.setup("test")
