@@ -30,7 +30,7 @@ def fake_job(root: Path, num: int, method: str, target: str, seed: int, fraction
     cfg = {"seed": seed, "task_name": "train", "method": {"name": method},
            "data": {"target": target, "sources": list(sources), "target_fraction": fraction},
            "backbone": {"name": "tiny:encoder"}, "paths": {"output_dir": "${hydra:runtime.output_dir}"},
-           "logger": {"wandb": {"project": "recsys-test"}} if wandb else None}
+           "logger": {"wandb": {"project": "recsys-test", "save_dir": "${paths.output_dir}"}} if wandb else None}
     OmegaConf.save(OmegaConf.create(cfg), d / ".hydra" / "config.yaml")
     overrides = [f"method={method}", f"data.target={target}", f"data.target_fraction={fraction}", f"seed={seed}",
                  "trainer.max_epochs=3", *extra]
@@ -143,15 +143,27 @@ def test_report_to_wandb_offline(tmp_path, monkeypatch):
     assert any(run_dir.glob("*.wandb")) and list(run_dir.rglob("*.png"))
 
 
+def test_report_reads_runs_logged_to_wandb_with_wandb_off(tmp_path):
+    """A job logged with logger=wandb has ``logger.wandb.save_dir: ${paths.output_dir}`` ->
+    ``${hydra:runtime.output_dir}``, which only resolves inside the run: the report reads it anyway
+    (it crashed with UnsupportedInterpolationType ... full_key: logger.wandb.save_dir)."""
+    for seed in (0, 1):
+        fake_job(tmp_path / "sweep", seed, "lora", "tools", seed, wandb=True)
+    jobs = find_jobs([tmp_path / "sweep"])
+    assert [j.wandb_project for j in jobs] == ["recsys-test"] * 2
+    result = write_report([tmp_path / "sweep"], tmp_path / "out", wandb="off")
+    assert result["wandb"] is None and "2 jobs (2 ok)" in result["markdown"].read_text()
+
+
 def test_report_on_a_local_executor_sweep(tmp_path):
-    """Two jobs through submitit's local executor (hydra/launcher=local), one failing (LoRA rank 0);
-    then ``python -m recsys.evaluation.tables`` on the sweep folder."""
+    """Two jobs through submitit's local executor (hydra/launcher=local) logged with logger=wandb
+    (offline), one failing (LoRA rank 0); then ``python -m recsys.evaluation.tables`` on the sweep folder."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline",
            "OMP_NUM_THREADS": "1"}
     sweep = tmp_path / "sweep"
     p = subprocess.run(
         [sys.executable, "train.py", "-m", "hydra/launcher=local", "method.module.r=4,0", "backbone=tiny_encoder",
-         "logger=none", "callbacks.rich_progress_bar=null", "trainer.limit_train_batches=2",
+         "logger=wandb", "callbacks.rich_progress_bar=null", "trainer.limit_train_batches=2",
          "data.max_eval_users=8", "data.max_train_examples=64", "export_adapter=false",
          f"hydra.sweep.dir={sweep}", f"paths.adapter_store={tmp_path}/store"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from recsys.evaluation import ranks
 from recsys.evaluation import significance as stats
@@ -77,8 +77,15 @@ class Job:
 
 # ---------------------------------------------------------------------------------------------- reading
 def _select(cfg, key: str, default=None):
+    """The value at ``key`` with only its own leaves resolved: an interpolation that cannot be resolved
+    outside the run (``${hydra:runtime.output_dir}`` of ``paths.output_dir``, ``logger.wandb.save_dir``)
+    reads as None instead of failing the whole node."""
     value = OmegaConf.select(cfg, key, default=default, throw_on_resolution_failure=False)
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    if isinstance(value, DictConfig):
+        return {k: _select(value, str(k)) for k in value.keys()}
+    if isinstance(value, ListConfig):
+        return [_select(value, f"[{i}]") for i in range(len(value))]
+    return value
 
 
 def load_job(folder: Path) -> Job:
@@ -97,14 +104,14 @@ def load_job(folder: Path) -> Job:
         failed = json.loads((folder / "failed.json").read_text())
         status, error = "failed", str(failed.get("error", "")).strip()
     seed = _select(cfg, "seed")
-    wandb = _select(cfg, "logger.wandb")
+    project = _select(cfg, "logger.wandb.project")
     return Job(
         dir=folder, status=status, method=str(_select(cfg, "method.name", "?")),
         target=str(_select(cfg, "data.target", "?")), sources=tuple(_select(cfg, "data.sources", []) or []),
         fraction=float(_select(cfg, "data.target_fraction", 1.0) or 1.0),
         backbone=str(_select(cfg, "backbone.name", "?")), seed=int(seed) if seed is not None else None,
         overrides=overrides, metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-        error=error, wandb_project=(wandb or {}).get("project") if isinstance(wandb, dict) else None,
+        error=error, wandb_project=str(project) if project else None,
         candidates=str(_select(cfg, "data.candidates", "sampled") or "sampled"),
     )
 
