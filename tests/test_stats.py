@@ -57,6 +57,46 @@ def test_wilcoxon_agrees_with_scipy():
     assert stats.wilcoxon(a, b).p == pytest.approx(scipy_stats.wilcoxon(a, b, method="approx").pvalue, rel=1e-9)
 
 
+def test_scipy_statistics_keep_the_hand_computed_numbers():
+    """significance.py now calls scipy (t quantiles, ranks, the signed-rank test); the expected numbers are
+    what the earlier hand-written versions (a t table, an exact signed-rank count, the normal approximation
+    with the tie correction) gave on these inputs, computed before the change."""
+    rng = np.random.default_rng(7)
+    exact = (rng.random(12), rng.random(12) + 0.1)
+    ties = (np.round(rng.random(40), 1), np.round(rng.random(40), 1))
+    normal = (rng.random(80), rng.random(80))
+    for (a, b), (n, w_plus, w_minus, p, r, method) in [
+        (exact, (12, 32.0, 46.0, 0.6220703125, -0.1794871794871795, "exact")),
+        (ties, (37, 331.0, 372.0, 0.7565966916891218, -0.05832147937411095, "normal")),
+        (normal, (80, 2050.0, 1190.0, 0.03916933706903223, 0.2654320987654321, "normal")),
+    ]:
+        w = stats.wilcoxon(a, b)
+        assert (w.n, w.w_plus, w.w_minus, w.method) == (n, w_plus, w_minus, method)
+        assert w.p == pytest.approx(p, rel=1e-12) and w.r == pytest.approx(r, rel=1e-12)
+    for df, level, q in [(2, 0.95, 4.302652729749462), (9, 0.95, 2.262157162798205), (30, 0.95, 2.0422724563012378),
+                         (5, 0.9, 2.0150483733330233)]:
+        assert stats.t_quantile(df, level) == pytest.approx(q, rel=1e-12)
+    assert stats.mean_ci([0.1, 0.15, 0.3]) == pytest.approx((0.18333333333333335, 0.25855725062711316), rel=1e-12)
+    c = stats.compare_paired([0.5, 0.2, 0.9, 0.3, 0.7, 0.1, 0.6, 0.8, 0.4, 0.45],
+                             [0.4, 0.25, 0.5, 0.3, 0.6, 0.2, 0.5, 0.6, 0.35, 0.5], resamples=2000)
+    expected = {"users": 10, "mean_a": 0.495, "mean_b": 0.42, "delta": 0.075, "ci_lo": -0.005, "ci_hi": 0.165,
+                "p_bootstrap": 0.061, "p_wilcoxon": 0.13690647995474461, "wilcoxon_method": "normal",
+                "rank_biserial": 0.5555555555555556, "se_a": 0.08180260794538684, "se_b": 0.0448454134902457}
+    assert c.keys() == expected.keys()
+    for key, value in expected.items():
+        assert c[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-9, abs=1e-12)), key
+
+
+def test_a_paired_test_needs_six_users():
+    """With 2 users the old record printed r +1.000 and with 0 a Wilcoxon p of 1: fewer than 6 (where no
+    two-sided signed-rank p can reach 0.05) are refused."""
+    with pytest.raises(ValueError, match="2 paired users: too few"):
+        stats.compare_paired([0.5, 0.6], [0.1, 0.2])
+    with pytest.raises(ValueError, match="0 paired users"):
+        stats.compare_paired([], [])
+    assert stats.compare_paired(np.arange(6.0), np.zeros(6))["users"] == 6
+
+
 def test_paired_bootstrap():
     b = stats.paired_bootstrap(np.full(50, 0.6), np.full(50, 0.5), resamples=200)
     assert b.mean == pytest.approx(0.1) and b.lo == pytest.approx(0.1) and b.hi == pytest.approx(0.1) and b.p == 0.0
