@@ -228,4 +228,4 @@ def test_report_on_a_local_executor_sweep(tmp_path):
     ok = df[(df.row == "lora") & (df.variant == "method.module.r=4")].iloc[0]
     assert ok.n == 1 and not math.isnan(ok["ndcg@10_mean"])
     assert df[(df.row == "lora") & (df.variant == "method.module.r=0")].iloc[0].failed == 1
-    assert (out / "plots" / "bars_tools.png").is_file()
+    assert (out / "plots" / "bars_synthetic_tools.png").is_file()  # data identity: collection/target

@@ -354,11 +354,11 @@ def user_ndcg(job: Job, k: int = 10, split: str = "test") -> pd.Series | None:
     return pd.Series(ranks.ndcg(df["rank"], k), index=df["domain"] + "/" + df["user"]) if len(df) else None
 
 
-def _pairs(a: list[Job], b: list[Job], k: int, split_b: str) -> tuple[list, list, list[str]]:
+def _pairs(a: list[Job], b: list[Job], k: int, split_a: str, split_b: str) -> tuple[list, list, list[str], list]:
     """Per seed both rows ran on the same candidates: their per-user NDCG@k on the users both ranked;
-    and why a seed could not be paired (another candidate setting, an unreadable ranks file)."""
+    why a seed could not be paired (another candidate setting, an unreadable ranks file); the seeds paired."""
     by_seed = {j.seed: j for j in b}
-    va, vb, refused = [], [], []
+    va, vb, refused, seeds = [], [], [], []
     for ja in a:
         jb = by_seed.get(ja.seed)
         if jb is None:
@@ -368,7 +368,7 @@ def _pairs(a: list[Job], b: list[Job], k: int, split_b: str) -> tuple[list, list
             refused.append(f"seed {ja.seed}: other candidates ({diff})")
             continue
         try:
-            sa, sb = user_ndcg(ja, k), user_ndcg(jb, k, split_b)
+            sa, sb = user_ndcg(ja, k, split_a), user_ndcg(jb, k, split_b)
         except ValueError as e:
             refused.append(str(e))
             continue
@@ -376,18 +376,24 @@ def _pairs(a: list[Job], b: list[Job], k: int, split_b: str) -> tuple[list, list
             both = sa.index.intersection(sb.index)
             va.append(sa[both])
             vb.append(sb[both])
-    return va, vb, refused
+            seeds.append(ja.seed)
+    return va, vb, refused, seeds
 
 
-def paired_comparison(a: list[Job], b: list[Job], k: int = 10, resamples: int = 10_000,
-                      split_b: str = "test") -> dict | None:
-    """Paired comparison of two rows on the same users: per seed both ran on the same candidates
-    (``ranks.candidate_identity``), the per-user NDCG@k of each; differences averaged over seeds per user,
-    then a paired bootstrap and a Wilcoxon signed-rank test over users. ``split_b``: the ranks of ``b``'s
-    jobs that row ``b`` is (``zero_shot/test``, ``popularity/test``: the rows a method's run also ranks).
-    None when no seed has ranks for both; ``{"skipped": why}`` when seeds could not be paired or too few
-    users were."""
-    va, vb, refused = _pairs(a, b, k, split_b)
+def compare_groups(groups: list[tuple[list[Job], list[Job]]], k: int = 10, resamples: int = 10_000,
+                   split_a: str = "test", split_b: str = "test") -> dict | None:
+    """Paired comparison of two rows on the same users, pooled over ``groups`` (per data set: the jobs of row
+    a, of row b): per seed both ran on the same candidates (``ranks.candidate_identity``), the per-user
+    NDCG@k of each; differences averaged over seeds per user (users of other data sets stay apart), then a
+    paired bootstrap and a Wilcoxon signed-rank test over users. ``split_a``/``split_b``: the ranks each row
+    is (``zero_shot/test``, ``popularity/test``: the rows a method's run also ranks). None when no seed has
+    ranks for both; ``{"skipped": why}`` when seeds could not be paired or too few users were."""
+    va, vb, refused, seeds = [], [], [], set()
+    for i, (a, b) in enumerate(groups):  # users of one data set keyed apart from another's (same ids, other data)
+        more = _pairs(a, b, k, split_a, split_b)
+        va += [v.set_axis(f"{i}|" + v.index) for v in more[0]]
+        vb += [v.set_axis(f"{i}|" + v.index) for v in more[1]]
+        refused, seeds = refused + more[2], seeds | set(more[3])
     if not va:
         return {"skipped": "; ".join(refused)} if refused else None
     ua = pd.concat(va).groupby(level=0).mean()
@@ -396,7 +402,14 @@ def paired_comparison(a: list[Job], b: list[Job], k: int = 10, resamples: int = 
         c = stats.compare_paired(ua.to_numpy(), ub.to_numpy(), resamples=resamples)
     except ValueError as e:
         return {"skipped": str(e)}
-    return {"seeds": len(va), **c, **({"note": "; ".join(refused)} if refused else {})}
+    return {"seeds": len(seeds), "runs": len(va), **c,
+            **({"note": "; ".join(refused)} if refused else {})}
+
+
+def paired_comparison(a: list[Job], b: list[Job], k: int = 10, resamples: int = 10_000,
+                      split_b: str = "test") -> dict | None:
+    """``compare_groups`` of one data set: row a's test ranks against row b's ``split_b`` ranks."""
+    return compare_groups([(a, b)], k, resamples, "test", split_b)
 
 
 def paired_rows(jobs: list[Job], sub: pd.DataFrame) -> tuple[dict, list[dict]]:
