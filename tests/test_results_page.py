@@ -51,6 +51,7 @@ def run_folder(root: Path, name: str, method: str, target: str, seed: int, shift
 
 
 STUDY_YAML = """title: LoRA against the untrained model and popularity
+command: python train.py -m seed=0,1 backbone=tiny_encoder
 rows:
   LoRA: "lora-*"
   LoRA at start: {runs: "lora-*", split: zero_shot}
@@ -96,7 +97,8 @@ def test_page_tables_and_paired_tests(tmp_path):
     page = studies.write_page(tmp_path / "results", tmp_path / "page.md")
     assert page == studies.write_page(tmp_path / "results", tmp_path / "page2.md")
     assert "## LoRA against the untrained model and popularity" in page
-    assert "Does a LoRA adapter beat its untrained start?" in page and "Runs: `results/lora/` (4 runs)." in page
+    assert "Does a LoRA adapter beat its untrained start?" in page and "Runs: `results/lora/` (4 runs);" in page
+    assert "    python train.py -m seed=0,1 backbone=tiny_encoder" in page
     assert "### synthetic/tools (tiny:encoder)" in page and "### synthetic/toys (tiny:encoder)" in page
     lines = page.splitlines()
     start = next(line for line in lines if line.startswith("| LoRA at start | 0 1 | 8 |"))

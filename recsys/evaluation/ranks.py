@@ -33,7 +33,7 @@ CONFIGS = (".hydra/config.yaml", "config.yaml")  # a run folder's resolved confi
 # what fixes a user's candidates (recsys.data.candidates.eval_candidates: domain, user, split, seed, sampling,
 # negatives; or the retriever's top K); the data root and a retriever compared by their folder's name
 CANDIDATE_KEYS = ("data.collection", "data.target", "data.root", "seed", "data.num_negatives",
-                  "data.candidate_sampling", "data.candidates", "data.retriever", "data.retrieve_k")
+                  "data.candidate_sampling", "data.candidates", "data.retriever", "data.retrieve_k", "data.protocol")
 VAL_KEYS = ("data.train_on_val", "data.selection_share")  # which users the val split holds
 
 

@@ -25,6 +25,7 @@ in the repository. A file over 20 MB is refused.
 - ``study.yaml`` (optional): the study's title, its rows and the pairs it tests::
 
       title: "X-Cross vs the target LoRA, three directions"
+      command: "python train.py -m experiment=xcross_amazon_cpu data.target=games,toys,beauty seed=0,1,2"
       rows:                         # label: the run folders of the row (fnmatch patterns, or a list of them)
         X-Cross: "xcross-*"
         X-Cross at start: {runs: "xcross-*", split: zero_shot}   # the untrained module of the same runs
@@ -151,6 +152,7 @@ class StudySettings:
     """``results/<study>/study.yaml`` (module docstring)."""
 
     title: str | None = None
+    command: str | None = None  # how the study's runs were made (an experiment preset, a script), shown on the page
     rows: dict | None = None
     compare: list | None = None
 
@@ -177,6 +179,7 @@ class Study:
     title: str
     text: str
     jobs: list  # tables.Job of its runs
+    command: str = ""
     rows: list[Row] = field(default_factory=list)
     compare: list[tuple[str, str]] = field(default_factory=list)
 
@@ -217,7 +220,7 @@ def load_study(folder: Path) -> Study:
     settings = checked(StudySettings, raw if isinstance(raw, dict) else {}, where)
     text = (folder / STUDY_TEXT).read_text().strip() if (folder / STUDY_TEXT).is_file() else ""
     jobs = tables.find_jobs([folder]) if any(p.is_dir() for p in folder.iterdir()) else []
-    study = Study(folder, settings.title or folder.name, text, jobs)
+    study = Study(folder, settings.title or folder.name, text, jobs, command=settings.command or "")
     if settings.rows:
         study.rows = [_row_spec(str(label), spec, where) for label, spec in settings.rows.items()]
     else:
@@ -268,6 +271,15 @@ def _check_one_run_per_seed(study: Study, row: Row, runs: list) -> None:
                         f"{twice[0]} on one data set ({', '.join(names)}): give each its own row")
 
 
+def _users(job, split: str) -> int | None:
+    """The users a run ranked in ``split`` (its ranks file; else its ``data/test_examples``)."""
+    try:
+        return int((ranks.read(job.dir)["split"] == split).sum())
+    except (OSError, ValueError, EOFError):
+        n = job.metrics.get("data/test_examples")
+        return int(n) if n is not None else None
+
+
 def row_table(study: Study, key: tuple) -> str:
     """The Markdown table of one data set of a study: a line a row label with runs on it."""
     head = ["row", "seeds", "users", "NDCG@10 (mean ± SE)", "NDCG@10 95% interval", "HR@10", "MRR",
@@ -280,7 +292,7 @@ def row_table(study: Study, key: tuple) -> str:
         ok = sorted((j for j in runs if j.status == "ok"), key=lambda j: str(j.seed))
         _check_one_run_per_seed(study, row, ok)
         values = {m: [j.metrics.get(f"{row.metric_prefix}{m}") for j in ok] for m in ("ndcg@10", "hr@10", "mrr")}
-        users = sorted({int(j.metrics["data/test_examples"]) for j in ok if "data/test_examples" in j.metrics})
+        users = sorted({_users(j, row.ranks_split) for j in ok} - {None})
         val = [j.metrics.get(tables.SELECT) for j in ok] if row.split == "test" else []
         cells = [row.label, " ".join(str(j.seed) for j in ok) or "—", "/".join(map(str, users)) or "—",
                  _mean_se(values["ndcg@10"]), _interval(values["ndcg@10"]), _mean_se(values["hr@10"]),
@@ -323,7 +335,10 @@ def study_section(study: Study, results: str) -> list[str]:
     md = [f"## {study.title}", ""] + ([study.text, ""] if study.text else [])
     readable = [j for j in study.jobs if j.status != "unreadable"]
     failed = sum(j.status != "ok" for j in readable)
-    md += [f"Runs: `{folder}/` ({len(readable)} runs" + (f", {failed} without metrics" if failed else "") + ").", ""]
+    md += [f"Runs: `{folder}/` ({len(readable)} runs" + (f", {failed} without metrics" if failed else "")
+           + f"); this section: `{PAGE_COMMAND}`.", ""]
+    if study.command:
+        md += ["The runs were made by:", "", f"    {study.command}", ""]
     for j in study.jobs:
         if j.status == "unreadable":
             md += [f"- not read: `{folder}/{study.run_name(j)}`: {j.error[:300]}"]
