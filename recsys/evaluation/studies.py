@@ -35,6 +35,9 @@ in the repository. A file over 20 MB is refused.
         - [X-Cross, target LoRA]
         - [X-Cross, X-Cross at start]
 
+  A data-efficiency study names its rows by fraction (the runs named so when archived), e.g.
+  ``LoRA 100%: "lora-f1.0-*"``, ``X-Cross 25%: "xcross-f0.25-*"`` and ``compare: [[X-Cross 25%, LoRA 100%]]``:
+  the fraction changes only the training users, so runs of one seed rank the same candidates.
   ``split`` picks what a row reads of its runs: ``test`` (default: the trained model), ``zero_shot``,
   ``popularity`` or ``random`` (the ``<split>/test`` metrics and ranks). A row holds at most one run per
   data set and seed. Without ``rows``, a row per method (and variant, as ``report.py`` labels them), with
@@ -339,9 +342,13 @@ def study_section(study: Study, results: str) -> list[str]:
            + f"); this section: `{PAGE_COMMAND}`.", ""]
     if study.command:
         md += ["The runs were made by:", "", f"    {study.command}", ""]
-    for j in study.jobs:
-        if j.status == "unreadable":
-            md += [f"- not read: `{folder}/{study.run_name(j)}`: {j.error[:300]}"]
+    project, problems = study.folder.resolve().parent.parent, []
+    for j in study.jobs:  # their errors with no machine's path (a parser names the file it read)
+        if j.status != "ok":
+            why = portable(j.error, project) or "no metrics.json (killed, or still running)"
+            problems.append(f"- {'not read' if j.status == 'unreadable' else j.status}: "
+                            f"`{folder}/{study.run_name(j)}`: {why[:300]}")
+    md += problems + ([""] if problems else [])
     if not readable:
         return md + ["No runs yet.", ""]
     for key in data_sets(study):

@@ -569,10 +569,12 @@ def group_tables(jobs: list[Job], df: pd.DataFrame) -> list[tuple[str, pd.DataFr
     """Per group (in ``df``'s order): its title, its rows, its Markdown table (with the paired tests below
     it) and the paired comparisons."""
     out = []
-    for title, sub in df.groupby("group", sort=False):
+    for title, sub in (df.groupby("group", sort=False) if len(df) else []):
         in_group = [j for j in jobs if j.status != "unreadable" and group_name(j.group) == title]
         marks, comparisons = paired_rows(in_group, sub)
         table = markdown_table(sub, marks)
+        if best_row(sub) is None and (sub.kind == "method").any():
+            table += f"\n\nNo run has {SELECT} (validation): no best row is chosen, none is paired (test never chooses)."
         if comparisons:
             table += ("\n\nPaired on the same users (per-user NDCG@10 from ranks.csv.gz, averaged over the seeds "
                       "both ran on the same candidates; ± standard error over users): \n\n" + paired_markdown(comparisons))
