@@ -275,3 +275,23 @@ def test_report_pairs_only_runs_of_the_same_candidates(tmp_path):
     md = (tmp_path / "report" / "report.md").read_text()
     assert "not paired: seed 0: other candidates (data.num_negatives: 19 vs 49)" in md
     assert "| 1 (exact) |" not in md and "| 1 (normal) |" not in md
+
+
+def test_a_broken_ranks_file_is_one_line_and_the_report_goes_on(tmp_path, capsys):
+    """A ranks.csv.gz that is not gzip: ``ranks --paired`` says so in one line (a traceback before), and the
+    report lists that pair as not paired, naming the file, and pairs the others."""
+    root = tmp_path / "multirun"
+    for seed in (0, 1):
+        job(root, 3 * seed, "sasrec", seed, A_RANKS)
+        job(root, 3 * seed + 1, "lora", seed, B_RANKS, val=0.0)
+        job(root, 3 * seed + 2, "joint", seed, B_RANKS, val=0.0)
+    for seed in (0, 1):
+        (root / str(3 * seed + 2) / ranks.FILE).write_bytes(b"not gzip")
+    with pytest.raises(SystemExit) as e:
+        ranks.main([str(root / "0"), str(root / "2"), "--paired"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "not a ranks file (BadGzipFile" in err and len(err.strip().splitlines()) == 1
+    write_report([root], tmp_path / "report", wandb="off")
+    paired = pd.read_csv(next((tmp_path / "report" / "tables").glob("*_paired.csv"))).set_index("b")
+    assert "ranks.csv.gz: not a ranks file" in paired.loc["joint", "skipped"]
+    assert paired.loc["lora", "p_wilcoxon"] == pytest.approx(20 / 64)

@@ -160,15 +160,22 @@ def rename_split(folder: str | Path | None, old: str, new: str) -> None:
 
 
 def read(path: str | Path) -> pd.DataFrame:
-    """A ranks file (or a run folder holding one), ``rank`` as nullable integers."""
+    """A ranks file (or a run folder holding one), ``rank`` as nullable integers; FileNotFoundError when missing,
+    ValueError naming the file when it is no ranks file (not gzip, not CSV, columns missing)."""
     path = Path(path)
     if path.is_dir():
         path = path / FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such ranks file (a run from before per-user ranks has none: "
                                 f"python evaluate.py run_dir=<the run folder> writes one in its own folder)")
-    df = pd.read_csv(path, dtype={"user": str, "target": str, "domain": str, "split": str})
-    df["rank"] = df["rank"].astype("Int64")
+    try:
+        df = pd.read_csv(path, dtype={"user": str, "target": str, "domain": str, "split": str})
+        df["rank"] = df["rank"].astype("Int64")
+    except (OSError, EOFError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:  # not gzip, not CSV, ...
+        raise ValueError(f"{path}: not a ranks file ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: not a ranks file (no columns {missing})")
     return df
 
 

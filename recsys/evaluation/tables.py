@@ -346,10 +346,7 @@ def user_ndcg(job: Job, k: int = 10, split: str = "test") -> pd.Series | None:
     path = job.dir / ranks.FILE
     if job.status != "ok" or not path.is_file():
         return None
-    try:
-        df = ranks.read(path)
-    except Exception as e:  # noqa: BLE001 - not gzip, not CSV, columns missing: one line, the report goes on
-        raise ValueError(f"{path}: {type(e).__name__}: {_line(e)}") from None
+    df = ranks.read(path)  # ValueError naming the file when it is no ranks file
     df = df[df["split"] == split]
     return pd.Series(ranks.ndcg(df["rank"], k), index=df["domain"] + "/" + df["user"]) if len(df) else None
 
