@@ -88,6 +88,16 @@ def test_archive_copies_small_files_without_machine_paths(tmp_path):
         studies.archive(run, tmp_path / "again")
 
 
+def test_archive_command_on_a_broken_run_is_one_line(tmp_path, capsys):
+    run = run_folder(tmp_path, "run", "lora", "tools", 0)
+    (run / ".hydra" / "config.yaml").write_text("a: [unclosed")
+    with pytest.raises(SystemExit) as e:
+        studies.archive_main([str(run), str(tmp_path / "results" / "s" / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "not a readable config" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "results").exists()
+
+
 def test_page_tables_and_paired_tests(tmp_path):
     """Two seeds on two data sets: a table per data set, paired tests per data set and pooled; the page is
     the same bytes when generated twice."""
@@ -127,7 +137,8 @@ def test_page_of_empty_and_partial_results(tmp_path, capsys):
     (bad / "config.yaml").write_text("a: [unclosed")
     (bad / "metrics.json").write_text("{}")
     page = studies.write_page(results, tmp_path / "page.md")
-    assert "- not read: `results/later/broken-run`: ParserError" in page and str(tmp_path) not in page
+    assert "- not read: `results/later/broken-run`: ValueError: results/later/broken-run/config.yaml: not a readable config" \
+        in page and str(tmp_path) not in page
     with pytest.raises(SystemExit) as e:
         studies.report_main([str(tmp_path / "missing"), "--page", str(tmp_path / "page.md")])
     assert e.value.code == 2 and "no such folder" in capsys.readouterr().err

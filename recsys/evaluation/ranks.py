@@ -56,14 +56,25 @@ def config_file(folder: str | Path) -> Path | None:
 
 def run_config(folder: str | Path):
     """The config of what a run folder evaluated: its own, or for an ``evaluate.py run_dir=<run>`` folder the
-    evaluated run's (whose data and seed it used); None without a config."""
+    evaluated run's (whose data and seed it used); None without a config, ValueError for a broken one."""
     path = config_file(folder)
     if path is None:
         return None
-    cfg = OmegaConf.load(path)
+    cfg = _load(path)
     evaluated = select(cfg, "run_dir")
     inner = config_file(Path(str(evaluated))) if evaluated else None
-    return OmegaConf.load(inner) if inner is not None else cfg
+    return _load(inner) if inner is not None else cfg
+
+
+def _load(path: Path):
+    """A config file; ValueError naming it when it is no YAML mapping."""
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # noqa: BLE001 - yaml's and omegaconf's errors: one line naming the file
+        raise ValueError(f"{path}: not a readable config ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    if not isinstance(cfg, DictConfig):
+        raise ValueError(f"{path}: not a config (a YAML mapping)")
+    return cfg
 
 
 def candidate_identity(cfg, split: str = "test") -> dict:

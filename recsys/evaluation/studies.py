@@ -143,8 +143,8 @@ def archive_main(argv: list[str] | None = None) -> list[Path]:
     args = p.parse_args(argv)
     try:
         written = archive(args.run, args.dest)
-    except UserError as e:
-        p.exit(2, f"error: {e}\n")
+    except (UserError, OSError, ValueError) as e:  # a broken config or failed.json too: one line
+        p.exit(2, f"error: {args.run}: {' '.join(str(e).split())}\n")
     print(f"wrote {', '.join(str(f) for f in written)}")
     return written
 
