@@ -64,7 +64,8 @@ from bench_likelihood import LikelihoodPart  # noqa: E402
 from bench_lora import LoRAPart  # noqa: E402
 from bench_shared import SharedPromptPart  # noqa: E402
 from bench_tools import (  # noqa: E402
-    H100_BF16_TFLOPS, PARTS, DirectTrainer, Meter, Models, batches_needed, make_batches, make_optimizer, quiet, to_device,
+    H100_BF16_TFLOPS, PARTS, DirectTrainer, Meter, Models, batches_needed, make_batches, make_optimizer, quiet,
+    to_device,
 )
 from bench_weaverec import WeaveRecPart  # noqa: E402
 from bench_xcross import XCrossPart  # noqa: E402

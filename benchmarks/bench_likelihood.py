@@ -1,7 +1,5 @@
-"""Part 4 (decoders): likelihood scoring with the prompt's KV cache reused against each candidate's full prompt.
-
-A part of the throughput benchmark (``python benchmarks/bench.py --parts likelihood``): a mixin of ``bench.Bench``,
-whose shared pieces (``self.add``, ``self.lora``, the batches, the meter) it uses."""
+"""Part 4 (decoders): likelihood scoring with the prompt's KV cache reused against each candidate's full prompt
+(``--parts likelihood``, a mixin of ``bench.Bench``)."""
 
 from __future__ import annotations
 
@@ -9,20 +7,8 @@ from functools import partial
 
 import torch
 
-from bench_tools import (
-    alternate,
-    autocast,
-    direct,
-    infer_step,
-    likelihood_scores_batched,
-    make_batches,
-    mem_ratio,
-    per_step,
-    round_ratios,
-    span,
-    to_device,
-    verdict,
-)
+from bench_tools import (alternate, autocast, direct, infer_step, likelihood_scores_batched, make_batches,
+    mem_ratio, per_step, round_ratios, span, to_device, verdict)
 
 
 class LikelihoodPart:

@@ -1,29 +1,12 @@
-"""Part 1-2 and 7: the LoRA module's training and evaluation against a plain transformers + peft loop, and the model FLOPs (MFU).
-
-A part of the throughput benchmark (``python benchmarks/bench.py --parts lora``): a mixin of ``bench.Bench``,
-whose shared pieces (``self.add``, ``self.lora``, the batches, the meter) it uses."""
+"""Part 1-2 and 7: the LoRA module's training and evaluation against a plain transformers + peft loop, and the
+model FLOPs (MFU) (``--parts lora``, a mixin of ``bench.Bench``)."""
 
 from __future__ import annotations
 
 from functools import partial
 
-from bench_tools import (
-    DirectTrainer,
-    PlainLoRA,
-    alternate,
-    batch_lengths,
-    copy_modes,
-    direct,
-    eval_mode,
-    infer_step,
-    lora_step_flops,
-    mem_ratio,
-    per_step,
-    round_ratios,
-    span,
-    tokens,
-    verdict,
-)
+from bench_tools import (DirectTrainer, PlainLoRA, alternate, batch_lengths, copy_modes, direct, eval_mode,
+    infer_step, lora_step_flops, mem_ratio, per_step, round_ratios, span, tokens, verdict)
 
 
 class LoRAPart:

@@ -1,7 +1,5 @@
-"""Part 3 (decoders): LoRA training with the prompt shared across candidates against the per-candidate batch.
-
-A part of the throughput benchmark (``python benchmarks/bench.py --parts shared``): a mixin of ``bench.Bench``,
-whose shared pieces (``self.add``, ``self.lora``, the batches, the meter) it uses."""
+"""Part 3 (decoders): LoRA training with the prompt shared across candidates against the per-candidate batch
+(``--parts shared``, a mixin of ``bench.Bench``)."""
 
 from __future__ import annotations
 
@@ -9,19 +7,8 @@ from functools import partial
 
 import torch
 
-from bench_tools import (
-    DirectTrainer,
-    alternate,
-    direct,
-    make_batches,
-    make_optimizer,
-    mem_ratio,
-    per_step,
-    round_ratios,
-    span,
-    to_device,
-    verdict,
-)
+from bench_tools import (DirectTrainer, alternate, direct, make_batches, make_optimizer, mem_ratio, per_step,
+    round_ratios, span, to_device, verdict)
 
 
 class SharedPromptPart:

@@ -1,7 +1,5 @@
-"""Part 6: WeaveRec's weave-training step against N+1 LoRA steps, and merged-adapter inference against one LoRA.
-
-A part of the throughput benchmark (``python benchmarks/bench.py --parts weaverec``): a mixin of ``bench.Bench``,
-whose shared pieces (``self.add``, ``self.lora``, the batches, the meter) it uses."""
+"""Part 6: WeaveRec's weave-training step against N+1 LoRA steps, and merged-adapter inference against one LoRA
+(``--parts weaverec``, a mixin of ``bench.Bench``)."""
 
 from __future__ import annotations
 
@@ -10,19 +8,8 @@ from functools import partial
 
 import torch
 
-from bench_tools import (
-    DirectTrainer,
-    alternate,
-    direct,
-    eval_mode,
-    infer_step,
-    make_optimizer,
-    per_step,
-    random_lora_b,
-    round_ratios,
-    span,
-    verdict,
-)
+from bench_tools import (DirectTrainer, alternate, direct, eval_mode, infer_step, make_optimizer, per_step,
+    random_lora_b, round_ratios, span, verdict)
 
 
 class WeaveRecPart:

@@ -1,7 +1,5 @@
-"""Part 5: an X-Cross step / inference with n source adapters against n LoRA steps / inferences.
-
-A part of the throughput benchmark (``python benchmarks/bench.py --parts xcross``): a mixin of ``bench.Bench``,
-whose shared pieces (``self.add``, ``self.lora``, the batches, the meter) it uses."""
+"""Part 5: an X-Cross step / inference with n source adapters against n LoRA steps / inferences (``--parts
+xcross``, a mixin of ``bench.Bench``)."""
 
 from __future__ import annotations
 
@@ -12,21 +10,8 @@ from functools import partial
 
 import torch
 
-from bench_tools import (
-    Block,
-    DirectTrainer,
-    alternate,
-    direct,
-    eval_mode,
-    infer_step,
-    make_optimizer,
-    mem_ratio,
-    per_step,
-    random_lora_b,
-    round_ratios,
-    span,
-    verdict,
-)
+from bench_tools import (Block, DirectTrainer, alternate, direct, eval_mode, infer_step, make_optimizer, mem_ratio,
+    per_step, random_lora_b, round_ratios, span, verdict)
 
 
 class XCrossPart:
