@@ -14,15 +14,15 @@ ENV PYTHONUNBUFFERED=1 \
     RECSYS_DATA=/data
 
 WORKDIR /opt/recsys
-# the CUDA build of the pinned torch first: `pip install .` then finds torch==2.13.0 satisfied
+# the CUDA build of the locked torch (requirements.lock) first: `pip install .` then finds torch==2.13.0 satisfied
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
 COPY requirements-embedded.txt ./
 RUN pip install --no-cache-dir --no-deps -r requirements-embedded.txt
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY recsys ./recsys
 COPY conf ./conf
 COPY hydra_plugins ./hydra_plugins
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir -c requirements.lock .
 
 RUN useradd --create-home --uid 1000 --user-group recsys \
     && mkdir -p /work/outputs /work/artifacts /cache /data \

@@ -6,9 +6,8 @@ downloaded here), with its own tokenizer folder, and LoRA on the preset's target
 from pathlib import Path
 
 import pytest
+from conftest import compose_config
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PRESETS = {  # preset -> the transformers config class of its architecture
@@ -18,9 +17,7 @@ PRESETS = {  # preset -> the transformers config class of its architecture
 
 
 def compose_train(*overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=["paths.output_dir=/tmp/recsys-test-presets", *overrides])
+    return compose_config("train", "paths.output_dir=/tmp/recsys-test-presets", *overrides)
 
 
 def test_every_preset_is_tested():

@@ -24,6 +24,7 @@ from torch import nn
 import recsys.pipeline.run as run
 from recsys.core.errors import UserError, checked
 from recsys.methods.base import RecModule, RunInfo
+from conftest import compose_config, paths_under
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -49,11 +50,8 @@ class ItemBagModule(RecModule):
 
 
 def config(tmp: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.output_dir={tmp}", f"paths.adapter_store={tmp / 'store'}",
-                                          f"paths.cache_dir={tmp / 'cache'}", "trainer.max_epochs=1",
-                                          "+trainer.limit_train_batches=4", "data.max_eval_users=16",
-                                          "logger=none", *overrides])
+    cfg = compose_config("train", *paths_under(tmp), "trainer.max_epochs=1", "+trainer.limit_train_batches=4",
+                         "data.max_eval_users=16", "logger=none", *overrides)
     cfg.method = OmegaConf.create({
         "name": "item_bag", "mix": "target", "export": False,
         "module": {"_target_": f"{__name__}.ItemBagModule", "dim": 8, "scheduler": "${recipe.scheduler}",

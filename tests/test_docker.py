@@ -43,12 +43,12 @@ def test_python_torch_user_volumes_entrypoint():
     assert version, base  # the base image's own Python, no apt python
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert tuple(map(int, version.groups())) >= tuple(map(int, project["requires-python"].lstrip(">=").split(".")))
-    torch_pin = next(d for d in project["dependencies"] if d.startswith("torch=="))
+    torch_pin = next(d for d in (REPO / "requirements.lock").read_text().splitlines() if d.startswith("torch=="))
     runs = [a for k, a in ins if k == "RUN"]
     assert any(f"pip install --no-cache-dir {torch_pin} --index-url https://download.pytorch.org/whl/cu" in r
                for r in runs)
     torch_at = next(i for i, r in enumerate(runs) if torch_pin in r)
-    package_at = next(i for i, r in enumerate(runs) if r.rstrip().endswith("pip install --no-cache-dir ."))
+    package_at = next(i for i, r in enumerate(runs) if r.rstrip().endswith("pip install --no-cache-dir -c requirements.lock ."))
     assert torch_at < package_at  # the CUDA torch first: the package's torch pin is then satisfied
     assert "apt-get" not in DOCKERFILE and "HF_HUB_OFFLINE" not in DOCKERFILE
     (user,) = [a for k, a in ins if k == "USER"]

@@ -17,8 +17,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from safetensors.torch import save_file
 
 from recsys.pipeline import scale, stages
@@ -32,6 +30,7 @@ from recsys.methods.xcross import XCrossModule
 from recsys.models.adapter_store import AdapterStore, StoreError
 from recsys.models.backbone import load_backbone
 from recsys.pipeline.run import best_checkpoint, evaluate, train
+from conftest import compose_config, paths_under
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 REPO = Path(__file__).resolve().parents[1]
@@ -42,10 +41,7 @@ SYNTH = {"tools": {"source": "synthetic", "kind": "tools", "n_users": 40, "n_ite
 
 
 def config(out: Path, *overrides: str, name: str = "train"):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(name, overrides=[f"paths.output_dir={out}", f"paths.adapter_store={out.parent / 'store'}",
-                                        f"paths.cache_dir={out.parent / 'cache'}", *overrides])
+    return compose_config(name, *paths_under(out, out.parent / "store", out.parent / "cache"), *overrides)
 
 
 def export_lora(store: AdapterStore, domain: str) -> Path:

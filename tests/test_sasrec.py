@@ -18,6 +18,7 @@ from recsys.data.ids import IdCollator
 from recsys.data.retrieval import RetrievedNegatives
 from recsys.core.metrics import eval_ranks
 from recsys.methods.sasrec import SASRecModule
+from conftest import compose_config, paths_under
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`", "ignore:The ``compute`` method")
 REPO = Path(__file__).resolve().parents[1]
@@ -29,10 +30,7 @@ TINY = ["method=sasrec", "logger=none", "~callbacks.rich_progress_bar", "trainer
 
 
 def config(out: Path, *overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=[f"paths.output_dir={out}", f"paths.adapter_store={out.parent / 'store'}",
-                                           f"paths.cache_dir={out.parent / 'cache'}", *TINY, *overrides])
+    return compose_config("train", *paths_under(out, out.parent / "store", out.parent / "cache"), *TINY, *overrides)
 
 
 @pytest.fixture(scope="module")

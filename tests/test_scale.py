@@ -19,9 +19,9 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
+
+from conftest import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -29,10 +29,7 @@ TINY = ["backbone=tiny_encoder", "logger=none", "callbacks.rich_progress_bar=nul
 
 
 def compose_train(*overrides, hydra_cfg=False):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=["paths.output_dir=/tmp/recsys-test-scale", *overrides],
-                       return_hydra_config=hydra_cfg)
+    return compose_config("train", "paths.output_dir=/tmp/recsys-test-scale", *overrides, hydra_cfg=hydra_cfg)
 
 
 def env() -> dict:

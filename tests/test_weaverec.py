@@ -17,8 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -33,9 +31,9 @@ from recsys.models.head import ScoringHead
 from recsys.models.merging import MERGE_RULES, lora_delta
 from recsys.models.scoring import likelihood_scores, pair_scores
 from recsys.pipeline.run import build_datamodule, build_module, evaluate, train
+from conftest import compose_config, paths_under
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # steps run without a Trainer
-CONF = Path(__file__).resolve().parents[1] / "conf"
 ROWS = ("hr@1", "hr@3", "hr@5", "hr@10", "ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "mrr")
 TINY = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.precision=32-true", "logger=none",
         "data.max_eval_users=8", "data.batch_size=4", "data.eval_batch_size=8", "zero_shot=false",
@@ -46,10 +44,7 @@ SYNTH = {"tools": {"source": "synthetic", "num_users": 60, "num_items": 80, "see
 
 
 def config(tmp: Path, *overrides: str, name: str = "train", store: Path | None = None):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(name, overrides=[f"paths.output_dir={tmp}", f"paths.adapter_store={store or tmp / 'store'}",
-                                        f"paths.cache_dir={tmp}/cache", *overrides])
+    return compose_config(name, *paths_under(tmp, store, tmp / "cache"), *overrides)
 
 
 def run_train(tmp: Path, *overrides: str, store: Path | None = None) -> dict:

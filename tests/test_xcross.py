@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
@@ -35,10 +34,10 @@ from recsys.models.adapter_store import AdapterStore
 from recsys.models.backbone import load_backbone
 from recsys.models.integrator import XCrossModel
 from recsys.pipeline.run import build_backbone, build_datamodule, build_module, evaluate, train
+from conftest import compose_config, paths_under
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
 ROWS = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr")
 CONTRACT = (
     [f"test/{k}" for k in ROWS] + [f"val/{k}" for k in ROWS]
@@ -55,11 +54,7 @@ BACKBONES = {"tiny_encoder": "tiny:encoder", "tiny_decoder": "tiny:decoder"}
 
 
 def config(tmp: Path, *overrides: str, name: str = "train", store: Path | None = None, hydra_cfg: bool = False):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(name, overrides=[f"paths.output_dir={tmp}", f"paths.adapter_store={store or tmp / 'store'}",
-                                        f"paths.cache_dir={tmp.parent}/cache", *overrides],
-                       return_hydra_config=hydra_cfg)
+    return compose_config(name, *paths_under(tmp, store, tmp.parent / "cache"), *overrides, hydra_cfg=hydra_cfg)
 
 
 def run_train(tmp: Path, *overrides: str, store: Path) -> dict:

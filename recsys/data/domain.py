@@ -62,7 +62,7 @@ class Domain:
         titles: title of each internal item index (non-empty, cleaned).
         user_ids: external user id of each user index.
         sequences: per user, internal item indices, oldest first.
-        stats: counts of what preprocessing dropped (for the log and the README).
+        stats: counts of what preprocessing dropped (for the log and python -m recsys.data.profile).
     """
 
     name: str

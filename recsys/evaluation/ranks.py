@@ -98,17 +98,23 @@ def differing_setting(a: dict, b: dict) -> str | None:
 
 class RankLog:
     """0-based ranks (float, ``inf``: target not a candidate) and candidate counts of one evaluation,
-    per stage, in the order the (unshuffled) evaluation loader yields the examples."""
+    per stage, in the order the (unshuffled) evaluation loader yields the examples: ``add`` a batch's,
+    ``close`` at the end of the evaluation, ``take`` the last closed one (:func:`record`)."""
 
     def __init__(self):
         self.buf: dict[str, list[tuple[torch.Tensor, int]]] = {}
+        self.done: dict[str, list[tuple[torch.Tensor, int]]] = {}  # stage -> its last finished evaluation's
 
     def add(self, stage: str, ranks: torch.Tensor, num_candidates: int) -> None:
         self.buf.setdefault(stage, []).append((ranks.detach().double().cpu(), int(num_candidates)))
 
+    def close(self, stage: str) -> None:
+        """The evaluation of ``stage`` ended: its ranks replace the previous one's until taken."""
+        self.done[stage] = self.buf.pop(stage, [])
+
     def take(self, stage: str) -> tuple[np.ndarray, np.ndarray]:
-        """(ranks, n_candidates) of this process, emptied."""
-        parts = self.buf.pop(stage, [])
+        """(ranks, n_candidates) of this process's last closed evaluation of ``stage``, emptied."""
+        parts = self.done.pop(stage, [])
         if not parts:
             return np.zeros(0), np.zeros(0, dtype=np.int64)
         ranks = torch.cat([r for r, _ in parts]).numpy()
@@ -196,12 +202,11 @@ def ndcg(rank, k: int = 10) -> np.ndarray:
     return np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0)
 
 
-def record(module, stage: str) -> None:
-    """After an evaluation epoch of ``module`` (a ``RecModule``): write its ranks when it has a
-    ``ranks_dir`` (set by the pipeline). Validation during fit writes only an epoch that improves the
-    monitored metric (the first best, as model selection)."""
+def record(module, stage: str, folder: str | Path | None) -> None:
+    """After an evaluation of ``module`` (a ``RecModule``, its ``rank_log`` closed): write its ranks into
+    ``folder`` (every process gathers; rank 0 writes). Validation during fit writes only an epoch that
+    improves the monitored metric (the first best, as model selection)."""
     ranks, counts = gather(*module.rank_log.take(stage))
-    folder = getattr(module, "ranks_dir", None)
     trainer = module.trainer
     if folder is None or not trainer.is_global_zero or getattr(trainer, "sanity_checking", False):
         return

@@ -7,6 +7,9 @@ softmax cross-entropy of the target against its negatives (X-Cross's loss, used 
 The method contract (what the pipeline, ``recsys/pipeline/run.py`` and ``recsys/pipeline/stages.py``, asks of a method
 class; CONTRIBUTING.md walks through it):
 
+- ``name`` and ``kind`` (class attributes): the method's name (``method.name`` of
+  ``conf/method/<name>.yaml``) and what it trains (``KINDS``); the pipeline asks these, never a list
+  of names.
 - ``needs_backbone`` (class attribute, default True): False for a method without a language model
   (e.g. an ID-based baseline): the pipeline loads no backbone, attaches no tokenizer (batches then hold
   item ids, ``recsys.data.ids.IdCollator``) and passes ``backbone=None``.
@@ -15,12 +18,19 @@ class; CONTRIBUTING.md walks through it):
 - ``from_config(backbone, run, **kwargs)``: builds the module from its own config keys
   (``method.module`` less ``_target_``) and :class:`RunInfo`, the narrow typed view of the run.
 - ``train_streams()``: the DataModule's training streams it trains (None: all of them).
+- ``input_adapters()``: the stored adapter folders it was built from (the run's inputs, for the loggers).
+
+Evaluations write their per-user ranks through the pipeline's callback
+(``recsys.evaluation.ranks.RankWriter``), never through a folder set on the module.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import math
+import pkgutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,21 +101,61 @@ class RunInfo:
 
 @dataclass(frozen=True)
 class Recipe:
-    """The training recipe every method shares (``conf/recipe/default.yaml``), typed: ``recsys.pipeline.run.train``
-    checks ``cfg.recipe`` against it first, so a typo'd key or a wrong type fails before anything loads."""
+    """The training recipe every method shares, typed: ``recsys.pipeline.run.train`` checks ``cfg.recipe``
+    against it first, so a typo'd key, a missing key or a wrong type fails before anything loads.
 
-    optimizer: Mapping[str, Any] = field(default_factory=dict)  # a partial optimizer (_target_, lr, ...)
-    scheduler: str = "cosine"  # cosine | constant (after warm-up)
-    warmup_ratio: float = 0.1  # share of the steps with linear warm-up
-    max_epochs: int = 1  # epochs (trainer.max_epochs)
-    batch_size: int = 16  # training users a batch (data.batch_size)
-    gradient_clip_val: float | None = 1.0  # gradient-norm clipping (trainer.gradient_clip_val)
-    patience: int = 3  # validations without a better monitored metric before early stopping (callbacks.early_stopping)
+    The values live in one place, ``conf/recipe/default.yaml`` (:meth:`default` reads it: a module built
+    without the pipeline takes them from there); this class holds only their names and types."""
+
+    optimizer: Mapping[str, Any]  # a partial optimizer (_target_, lr, ...)
+    scheduler: str  # cosine | constant (after warm-up)
+    warmup_ratio: float  # share of the steps with linear warm-up
+    max_epochs: int  # epochs (trainer.max_epochs)
+    batch_size: int  # training users a batch (data.batch_size)
+    gradient_clip_val: float | None  # gradient-norm clipping (trainer.gradient_clip_val)
+    patience: int  # validations without a better monitored metric before early stopping (callbacks.early_stopping)
+
+    @staticmethod
+    @functools.cache
+    def default() -> "Recipe":
+        """``conf/recipe/default.yaml``, checked: the recipe of a module built without a config."""
+        from omegaconf import OmegaConf
+
+        from recsys import CONFIG_DIR
+        from recsys.core.errors import checked
+
+        path = CONFIG_DIR / "recipe" / "default.yaml"
+        return checked(Recipe, OmegaConf.to_container(OmegaConf.load(path), resolve=True), str(path))
+
+    def optimizer_factory(self) -> Callable:
+        """The recipe's optimizer as a factory of the trainable parameters (its ``_partial_`` config)."""
+        import hydra
+
+        return hydra.utils.instantiate(dict(self.optimizer), _convert_="all")
+
+
+KINDS = ("lora", "integrators", "merge", "ids")  # what a method trains (RecModule.kind)
+
+
+def method_classes() -> dict[str, type["RecModule"]]:
+    """Every method of ``recsys/methods/`` by its ``name`` (each module imported once)."""
+    import recsys.methods as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
+    found, todo = {}, [RecModule]
+    while todo:
+        cls = todo.pop(0)
+        todo.extend(cls.__subclasses__())
+        if cls.__dict__.get("name"):
+            found[cls.name] = cls
+    return dict(sorted(found.items()))
 
 
 def paper_protocol_error(cls) -> str:
-    return (f"protocol=paper needs a method that runs one language model (lora, joint, weaverec, merge_sources); "
-            f"{cls.__name__} does not: use protocol=ranking")
+    able = [n for n, c in method_classes().items() if c.one_language_model and c.needs_backbone]
+    return (f"protocol=paper needs a method that runs one language model ({', '.join(able)}); "
+            f"{cls.name or cls.__name__} does not: use protocol=ranking")
 
 
 class RecModule(L.LightningModule):
@@ -114,18 +164,24 @@ class RecModule(L.LightningModule):
     Args:
         backbone: the frozen backbone (model, tokenizer, kind).
         optimizer: a partial optimizer factory taking the trainable parameters
-            (``_partial_: true`` in the config); default AdamW(lr=1e-3).
-        warmup_ratio: share of the steps with linear warm-up; then cosine decay (``scheduler=cosine``)
-            or constant (``scheduler=constant``).
+            (``_partial_: true`` in the config); None: the default recipe's (``Recipe.default``).
+        scheduler: ``cosine`` (decay after warm-up) | ``constant``; None: the default recipe's.
+        warmup_ratio: share of the steps with linear warm-up; None: the default recipe's.
         scoring: ``head`` (default, pooled token -> head) or ``likelihood`` (decoders only).
     """
 
+    name: ClassVar[str] = ""  # the method's name: ``method.name`` of conf/method/<name>.yaml
+    kind: ClassVar[str] = ""  # what it trains (KINDS): lora (one LoRA adapter and head: evaluate.py adapter= rebuilds
+    #   a stored one) | integrators (on frozen stored adapters) | merge (adapters merged into one) | ids (no language model)
     one_language_model: ClassVar[bool] = True  # the paper protocol generates with ``self.model`` (X-Cross: False)
     needs_backbone: ClassVar[bool] = True  # False: no language model; the pipeline passes backbone=None
 
-    def __init__(self, backbone: Backbone | None, optimizer: Callable | None = None, scheduler: str = "cosine",
-                 warmup_ratio: float = 0.1, scoring: str = "head"):
+    def __init__(self, backbone: Backbone | None, optimizer: Callable | None = None, scheduler: str | None = None,
+                 warmup_ratio: float | None = None, scoring: str = "head"):
         super().__init__()
+        recipe = Recipe.default() if None in (optimizer, scheduler, warmup_ratio) else None
+        scheduler = recipe.scheduler if scheduler is None else scheduler
+        warmup_ratio = recipe.warmup_ratio if warmup_ratio is None else warmup_ratio
         if scoring not in ("head", "likelihood"):
             raise UserError(f"method.scoring={scoring!r} is unknown: use head or likelihood")
         if scoring == "likelihood" and (backbone is None or backbone.kind != "decoder"):
@@ -138,7 +194,7 @@ class RecModule(L.LightningModule):
         self.backbone = backbone
         self.kind = backbone.kind if backbone is not None else None
         self.scoring = scoring
-        self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
+        self.optimizer_factory = optimizer or recipe.optimizer_factory()
         self.scheduler, self.warmup_ratio = scheduler, warmup_ratio
         self.metrics = nn.ModuleDict({"val": RankingMetrics(), "test": RankingMetrics()})
         self.strict_loading = False  # checkpoints hold only the trainable weights
@@ -148,8 +204,8 @@ class RecModule(L.LightningModule):
         self.paper: PaperProtocol | None = None  # the paper protocol, when enabled (enable_paper_protocol)
         self.chance = ChanceCheck()  # training losses after warm-up: a run that stays at ln C is flagged
         self.warmup_steps = 0  # set by configure_optimizers
-        self.rank_log = ranks.RankLog()  # per-user ranks of the current evaluation
-        self.ranks_dir = None  # the run folder: each evaluation writes ranks.csv.gz there (None: not written)
+        self.rank_log = ranks.RankLog()  # per-user ranks of the last evaluation (the pipeline's RankWriter writes them)
+        self.stored_inputs: list[Path] = []  # the stored adapters the pipeline found for it (``build``: run.adapters)
 
     def enable_paper_protocol(self, prompt) -> None:
         """WeaveRec's released protocol (``protocol=paper``, :class:`PaperProtocol`): train on the answer tokens,
@@ -176,9 +232,11 @@ class RecModule(L.LightningModule):
 
     @classmethod
     def build(cls, backbone: Backbone | None, run: RunInfo, **kwargs) -> "RecModule":
-        """``from_config``, then the run's model-selection metric and protocol (what the pipeline calls)."""
+        """``from_config``, then the run's model-selection metric, stored adapters and protocol (what the pipeline
+        calls)."""
         module = cls.from_config(backbone, run, **kwargs)
         module.monitor = run.monitor
+        module.stored_inputs = [Path(f) for f in run.adapters.values()]
         if run.paper is not None:
             module.enable_paper_protocol(run.paper)
         return module
@@ -186,6 +244,12 @@ class RecModule(L.LightningModule):
     def train_streams(self) -> set[str] | None:
         """The DataModule training streams this module trains (None: every stream)."""
         return None
+
+    def input_adapters(self) -> list[Path]:
+        """The stored adapter folders this module was built from, in order (the run's inputs, which the
+        pipeline hands to the loggers: ``recsys.pipeline.tracking.use_adapters``); by default those the
+        pipeline found for its ``required_adapters`` (``RunInfo.adapters``)."""
+        return list(self.stored_inputs)
 
     # ------------------------------------------------------------------ hooks for train.py
     def extra_params(self) -> dict[str, float]:
@@ -276,7 +340,7 @@ class RecModule(L.LightningModule):
         self.metrics[stage].reset()
         if stage == "val" and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self.val_history[self.current_epoch] = {k: float(v) for k, v in values.items()}
-        ranks.record(self, stage)  # ranks.csv.gz in self.ranks_dir (set by the pipeline)
+        self.rank_log.close(stage)  # this evaluation's ranks, for the pipeline's ranks.RankWriter
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")

@@ -18,6 +18,8 @@ from recsys.models.backbone import Backbone
 class JointLoRAModule(LoRAModule):
     """LoRA + head trained on the pooled target and source examples (see ``LoRAModule``)."""
 
+    name = "joint"
+
     @classmethod
     def from_config(cls, backbone: Backbone, run: RunInfo, **kwargs) -> "JointLoRAModule":
         if run.mix != "joint" or not run.sources:

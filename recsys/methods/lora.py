@@ -38,10 +38,14 @@ class LoRAModule(RecModule):
         **kwargs: ``RecModule`` arguments (optimizer, scheduler, warmup_ratio, scoring).
     """
 
+    name = "lora"
+    kind = "lora"
+
     def __init__(self, backbone: Backbone, r: int = 8, alpha: float = 16, dropout: float = 0.05,
                  target_modules: list[str] | None = None, adapter: str | None = None, **kwargs):
         super().__init__(backbone, **kwargs)
         self.lora = lora_config(backbone, r, alpha, dropout, target_modules)
+        self.adapter = adapter
         if adapter:
             self.model = load_into(backbone.model, {"default": adapter}, trainable=True)
         else:
@@ -77,6 +81,10 @@ class LoRAModule(RecModule):
         module = cls(backbone, adapter=str(folder), **kwargs)
         module.load_head(head)
         return module
+
+    def input_adapters(self) -> list[Path]:
+        """The stored adapter it started from (``adapter``: ``evaluate.py adapter=``), if any."""
+        return [Path(self.adapter)] if self.adapter else super().input_adapters()
 
     def load_head(self, state: dict | None) -> None:
         if state is not None and self.head is not None:

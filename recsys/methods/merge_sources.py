@@ -44,6 +44,9 @@ class MergeSourcesModule(RecModule):
         **kwargs: ``RecModule`` arguments (scoring; optimizer and schedule are unused).
     """
 
+    name = "merge_sources"
+    kind = "merge"
+
     def __init__(self, backbone: Backbone, folders: dict[str, str], merge: dict | None = None,
                  heads: dict[str, dict] | None = None, head: str = "target", **kwargs):
         super().__init__(backbone, **kwargs)

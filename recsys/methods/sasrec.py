@@ -79,6 +79,8 @@ class SASRecModule(RecModule):
         **kwargs: ``RecModule`` arguments (optimizer, scheduler, warmup_ratio).
     """
 
+    name = "sasrec"
+    kind = "ids"
     needs_backbone = False  # the pipeline loads no language model (batches of item ids, recsys.data.ids)
 
     def __init__(self, num_items: int, max_len: int = 50, hidden: int = 64, blocks: int = 2, heads: int = 1,

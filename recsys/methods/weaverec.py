@@ -108,6 +108,8 @@ class WeaveRecModule(RecModule):
         **kwargs: ``RecModule`` arguments (optimizer, scheduler, warmup_ratio, scoring).
     """
 
+    name, kind = "weaverec", "merge"  # its stored hybrids reach the loggers as RecModule.input_adapters
+
     def __init__(self, backbone: Backbone, target: str, sources: list[str], r: int = 8, alpha: float = 16,
                  dropout: float = 0.05, target_modules: list[str] | None = None, head: str = "per_branch",
                  merge: dict | None = None, reuse: dict[str, str] | None = None, validate_branches: bool = True,
@@ -139,7 +141,6 @@ class WeaveRecModule(RecModule):
         self.merged_head = None
         if self.heads is not None and head == "per_branch":
             self.merged_head = copy.deepcopy(self.heads[0]).requires_grad_(False)
-
         self.weave = Weave(self.model, self.branches)  # which adapter is active, which weights train
 
         self.branch_val = BranchValidation(len(self.branches))  # branch<i>/val/... (validate_branches)

@@ -76,6 +76,8 @@ class XCrossModule(RecModule):
         **kwargs: ``RecModule`` arguments (optimizer, scheduler, warmup_ratio); scoring is ``head``.
     """
 
+    name = "xcross"
+    kind = "integrators"
     one_language_model = False  # n streams, not one causal LM: no paper protocol (generation)
 
     def __init__(self, backbone: Backbone, adapters: dict[str, str], beta: float = 1.0, gamma: float = 1.0,
@@ -108,6 +110,10 @@ class XCrossModule(RecModule):
         self.lora_reference = sum(
             p.numel() for k, p in peft_model.named_parameters() if f".{names[0]}." in k and "lora_" in k
         )
+
+    def input_adapters(self) -> list[Path]:
+        """The source adapters, in stream order (the store's, or ``adapters`` given by hand)."""
+        return [Path(f) for f in self.source_folders.values()]
 
     @staticmethod
     def _initial_head(heads: dict, head_init: str) -> dict | None:

@@ -47,7 +47,6 @@ from recsys.core.errors import UserError
 
 MANIFEST = "manifest.json"
 HEAD = "head.safetensors"
-READ: list[Path] = []  # adapter folders this process has read (load_head), in order: a run's inputs (recsys/pipeline/tracking.py)
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -368,7 +367,6 @@ class AdapterStore:
 
     @staticmethod
     def load_head(folder: str | os.PathLike) -> dict[str, torch.Tensor] | None:
-        READ.append(Path(folder))
         f = Path(folder) / HEAD
         if not f.is_file():
             return None

@@ -28,7 +28,7 @@ from recsys.pipeline import scale, speed, stages, tracking
 from recsys.data.datamodule import RecDataModule
 from recsys.core.errors import UserError, checked
 from recsys.core.files import write_json
-from recsys.methods.base import Recipe, RecModule, RunInfo, paper_protocol_error
+from recsys.methods.base import Recipe, RecModule, RunInfo, method_classes, paper_protocol_error
 from recsys.core.metrics import PAPER_KEYS, REPORT_KEYS
 from recsys.models import adapter_store
 from recsys.models.adapter_store import AdapterStore
@@ -108,6 +108,7 @@ def build_module(cfg: DictConfig, backbone, dm: RecDataModule, store: AdapterSto
 
 def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks.append(tracking.RankWriter(cfg.paths.output_dir))  # per-user ranks (ranks.csv.gz) of every evaluation
     loggers = []
     for c in (cfg.get("logger") or {}).values():
         if not c:
@@ -173,16 +174,17 @@ def completed_metrics(cfg: DictConfig) -> dict | None:
     return json.loads(metrics.read_text())
 
 
-def zero_shot_test(trainer: L.Trainer, module: RecModule, dm: RecDataModule) -> dict:
+def zero_shot_test(trainer: L.Trainer, module: RecModule, dm: RecDataModule, out_dir: Path) -> dict:
     """The untrained module's test metrics as ``zero_shot/test/...``: a test of its own, before training, that
-    the loggers get with the run's other metrics at the end (not as ``test/...`` at step 0)."""
+    the loggers get with the run's other metrics at the end (not as ``test/...`` at step 0); its per-user
+    ranks in ``out_dir`` become the ``zero_shot/test`` rows."""
     loggers, trainer.loggers = trainer.loggers, []
     try:
         out = trainer.test(module, datamodule=dm, verbose=False, weights_only=True)[0]
     finally:
         trainer.loggers = loggers
     if trainer.is_global_zero:
-        ranks.rename_split(module.ranks_dir, "test", "zero_shot/test")  # its per-user ranks, apart from the final test's
+        ranks.rename_split(out_dir, "test", "zero_shot/test")  # its per-user ranks, apart from the final test's
     return {f"zero_shot/{k}": v for k, v in _floats(out).items()}
 
 
@@ -204,19 +206,17 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
     backbone = build_backbone(cfg) if method_class(cfg)[0].needs_backbone else None
     attach_backbone(cfg, dm, backbone)
     store = AdapterStore(cfg.paths.adapter_store, seed=cfg.seed)
-    adapter_store.READ.clear()
     module = speed.apply(build_module(cfg, backbone, dm, store), cfg.get("speed"))
-    module.ranks_dir = out_dir  # every evaluation writes the per-user ranks (ranks.csv.gz, recsys.evaluation.ranks)
     trainer = build_trainer(cfg)
     dm.prepare_data()
     dm.setup("fit")
     metrics: dict = {"params/trainable": module.num_trainable()}
     metrics.update(module.extra_params())
     tracking.log_hyperparameters(trainer.loggers, cfg, {**metrics, "params/total": sum(p.numel() for p in module.parameters())})
-    tracking.use_adapters(trainer.loggers, adapter_store.READ)
+    tracking.use_adapters(trainer.loggers, module.input_adapters())
 
     if cfg.zero_shot:
-        metrics.update(zero_shot_test(trainer, module, dm))
+        metrics.update(zero_shot_test(trainer, module, dm, out_dir))
     trained, best = fit(cfg, trainer, module, dm, metrics)
     metrics.update(best_test_metrics(cfg, trainer, module, dm, best))
     metrics.update(module.extra_metrics())
@@ -379,35 +379,40 @@ def evaluated_config(cfg: DictConfig) -> tuple[DictConfig, Path | None]:
         saved = run_dir / ".hydra" / "config.yaml"
         if not saved.is_file():
             raise UserError(f"run_dir={run_dir} has no .hydra/config.yaml: is it a train.py run folder?")
-        run_cfg = OmegaConf.load(saved)
-        run_cfg.paths = cfg.paths  # this evaluation's own output folder
-        if "collection" not in run_cfg.data:  # a run from before data.collection: its store had no collection level
-            run_cfg.data.collection = ""
+        trained_cfg = OmegaConf.load(saved)
+        run_cfg = OmegaConf.merge(trained_cfg, evaluation_overrides(cfg, trained_cfg))
         ckpt = ckpt or best_checkpoint(run_dir)
         info = run_dir / "run.json"
         trained = json.loads(info.read_text()).get("trained", True) if info.is_file() else True
         if ckpt is None and trained:  # a run with nothing trained (merge_sources) is rebuilt from its config
             raise UserError(f"{run_dir}/checkpoints holds no checkpoint to evaluate")
-        if cfg.get("protocol") == "paper":  # evaluate.py protocol=paper on a run folder
-            run_cfg.data.protocol, run_cfg.data.num_negatives = "paper", cfg.data.num_negatives
-            run_cfg.data.paper = cfg.data.paper
-        if cfg.data.get("candidates") == "retrieved":  # a run folder re-ranking a retriever's top K
-            run_cfg.data.candidates, run_cfg.data.retriever = "retrieved", cfg.data.retriever
-            run_cfg.data.retrieve_k = cfg.data.get("retrieve_k")
     return run_cfg, (Path(ckpt) if ckpt else None)
+
+
+def evaluation_overrides(cfg: DictConfig, saved: DictConfig) -> dict:
+    """What ``evaluate.py`` (``cfg``) changes in a trained run's config (``saved``): its own output folder
+    (``paths``), and the protocol or candidates it asks for."""
+    own: dict = {"paths": cfg.paths, "data": {}}  # this evaluation's own output folder
+    if "collection" not in saved.data:  # a run from before data.collection: its store had no collection level
+        own["data"]["collection"] = ""
+    if cfg.get("protocol") == "paper":  # evaluate.py protocol=paper on a run folder
+        own["data"].update(protocol="paper", num_negatives=cfg.data.num_negatives, paper=cfg.data.paper)
+    if cfg.data.get("candidates") == "retrieved":  # a run folder re-ranking a retriever's top K
+        own["data"].update(candidates="retrieved", retriever=cfg.data.retriever, retrieve_k=cfg.data.get("retrieve_k"))
+    return own
 
 
 def adapter_module(cfg: DictConfig, run_cfg: DictConfig, dm: RecDataModule):
     """``evaluate.py adapter=<folder>``: the LoRA module that training built, from the stored adapter."""
-    from recsys.methods.lora import LoRAModule
-
-    if run_cfg.method.name not in ("lora", "joint"):
-        raise UserError("adapter= evaluates a LoRA adapter folder: use method=lora (or run_dir= for other methods)")
+    cls, kwargs = method_class(run_cfg)
+    if cls.kind != "lora":
+        able = [name for name, c in method_classes().items() if c.kind == "lora"]
+        raise UserError(f"adapter= evaluates a LoRA adapter folder: use method= one of {able} (or run_dir= for "
+                        f"{cls.name or cls.__name__})")
     folder = AdapterStore.resolve(cfg.adapter, run_cfg.seed)
     AdapterStore.verify(folder)  # before the backbone loads
     backbone = build_backbone(run_cfg)
-    _, kwargs = method_class(run_cfg)
-    module = LoRAModule.from_adapter(backbone, folder, str(run_cfg.trainer.precision), **kwargs)
+    module = cls.from_adapter(backbone, folder, str(run_cfg.trainer.precision), **kwargs)
     attach_backbone(run_cfg, dm, backbone, scoring=module.scoring)
     if dm.protocol == "paper":
         module.enable_paper_protocol(dm.paper_prompt())
@@ -421,7 +426,8 @@ def eval_trainer(cfg: DictConfig, run_cfg: DictConfig) -> tuple[L.Trainer, DictC
     log_cfg = OmegaConf.merge(run_cfg, {k: own[k] for k in ("logger", "job_type", "tags", "group", "run_name")
                                         if k in own and (k in ("logger", "job_type") or k not in run_cfg)})
     loggers = [hydra.utils.instantiate(c) for c in (log_cfg.get("logger") or {}).values() if c]
-    return hydra.utils.instantiate(run_cfg.trainer, callbacks=[], logger=loggers or False, max_epochs=0), log_cfg
+    writer = tracking.RankWriter(cfg.paths.output_dir)  # ranks.csv.gz of this evaluation
+    return hydra.utils.instantiate(run_cfg.trainer, callbacks=[writer], logger=loggers or False, max_epochs=0), log_cfg
 
 
 def evaluate(cfg: DictConfig) -> tuple[float, dict]:
@@ -436,7 +442,6 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
         scale.load_checkpoint(ckpt)  # a clear error for a cut-short or unsafe file, before anything heavy
     dm = build_datamodule(run_cfg)  # bad data settings and files fail here, before the backbone loads
     dm.load_domains()
-    adapter_store.READ.clear()
     L.seed_everything(run_cfg.seed, workers=True)
     if cfg.get("adapter"):
         module = adapter_module(cfg, run_cfg, dm)
@@ -446,7 +451,6 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
         module = build_module(run_cfg, backbone, dm, AdapterStore(run_cfg.paths.adapter_store, seed=run_cfg.seed))
     speed.apply(module, cfg.get("speed"))
     trainer, log_cfg = eval_trainer(cfg, run_cfg)
-    module.ranks_dir = Path(cfg.paths.output_dir)  # ranks.csv.gz of this evaluation (recsys.evaluation.ranks)
     tracking.log_hyperparameters(trainer.loggers, log_cfg, {"params/total": sum(p.numel() for p in module.parameters())})
     dm.prepare_data()
     dm.setup("test")
@@ -459,16 +463,18 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
     for row, values in dm.reference_metrics(split).items():
         metrics.update({f"{row}/{split}/{k}": v for k, v in values.items()})
     if trainer.is_global_zero:
-        write_results(trainer, cfg, metrics, f"evaluate {run_cfg.method.name} on {run_cfg.data.target}", split)
+        write_results(trainer, cfg, metrics, f"evaluate {run_cfg.method.name} on {run_cfg.data.target}", split,
+                      module.input_adapters())
     return float(metrics.get(f"{split}/ndcg@10", math.nan)), metrics
 
 
-def write_results(trainer: L.Trainer, cfg: DictConfig, metrics: dict, title: str, split: str) -> None:
-    """An evaluation's metrics.json, results table and logger records."""
+def write_results(trainer: L.Trainer, cfg: DictConfig, metrics: dict, title: str, split: str,
+                  inputs: list[Path]) -> None:
+    """An evaluation's metrics.json, results table and logger records (``inputs``: the adapters it read)."""
     out_dir = Path(cfg.paths.output_dir)
     write_json(out_dir / "metrics.json", metrics)
     (out_dir / "results.txt").write_text(results_table(metrics, title, split))
-    tracking.use_adapters(trainer.loggers, adapter_store.READ)
+    tracking.use_adapters(trainer.loggers, inputs)
     tracking.log_results(trainer.loggers, metrics, split, REPORT_KEYS)
     for lg in trainer.loggers:
         lg.log_metrics(metrics)

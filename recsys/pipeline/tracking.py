@@ -6,7 +6,8 @@
   the metadata);
 - :func:`use_adapters`: the store adapters a run read (X-Cross and merge sources, WeaveRec's reused
   hybrids, ``evaluate.py adapter=``) as the run's inputs, so the dashboard shows the lineage;
-- :func:`log_results`: the results table (model and reference rows) as a ``wandb.Table``.
+- :func:`log_results`: the results table (model and reference rows) as a ``wandb.Table``;
+- :class:`RankWriter`: the callback that writes every evaluation's per-user ranks into the run folder.
 
 wandb cannot record an input artifact offline (``use_artifact`` refuses), so the names of the inputs
 are always kept in the config under ``lineage/inputs``; online they are also ``use_artifact``-ed by
@@ -19,7 +20,10 @@ import logging
 import re
 from pathlib import Path
 
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from recsys.evaluation import ranks
 
 log = logging.getLogger("recsys")
 
@@ -112,3 +116,17 @@ def log_results(loggers, metrics: dict, split: str = "test", keys: tuple[str, ..
             rows.append([row, *[metrics.get(prefix + k) for k in keys]])
     for run in wandb_runs(loggers):
         run.log({"results": wandb.Table(columns=["row", *keys], data=rows)})
+
+
+class RankWriter(Callback):
+    """Writes each evaluation's per-user ranks into ``<folder>/ranks.csv.gz`` (``recsys.evaluation.ranks.record``);
+    a trainer without it writes none, and so does ``folder=None``."""
+
+    def __init__(self, folder: str | Path | None):
+        self.folder = None if folder is None else Path(folder)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        ranks.record(pl_module, "val", self.folder)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        ranks.record(pl_module, "test", self.folder)
