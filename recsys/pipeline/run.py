@@ -27,7 +27,7 @@ from recsys.evaluation import ranks
 from recsys.pipeline import scale, speed, stages, tracking
 from recsys.data.datamodule import RecDataModule
 from recsys.core.errors import UserError, checked
-from recsys.core.files import write_json
+from recsys.core.files import check_writable, read_json, write_json, write_text
 from recsys.methods.base import Recipe, RecModule, RunInfo, paper_protocol_error
 from recsys.core.metrics import PAPER_KEYS, REPORT_KEYS
 from recsys.models import adapter_store
@@ -122,7 +122,9 @@ def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if "plugins" not in overrides and "plugins" not in cfg.trainer and scale.slurm_plugins():
         overrides["plugins"] = scale.slurm_plugins()  # one requeue mechanism: scale.SlurmRequeue, not Lightning's
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+    scale.use_atomic_checkpoints(trainer)  # a full disk never leaves a truncated last.ckpt
+    return trainer
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -159,6 +161,10 @@ def results_table(metrics: dict, title: str, split: str = "test") -> str:
 
 
 # ---------------------------------------------------------------------------------------------- train
+RUN_JSON_FIX = ("train.py writes it (best checkpoint, completion): delete it and run the same command again "
+                "(hydra.run.dir of that run; its checkpoints are kept)")
+
+
 def completed_metrics(cfg: DictConfig) -> dict | None:
     """``metrics.json`` of a run that finished in this run folder under the same settings (``auto_resume``, no
     ``ckpt_path``), else None; a folder whose checkpoints are of other settings raises (``scale.check_config``)."""
@@ -166,11 +172,11 @@ def completed_metrics(cfg: DictConfig) -> dict | None:
     info, metrics, ckpts = out_dir / "run.json", out_dir / "metrics.json", out_dir / "checkpoints"
     if cfg.get("ckpt_path") or not cfg.get("auto_resume") or not info.is_file() or not metrics.is_file():
         return None
-    if not json.loads(info.read_text()).get("complete") or not (ckpts / "config.json").is_file() \
+    if not read_json(info, RUN_JSON_FIX).get("complete") or not (ckpts / "config.json").is_file() \
             or not any(ckpts.glob("*.ckpt")):
         return None
     scale.check_config(out_dir, cfg)
-    return json.loads(metrics.read_text())
+    return read_json(metrics, "delete it and run the same command again: the run is tested again from its checkpoints")
 
 
 def zero_shot_test(trainer: L.Trainer, module: RecModule, dm: RecDataModule) -> dict:
@@ -196,6 +202,9 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
         return float(done.get(cfg.optimized_metric, math.nan)), done
     if "recipe" in cfg:  # typed: a typo'd key or a wrong type fails now
         checked(Recipe, OmegaConf.to_container(cfg.recipe, resolve=True), "recipe")
+    check_writable(out_dir, "the run folder", "hydra.run.dir")  # a read-only folder fails now, not after training
+    if cfg.export_adapter and cfg.method.get("export", False):
+        check_writable(cfg.paths.adapter_store, "the adapter store", "paths.adapter_store")
     if cfg.get("auto_resume") and not cfg.get("ckpt_path") and (out_dir / "checkpoints" / "config.json").is_file():
         scale.check_config(out_dir, cfg)  # this folder's checkpoints are of other settings: say so now
     dm = build_datamodule(cfg)  # bad data settings and files fail here, before the backbone loads
@@ -290,7 +299,7 @@ def report_and_export(cfg: DictConfig, trainer: L.Trainer, module: RecModule, st
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "run.json", {"best_checkpoint": best, "trained": trained, "complete": False})
     title = f"{cfg.method.name} on {cfg.data.target} ({cfg.backbone.name}, seed {cfg.seed})"
-    (out_dir / "results.txt").write_text(results_table(metrics, title))
+    write_text(out_dir / "results.txt", results_table(metrics, title))
     if trained and cfg.export_adapter and cfg.method.get("export", False):
         folder = module.export(store, manifest=adapter_store.run_record(
             cfg.method.name, cfg.data.target, OmegaConf.to_container(cfg.data, resolve=True), cfg.seed, metrics,
@@ -359,7 +368,7 @@ def best_checkpoint(run_dir: Path) -> Path | None:
     not there."""
     info = run_dir / "run.json"
     if info.is_file():
-        best = json.loads(info.read_text()).get("best_checkpoint")
+        best = read_json(info, RUN_JSON_FIX).get("best_checkpoint")
         if best:
             mine = run_dir / "checkpoints" / Path(best).name
             if not mine.is_file():
@@ -385,7 +394,7 @@ def evaluated_config(cfg: DictConfig) -> tuple[DictConfig, Path | None]:
             run_cfg.data.collection = ""
         ckpt = ckpt or best_checkpoint(run_dir)
         info = run_dir / "run.json"
-        trained = json.loads(info.read_text()).get("trained", True) if info.is_file() else True
+        trained = read_json(info, RUN_JSON_FIX).get("trained", True) if info.is_file() else True
         if ckpt is None and trained:  # a run with nothing trained (merge_sources) is rebuilt from its config
             raise UserError(f"{run_dir}/checkpoints holds no checkpoint to evaluate")
         if cfg.get("protocol") == "paper":  # evaluate.py protocol=paper on a run folder
@@ -467,7 +476,7 @@ def write_results(trainer: L.Trainer, cfg: DictConfig, metrics: dict, title: str
     """An evaluation's metrics.json, results table and logger records."""
     out_dir = Path(cfg.paths.output_dir)
     write_json(out_dir / "metrics.json", metrics)
-    (out_dir / "results.txt").write_text(results_table(metrics, title, split))
+    write_text(out_dir / "results.txt", results_table(metrics, title, split))
     tracking.use_adapters(trainer.loggers, adapter_store.READ)
     tracking.log_results(trainer.loggers, metrics, split, REPORT_KEYS)
     for lg in trainer.loggers:
