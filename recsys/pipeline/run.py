@@ -192,6 +192,28 @@ def zero_shot_test(trainer: L.Trainer, module: RecModule, dm: RecDataModule) -> 
     return {f"zero_shot/{k}": v for k, v in _floats(out).items()}
 
 
+def run_store(cfg: DictConfig, dm: RecDataModule) -> AdapterStore:
+    """The adapter store of this run's data (``adapter_store.data_store``: one store folder a data root), knowing
+    the fingerprints of the domains read (``dm.load_domains()`` first); StoreError for a domain name that is no
+    plain name (it would be a path in the store)."""
+    for name in dm.domains:
+        adapter_store.check_name(name, f"domain name (data.target / data.sources)")
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return AdapterStore(adapter_store.data_store(cfg.paths.adapter_store, data.get("root")), seed=cfg.seed,
+                        data={n: d.fingerprint for n, d in dm.domains.items()}, settings=data,
+                        monitor=cfg.get("optimized_metric") or "val/ndcg@10",
+                        force=str(cfg.get("export_adapter")).lower() == "force")
+
+
+def exports(cfg: DictConfig) -> bool:
+    """Whether this run writes its adapter to the store (``export_adapter``: true, false or force)."""
+    value = str(cfg.get("export_adapter")).lower()
+    if value not in ("true", "false", "force"):
+        raise UserError(f"export_adapter={cfg.get('export_adapter')!r}: use true, false or force (force: replace a "
+                        "stored adapter even of better validation)")
+    return value != "false" and bool(cfg.method.get("export", False))
+
+
 def train(cfg: DictConfig) -> tuple[float, dict]:
     """Train and test one method as configured; returns (optimized metric, metrics.json content)."""
     out_dir = Path(cfg.paths.output_dir)
@@ -203,16 +225,16 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
     if "recipe" in cfg:  # typed: a typo'd key or a wrong type fails now
         checked(Recipe, OmegaConf.to_container(cfg.recipe, resolve=True), "recipe")
     check_writable(out_dir, "the run folder", "hydra.run.dir")  # a read-only folder fails now, not after training
-    if cfg.export_adapter and cfg.method.get("export", False):
-        check_writable(cfg.paths.adapter_store, "the adapter store", "paths.adapter_store")
     if cfg.get("auto_resume") and not cfg.get("ckpt_path") and (out_dir / "checkpoints" / "config.json").is_file():
         scale.check_config(out_dir, cfg)  # this folder's checkpoints are of other settings: say so now
     dm = build_datamodule(cfg)  # bad data settings and files fail here, before the backbone loads
     dm.load_domains()
+    store = run_store(cfg, dm)  # domain names checked, the store's folder derived from the data
+    if exports(cfg):
+        check_writable(store.root, "the adapter store", "paths.adapter_store")
     L.seed_everything(cfg.seed, workers=True)
     backbone = build_backbone(cfg) if method_class(cfg)[0].needs_backbone else None
     attach_backbone(cfg, dm, backbone)
-    store = AdapterStore(cfg.paths.adapter_store, seed=cfg.seed)
     adapter_store.READ.clear()
     module = speed.apply(build_module(cfg, backbone, dm, store), cfg.get("speed"))
     module.ranks_dir = out_dir  # every evaluation writes the per-user ranks (ranks.csv.gz, recsys.evaluation.ranks)
@@ -300,7 +322,11 @@ def report_and_export(cfg: DictConfig, trainer: L.Trainer, module: RecModule, st
     write_json(out_dir / "run.json", {"best_checkpoint": best, "trained": trained, "complete": False})
     title = f"{cfg.method.name} on {cfg.data.target} ({cfg.backbone.name}, seed {cfg.seed})"
     write_text(out_dir / "results.txt", results_table(metrics, title))
-    if trained and cfg.export_adapter and cfg.method.get("export", False):
+    collapsed = sorted(k for k, v in metrics.items() if k.endswith("/collapsed") and v)
+    if trained and exports(cfg) and collapsed:
+        log.warning("not exported: the training loss stayed at chance (%s): a collapsed model never replaces a stored "
+                    "adapter", ", ".join(collapsed))
+    elif trained and exports(cfg):
         folder = module.export(store, manifest=adapter_store.run_record(
             cfg.method.name, cfg.data.target, OmegaConf.to_container(cfg.data, resolve=True), cfg.seed, metrics,
             str(out_dir), str(cfg.trainer.precision)))
@@ -414,6 +440,10 @@ def adapter_module(cfg: DictConfig, run_cfg: DictConfig, dm: RecDataModule):
         raise UserError("adapter= evaluates a LoRA adapter folder: use method=lora (or run_dir= for other methods)")
     folder = AdapterStore.resolve(cfg.adapter, run_cfg.seed)
     AdapterStore.verify(folder)  # before the backbone loads
+    if (folder / adapter_store.MANIFEST).is_file():  # trained on this data?
+        why = run_store(run_cfg, dm).data_problem(folder, AdapterStore.load_manifest(folder))
+        if why:
+            raise adapter_store.StoreError(why)
     backbone = build_backbone(run_cfg)
     _, kwargs = method_class(run_cfg)
     module = LoRAModule.from_adapter(backbone, folder, str(run_cfg.trainer.precision), **kwargs)
@@ -452,7 +482,7 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
     else:
         backbone = build_backbone(run_cfg) if method_class(run_cfg)[0].needs_backbone else None
         attach_backbone(run_cfg, dm, backbone)
-        module = build_module(run_cfg, backbone, dm, AdapterStore(run_cfg.paths.adapter_store, seed=run_cfg.seed))
+        module = build_module(run_cfg, backbone, dm, run_store(run_cfg, dm))
     speed.apply(module, cfg.get("speed"))
     trainer, log_cfg = eval_trainer(cfg, run_cfg)
     module.ranks_dir = Path(cfg.paths.output_dir)  # ranks.csv.gz of this evaluation (recsys.evaluation.ranks)

@@ -20,7 +20,8 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from recsys.models.adapter_store import AdapterSpec, AdapterStore, SourceAdapterError, lora_command, mismatch
+from recsys.models.adapter_store import (AdapterSpec, AdapterStore, SourceAdapterError, StoreError, lora_command,
+                                         mismatch)
 
 log = logging.getLogger("recsys.pipeline.stages")
 
@@ -34,7 +35,11 @@ def lookup(store: AdapterStore, backbone: str, spec: AdapterSpec) -> tuple[Path 
     if why:
         return None, why
     folder = store.path(backbone, spec.name)
-    why = mismatch(store.load_manifest(folder), spec.expect, strict=spec.strict)
+    manifest = store.load_manifest(folder)
+    other_data = store.data_problem(folder, manifest)
+    if other_data:  # never fused silently, nor silently retrained over: the user decides
+        raise StoreError(other_data)
+    why = mismatch(manifest, spec.expect, strict=spec.strict)
     return (None, f"{folder} was {why}") if why else (folder, "")
 
 
