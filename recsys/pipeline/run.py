@@ -202,7 +202,12 @@ def run_store(cfg: DictConfig, dm: RecDataModule) -> AdapterStore:
     return AdapterStore(adapter_store.data_store(cfg.paths.adapter_store, data.get("root")), seed=cfg.seed,
                         data={n: d.fingerprint for n, d in dm.domains.items()}, settings=data,
                         monitor=cfg.get("optimized_metric") or "val/ndcg@10",
-                        force=str(cfg.get("export_adapter")).lower() == "force")
+                        force=force_export(cfg))
+
+
+def force_export(cfg: DictConfig) -> bool:
+    """``export_adapter=force``: export even a collapsed run, even over a stored adapter of better validation."""
+    return str(cfg.get("export_adapter")).lower() == "force"
 
 
 def exports(cfg: DictConfig) -> bool:
@@ -323,9 +328,9 @@ def report_and_export(cfg: DictConfig, trainer: L.Trainer, module: RecModule, st
     title = f"{cfg.method.name} on {cfg.data.target} ({cfg.backbone.name}, seed {cfg.seed})"
     write_text(out_dir / "results.txt", results_table(metrics, title))
     collapsed = sorted(k for k, v in metrics.items() if k.endswith("/collapsed") and v)
-    if trained and exports(cfg) and collapsed:
-        log.warning("not exported: the training loss stayed at chance (%s): a collapsed model never replaces a stored "
-                    "adapter", ", ".join(collapsed))
+    if trained and exports(cfg) and collapsed and not force_export(cfg):
+        log.warning("not exported: the training loss stayed at chance (%s), a model that learned nothing is not stored; "
+                    "export_adapter=force stores it anyway", ", ".join(collapsed))
     elif trained and exports(cfg):
         folder = module.export(store, manifest=adapter_store.run_record(
             cfg.method.name, cfg.data.target, OmegaConf.to_container(cfg.data, resolve=True), cfg.seed, metrics,

@@ -97,7 +97,8 @@ def train_source_adapters(cfg: DictConfig, sources: list[str], train: Callable[[
         sub.method = lora
         sub.data.target, sub.data.sources, sub.data.target_fraction = s, [], 1.0
         sub.paths.output_dir = str(Path(cfg.paths.output_dir) / "sources" / s)
-        sub.zero_shot, sub.export_adapter, sub.ckpt_path = False, True, None
+        sub.zero_shot, sub.ckpt_path = False, None
+        sub.export_adapter = "force" if str(cfg.get("export_adapter")).lower() == "force" else True
         log.info("training the missing source adapter %s", s)
         train(sub)
     L.seed_everything(cfg.seed, workers=True)
