@@ -81,12 +81,17 @@ def test_checkpoint_state_is_rebased_onto_the_moved_folder(tmp_path):
 
 
 # ------------------------------------------------------------------------------ bad trial 6: planted links
-def test_outputs_replace_a_planted_symlink_instead_of_writing_through_it(tmp_path):
-    outside = tmp_path / "precious.txt"
+def plant_link(tmp_path: Path) -> tuple[Path, Path]:
+    """A run folder whose results.txt is a link to a file outside it: (the run folder, that file)."""
+    outside, run = tmp_path / "precious.txt", tmp_path / "run"
     outside.write_text("keep me")
-    run = tmp_path / "run"
     run.mkdir()
     (run / "results.txt").symlink_to(outside)
+    return run, outside
+
+
+def test_outputs_replace_a_planted_symlink_instead_of_writing_through_it(tmp_path):
+    run, outside = plant_link(tmp_path)
     write_text(run / "results.txt", "table")
     assert outside.read_text() == "keep me"
     assert not (run / "results.txt").is_symlink() and (run / "results.txt").read_text() == "table"
@@ -94,11 +99,7 @@ def test_outputs_replace_a_planted_symlink_instead_of_writing_through_it(tmp_pat
 
 
 def test_a_finished_run_does_not_follow_a_link_planted_in_its_folder(tmp_path):
-    outside = tmp_path / "precious.txt"
-    outside.write_text("keep me")
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "results.txt").symlink_to(outside)
+    out, outside = plant_link(tmp_path)
     train(config(out, *TWO_EPOCHS, "trainer.max_epochs=1"))
     assert outside.read_text() == "keep me" and "model" in (out / "results.txt").read_text()
 

@@ -192,3 +192,14 @@ def test_the_next_export_cleans_what_killed_exports_left(tmp_path):
     (folder / ".seed-0.link-3").symlink_to(".seed-0.v-gone")
     export(store, 2.0)
     assert not litter.exists() and alive.exists() and not (folder / ".seed-0.link-3").is_symlink()
+
+
+def test_xcross_refuses_source_folders_given_by_hand_of_other_data(tmp_path):
+    from recsys.methods.base import RunInfo
+    from recsys.methods.xcross import SourceAdapterError, XCrossModule
+
+    folders = {d: str(export(AdapterStore(tmp_path, data={d: "a" * 16}), name=d)) for d in ("tools", "toys")}
+    run = RunInfo(target="sports", sources=("tools", "toys"),
+                  store=AdapterStore(tmp_path, data={"tools": "b" * 16, "toys": "a" * 16}))
+    with pytest.raises(SourceAdapterError, match="b" * 16):
+        XCrossModule.from_config(None, run, adapters=folders)  # before any backbone is needed

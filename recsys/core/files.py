@@ -30,7 +30,7 @@ def write_with(path: Path, write: Callable[[Path], object]) -> Path:
     tmp = Path(name)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> the user's umask, as a plain open would give
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 -> the user's umask, as a plain open would give
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -38,7 +38,8 @@ def write_with(path: Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read without changing it)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -54,15 +55,16 @@ def write_json(path: Path, obj: dict) -> None:
     write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
-def read_json(path: Path, fix: str) -> dict:
-    """A JSON object file this project wrote; UserError naming the file and ``fix`` when it is not one."""
+def read_json(path: Path, fix: str | Callable[[], str], error: type[UserError] = UserError) -> dict:
+    """A JSON object file this project wrote; ``error`` (one line naming the file and ``fix``, a text or a
+    function making it) when it is not one."""
     path = Path(path)
     try:
         obj = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({str(e).splitlines()[0]}); {fix}") from None
+        raise error(f"{path}: not valid JSON ({str(e).splitlines()[0]}); {fix if isinstance(fix, str) else fix()}") from None
     if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a JSON object, found {type(obj).__name__}; {fix}")
+        raise error(f"{path}: expected a JSON object, found {type(obj).__name__}; {fix if isinstance(fix, str) else fix()}")
     return obj
 
 

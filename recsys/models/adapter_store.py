@@ -65,7 +65,7 @@ from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
 from recsys.core.errors import UserError
-from recsys.core.files import write_json
+from recsys.core.files import read_json, umask, write_json
 
 log = logging.getLogger("recsys")
 MANIFEST = "manifest.json"
@@ -207,15 +207,9 @@ def load_into(model, folders: Mapping[str, str | os.PathLike], trainable: bool =
     return model
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _apply_umask(folder: Path) -> None:
     """Give every file and folder under ``folder`` the modes the user's umask allows (safetensors: 0600)."""
-    mask = _umask()
+    mask = umask()
     for top, _, files in os.walk(folder):
         os.chmod(top, 0o777 & ~mask)
         for f in files:
@@ -223,13 +217,7 @@ def _apply_umask(folder: Path) -> None:
 
 
 def _read_json(path: Path, folder: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise StoreError(f"{path}: not valid JSON ({e}); {_rebuild_hint(folder)}") from None
-    if not isinstance(obj, dict):
-        raise StoreError(f"{path}: expected a JSON object; {_rebuild_hint(folder)}")
-    return obj
+    return read_json(path, lambda: _rebuild_hint(folder), StoreError)
 
 
 def _manifest_or_none(folder: Path) -> dict | None:
