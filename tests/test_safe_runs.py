@@ -74,6 +74,11 @@ def test_checkpoint_state_is_rebased_onto_the_moved_folder(tmp_path):
              "kth_best_model_path": f"{old}/epoch00.ckpt", "kth_value": torch.tensor(0.4),
              "last_model_path": f"{old}/last.ckpt"}
     cb = scale.RunCheckpoint(dirpath=new, monitor="val/ndcg@10", mode="max")
+    cb.load_state_dict(saved)  # another run's checkpoint (ckpt_path=): its best file is not here, selection afresh
+    assert cb.best_model_score is None
+    Path(new).mkdir(parents=True)
+    (Path(new) / "epoch00.ckpt").write_bytes(b"")  # the folder moved with its checkpoints
+    cb = scale.RunCheckpoint(dirpath=new, monitor="val/ndcg@10", mode="max")
     cb.load_state_dict(saved)
     assert float(cb.best_model_score) == pytest.approx(0.4) and cb.best_model_path == f"{new}/epoch00.ckpt"
     assert list(cb.best_k_models) == [f"{new}/epoch00.ckpt"] and cb.last_model_path == f"{new}/last.ckpt"

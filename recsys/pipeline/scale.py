@@ -255,8 +255,9 @@ class RunCheckpoint(ModelCheckpoint):
     disk) would resume with no best score, and the first checkpoint after the restart would become "best"
     (val metrics of one epoch beside test metrics of another). Here the saved paths are the run's own
     records, rebased from the folder they were written in to this one (only file names inside it count),
-    so the selection goes on as if the folder had never moved. Its state key is ModelCheckpoint's, so
-    checkpoints written before keep restoring."""
+    so the selection goes on as if the folder had never moved. A checkpoint of another run
+    (``ckpt_path=<its folder>/last.ckpt``, its best file not here) starts the selection afresh, as before.
+    Its state key is ModelCheckpoint's, so checkpoints written before keep restoring."""
 
     @property
     def state_key(self) -> str:
@@ -265,7 +266,10 @@ class RunCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict) -> None:
         saved, here = state_dict.get("dirpath"), self.dirpath
         if saved and here and os.path.normpath(str(saved)) != os.path.normpath(str(here)):
-            state_dict = rebase_checkpoint_state(state_dict, str(saved), str(here))
+            moved = rebase_checkpoint_state(state_dict, str(saved), str(here))
+            if not moved.get("best_model_path") or os.path.isfile(moved["best_model_path"]):
+                state_dict = moved  # this folder holds the run's checkpoints: it was moved (else: another
+                # run's checkpoint, ckpt_path=<elsewhere>, whose selection starts afresh here, as Lightning does)
         super().load_state_dict(state_dict)
 
 
