@@ -7,7 +7,6 @@ test with the best checkpoint, ``metrics.json``, results table, adapter export.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -197,7 +196,7 @@ def run_store(cfg: DictConfig, dm: RecDataModule) -> AdapterStore:
     the fingerprints of the domains read (``dm.load_domains()`` first); StoreError for a domain name that is no
     plain name (it would be a path in the store)."""
     for name in dm.domains:
-        adapter_store.check_name(name, f"domain name (data.target / data.sources)")
+        adapter_store.check_name(name, "domain name (data.target / data.sources)")
     data = OmegaConf.to_container(cfg.data, resolve=True)
     return AdapterStore(adapter_store.data_store(cfg.paths.adapter_store, data.get("root")), seed=cfg.seed,
                         data={n: d.fingerprint for n, d in dm.domains.items()}, settings=data,
