@@ -107,7 +107,7 @@ def test_datamodule_instantiates(data):
 def test_cpu_trainer_callbacks_and_loggers_instantiate(tmp_path):
     c = _compose(["logger=csv", "trainer.max_epochs=1"], tmp=str(tmp_path))
     callbacks = [hydra.utils.instantiate(x) for x in c.callbacks.values()]
-    assert {type(x).__name__ for x in callbacks} >= {"ModelCheckpoint", "EarlyStopping"}
+    assert {type(x).__name__ for x in callbacks} >= {"RunCheckpoint", "EarlyStopping"}
     loggers = [hydra.utils.instantiate(x) for x in c.logger.values()]
     trainer = hydra.utils.instantiate(c.trainer, callbacks=callbacks, logger=loggers)
     assert trainer.max_epochs == 1

@@ -29,7 +29,8 @@ CONTRACT = (
 EVAL_USERS = 16
 # 32-bit so that plain peft in this process (no autocast) reproduces the run's numbers exactly
 TINY = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.precision=32-true",
-        f"data.max_eval_users={EVAL_USERS}", "data.batch_size=8", "logger=none"]
+        f"data.max_eval_users={EVAL_USERS}", "data.batch_size=8", "logger=none",
+        "export_adapter=force"]  # store even a tiny run that stayed at chance (issue 21: not stored by default)
 
 
 def run(script: str, *args: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:

@@ -37,7 +37,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\
 ROWS = ("hr@1", "hr@3", "hr@5", "hr@10", "ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "mrr")
 TINY = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.precision=32-true", "logger=none",
         "data.max_eval_users=8", "data.batch_size=4", "data.eval_batch_size=8", "zero_shot=false",
-        "~callbacks.rich_progress_bar", "data.max_train_examples=64"]
+        "~callbacks.rich_progress_bar", "data.max_train_examples=64",
+        "export_adapter=force"]  # store even a tiny run that stayed at chance (issue 21: not stored by default)
 SYNTH = {"tools": {"source": "synthetic", "num_users": 60, "num_items": 80, "seed": 0},
          "toys": {"source": "synthetic", "num_users": 60, "num_items": 80, "seed": 0},
          "sports": {"source": "synthetic", "num_users": 40, "num_items": 70, "seed": 0}}

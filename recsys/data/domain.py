@@ -7,7 +7,10 @@ internal indices; external ids are kept only to report and to key caches.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import html
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -75,6 +78,17 @@ class Domain:
     @property
     def num_items(self) -> int:
         return len(self.titles)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """16 hex digits of the sha256 of the data as read (item ids, titles, user ids, sequences), computed once:
+        what the adapter store records of the data an adapter was trained on (not the name: a copy of a domain
+        under another name has the same fingerprint; another domain under the same name has another)."""
+        h = hashlib.sha256()
+        for part in (self.item_ids, self.titles, self.user_ids, self.sequences):
+            h.update(json.dumps(part, separators=(",", ":"), ensure_ascii=False).encode())
+            h.update(b"\n")
+        return h.hexdigest()[:16]
 
     @property
     def num_users(self) -> int:

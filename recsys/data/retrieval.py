@@ -26,15 +26,8 @@ from recsys.data.domain import DataError, Domain, Example
 RETRIEVED = "retrieved.npz"  # written by recsys.evaluation.catalogue.evaluate
 
 
-def load_retrieved(folder: str | Path, domain: Domain, split: str, history_only: bool = False) -> dict[str, list[str]]:
-    """``{external user id: [external item ids, best first]}`` of ``split`` from a retriever run folder;
-    ``history_only``: the lists must exclude only the items before the target (files from before the
-    catalogue ranking did so excluded the user's whole sequence)."""
-    path = Path(folder) / RETRIEVED
-    if not path.is_file():
-        raise DataError(f"data.retriever={folder}: no {RETRIEVED} there. Train a retriever first, e.g. "
-                        f"python train.py method=sasrec data.target={domain.name} (it stores its top K with "
-                        "eval.candidates=full), and point data.retriever at its run folder")
+def _read_retrieved(path: Path, folder, domain: Domain, split: str, history_only: bool):
+    """The users and item lists of ``split`` in a retrieved.npz (DataError: another domain or split)."""
     with np.load(path, allow_pickle=False) as z:
         stored = str(z["domain"])
         if stored != domain.name:
@@ -46,7 +39,26 @@ def load_retrieved(folder: str | Path, domain: Domain, split: str, history_only:
                             "history items (its val lists leave out the test target, which would mark that item for "
                             "hard negatives): store it again, python evaluate.py run_dir=<the retriever run> split=val "
                             "eval.candidates=full, and point data.retriever at that evaluation's folder")
-        users, items = z[f"{split}/users"].tolist(), z[f"{split}/items"]
+        return z[f"{split}/users"].tolist(), z[f"{split}/items"]
+
+
+def load_retrieved(folder: str | Path, domain: Domain, split: str, history_only: bool = False) -> dict[str, list[str]]:
+    """``{external user id: [external item ids, best first]}`` of ``split`` from a retriever run folder;
+    ``history_only``: the lists must exclude only the items before the target (files from before the
+    catalogue ranking did so excluded the user's whole sequence)."""
+    path = Path(folder) / RETRIEVED
+    if not path.is_file():
+        raise DataError(f"data.retriever={folder}: no {RETRIEVED} there. Train a retriever first, e.g. "
+                        f"python train.py method=sasrec data.target={domain.name} (it stores its top K with "
+                        "eval.candidates=full), and point data.retriever at its run folder")
+    try:
+        users, items = _read_retrieved(path, folder, domain, split, history_only)
+    except DataError:
+        raise
+    except Exception as e:  # not a zip, a member cut short, a missing array, an object array: not what catalogue wrote
+        raise DataError(f"data.retriever={folder}: {path} is not a readable {RETRIEVED} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'malformed'}); store it again with python evaluate.py "
+                        "run_dir=<the retriever run> eval.candidates=full, and point data.retriever at that folder") from None
     return {u: items[n].tolist() for n, u in enumerate(users)}
 
 

@@ -166,6 +166,11 @@ class XCrossModule(RecModule):
         """Source adapters: ``adapters`` (name -> folder) if given, else the store's for ``data.sources``."""
         if adapters:
             folders = {n: Path(f) for n, f in dict(adapters).items()}
+            for f in folders.values():  # folders given by hand: trained on this run's data too (the store's rule)
+                why = run.store.data_problem(f, AdapterStore.load_manifest(f)) \
+                    if run.store is not None and (f / "manifest.json").is_file() else None
+                if why:
+                    raise SourceAdapterError(why)
         else:
             folders = {s: Path(run.adapters[s]) for s in run.sources}
         warn_text_settings(run.data, folders)

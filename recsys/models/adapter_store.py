@@ -25,14 +25,35 @@ The store's rules (every consumer asks the store; none looks at the folders itse
   the manifest's recorded settings against what the run expects (an :class:`AdapterSpec`'s ``expect``).
 - **One manifest.** What a manifest records is built here: :func:`run_record` (the run that trained it)
   and :func:`lora_record` (how the adapter is built); :func:`save_head` writes every head file.
+- **Knows its data.** A store built for a run (``data=`` the run's domain fingerprints,
+  ``recsys.data.domain.Domain.fingerprint``) stamps each export's manifest with the fingerprints of the
+  adapter's own domains (``data_fingerprint``), and :meth:`AdapterStore.data_problem` refuses an adapter
+  whose recorded fingerprint differs from the run's data (one line naming both). An adapter stored
+  before fingerprints (no ``data_fingerprint``) is accepted with a warning when the data settings it
+  records (``data.root``, the domain's spec) are the run's, refused in one line otherwise.
+- **One store a data root.** :func:`data_store` derives the store folder from the data: the folder of a
+  collection belongs to the data root that first exported into it (``collection.json``, or the
+  ``data.root`` its manifests record); another root under the same collection name (your own ``beauty``
+  with ``data=amazon``) gets ``<collection>-<folder>-<hash of its path>`` and never replaces the shared
+  domain's adapters.
+- **Untampered.** Every export records the sha256 of each file (``sha256``); :meth:`AdapterStore.verify`
+  refuses a file changed since, even one that is still valid safetensors.
+- **Never worse.** An export does not replace a stored adapter of the same data and evaluation settings
+  whose validation ``monitor`` is better, unless ``force`` (``export_adapter=force``).
+- **Plain names, no litter.** Adapter names are plain names (no ``/``, no ``..``: :func:`check_name`);
+  each export removes what killed exports left (``.tmp-*`` folders of dead processes, ``.link-*`` links).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import re
 import shlex
 import shutil
+import socket
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,11 +65,19 @@ from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
 from recsys.core.errors import UserError
+from recsys.core.files import read_json, umask, write_json
 
+log = logging.getLogger("recsys")
 MANIFEST = "manifest.json"
 HEAD = "head.safetensors"
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+COLLECTION = "collection.json"  # in a store's root: the data root whose adapters it holds (data_store)
+FINGERPRINT = "data_fingerprint"  # manifest key: {domain: fingerprint of its data as read}
+CHECKSUMS = "sha256"  # manifest key: {file: sha256} of every file exported beside the manifest
+# data settings that fix the validation set: exports compare validation only when these are equal
+SAME_VALIDATION = ("num_negatives", "max_eval_users", "candidate_sampling", "candidates", "train_on_val",
+                   "selection_share", "max_history", "protocol")
 
 
 class StoreError(UserError):
@@ -73,6 +102,16 @@ def joint_name(target: str, sources) -> str:
 def weaverec_name(target: str, sources) -> str:
     """Store name of a WeaveRec merge: ``weaverec-games-from-beauty+toys`` (sources sorted)."""
     return f"weaverec-{target}-from-" + "+".join(sorted(sources))
+
+
+def check_name(name: str, what: str = "adapter name") -> str:
+    """``name`` if it is a plain name: one store folder, never a path (``../x`` would write outside the
+    store); StoreError otherwise (empty, a ``/``, ``\\`` or NUL, a leading dot, over 200 characters)."""
+    if not isinstance(name, str) or not name or name.startswith(".") or len(name) > 200 \
+            or any(c in name for c in "/\\\0"):
+        raise StoreError(f"{what} {name!r} is not a plain name (no '/', '\\', leading dot or NUL): rename the "
+                         "domain (its folder under data.root, or its key in data.domains)")
+    return name
 
 
 def store_dir_name(backbone: str) -> str:
@@ -167,15 +206,9 @@ def load_into(model, folders: Mapping[str, str | os.PathLike], trainable: bool =
     return model
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _apply_umask(folder: Path) -> None:
     """Give every file and folder under ``folder`` the modes the user's umask allows (safetensors: 0600)."""
-    mask = _umask()
+    mask = umask()
     for top, _, files in os.walk(folder):
         os.chmod(top, 0o777 & ~mask)
         for f in files:
@@ -183,13 +216,15 @@ def _apply_umask(folder: Path) -> None:
 
 
 def _read_json(path: Path, folder: Path) -> dict:
+    return read_json(path, lambda: _rebuild_hint(folder), StoreError)
+
+
+def _manifest_or_none(folder: Path) -> dict | None:
+    """The manifest of the adapter at ``folder`` (a link is followed), or None when there is none readable."""
     try:
-        obj = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise StoreError(f"{path}: not valid JSON ({e}); {_rebuild_hint(folder)}") from None
-    if not isinstance(obj, dict):
-        raise StoreError(f"{path}: expected a JSON object; {_rebuild_hint(folder)}")
-    return obj
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def lora_command(domain: str, seed=None, before: Sequence[str] = (), options: Sequence[str] = ()) -> str:
@@ -229,17 +264,140 @@ def _check_safetensors(path: Path, folder: Path) -> None:
         raise StoreError(f"{path}: truncated or corrupt safetensors file ({e}); {_rebuild_hint(folder)}") from None
 
 
+# ---------------------------------------------------------------------------------------------- data and files
+_SHA: dict[tuple, str] = {}  # (path, inode, size, mtime) -> sha256: each file hashed once a process
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file (cached while it is unchanged on disk)."""
+    st = path.stat()
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _SHA:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA[key] = h.hexdigest()
+    return _SHA[key]
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file of an adapter folder but its manifest and a dense model."""
+    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST and p.relative_to(folder).parts[0] != "dense"}
+
+
+def adapter_domains(manifest: Mapping) -> list[str]:
+    """The domains an adapter was trained on, as its manifest says (a hybrid's pair, a joint's target and
+    sources, a LoRA's domain)."""
+    if manifest.get("domains"):
+        return [str(d) for d in manifest["domains"]]
+    return [str(d) for d in [manifest.get("domain"), *(manifest.get("sources") or [])] if d]
+
+
+def _same_place(a, b) -> bool:
+    return (os.path.realpath(str(a)) if a else None) == (os.path.realpath(str(b)) if b else None)
+
+
+def store_owner(root: Path) -> str | None:
+    """The data root whose adapters the store folder ``root`` holds: its ``collection.json``, else (a store
+    from before) the ``data.root`` its first manifest records, else None (no owner yet)."""
+    claim = root / COLLECTION
+    if claim.is_file():
+        try:
+            return json.loads(claim.read_text()).get("data_root")
+        except ValueError:
+            return None
+    for m in sorted(root.glob(f"*/*/seed-*/{MANIFEST}")) + sorted(root.glob(f"*/*/{MANIFEST}")):
+        try:
+            recorded = (json.loads(m.read_text()).get("data") or {}).get("root")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if recorded:
+            return os.path.realpath(recorded)
+    return None
+
+
+def data_store(root: str | os.PathLike, data_root: str | None) -> Path:
+    """The store folder of the adapters of the data at ``data_root`` (``paths.adapter_store`` as configured:
+    ``<store>/<collection>``): that folder when it holds this root's adapters or none yet, else
+    ``<collection>-<root folder name>-<hash of its path>`` beside it, so two data roots under one collection
+    name (``data=amazon`` with your own ``data.root``) never share, nor replace, adapters."""
+    root = Path(root)
+    if not data_root:
+        return root
+    here = os.path.realpath(str(data_root))
+    owner = store_owner(root)
+    if owner is None or _same_place(owner, here):
+        return root
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(here).name) or "data"
+    return root.with_name(f"{root.name}-{slug}-{hashlib.sha256(here.encode()).hexdigest()[:8]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_litter(folder: Path, name: str, max_age_s: float = 86400.0) -> None:
+    """Remove what killed exports of adapter ``name`` left in ``folder``: temp folders of processes of this
+    host that are gone (or older than ``max_age_s``, from any host) and ``.link-*`` links (made and renamed
+    under the adapter's lock, which the caller holds)."""
+    host = socket.gethostname()
+    for p in folder.glob(f".{name}.tmp-*"):
+        parts = p.name.split(".tmp-", 1)[1].split("-", 2)  # <time>-<pid>-<host>
+        dead = len(parts) == 3 and parts[2] == host and parts[1].isdigit() and not _alive(int(parts[1]))
+        try:
+            old = time.time() - p.lstat().st_mtime > max_age_s
+        except FileNotFoundError:
+            continue
+        if dead or old:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in folder.glob(f".{name}.link-*"):
+        if p.is_symlink():
+            p.unlink(missing_ok=True)
+
+
+def stored_is_better(stored: Mapping | None, new: Mapping, monitor: str) -> str | None:
+    """Why an export must not replace the adapter whose manifest is ``stored`` (None: it may): the same
+    data and validation settings, and a better validation ``monitor`` than the new one's."""
+    if not stored:
+        return None
+    old_fp, new_fp = stored.get(FINGERPRINT) or {}, new.get(FINGERPRINT) or {}
+    if any(old_fp.get(d) != v for d, v in new_fp.items()) or not new_fp and old_fp:
+        return None  # other data: not comparable
+    old_data, new_data = stored.get("data") or {}, new.get("data") or {}
+    if any(old_data.get(k) != new_data.get(k) for k in SAME_VALIDATION):
+        return None  # another validation set: not comparable
+    a, b = (m.get("metrics", {}).get(monitor) for m in (stored, new))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > b:
+        return (f"not exported: the stored adapter (run {stored.get('run_dir', '?')}) has the better validation on "
+                f"the same data ({monitor} {a:.4f} > {b:.4f} of this run); export_adapter=force replaces it")
+    return None
+
+
 class AdapterStore:
     """The adapters of one store root, for the runs of one ``seed`` (see the module docstring's rules)."""
 
-    def __init__(self, root: str | os.PathLike, seed: int = 0):
+    def __init__(self, root: str | os.PathLike, seed: int = 0, data: Mapping[str, str] | None = None,
+                 settings: Mapping | None = None, monitor: str = "val/ndcg@10", force: bool = False):
+        """``data``: the run's ``{domain: fingerprint}`` (None: a store that checks no data, e.g. a tool's);
+        ``settings``: the run's data settings (an old adapter's are compared with them); ``monitor`` and
+        ``force``: whether an export may replace a stored adapter of better validation."""
         self.root, self.seed = Path(root), int(seed)
+        self.data, self.settings = dict(data or {}), dict(settings or {})
+        self.monitor, self.force = monitor, bool(force)
 
     def backbone_dir(self, backbone: str) -> Path:
         return self.root / store_dir_name(backbone)
 
     def _link(self, backbone: str, name: str) -> Path:
-        return self.backbone_dir(backbone) / name / f"seed-{self.seed}"
+        return self.backbone_dir(backbone) / check_name(name) / f"seed-{self.seed}"
 
     def path(self, backbone: str, name: str) -> Path:
         """The folder of adapter ``name`` for this seed (the version ``seed-<s>`` points at, so a reader keeps
@@ -305,16 +463,24 @@ class AdapterStore:
         for f in (WEIGHTS[0], HEAD):
             if (folder / f).is_file():
                 _check_safetensors(folder / f, folder)
+        if (folder / MANIFEST).is_file():
+            for name, want in (_read_json(folder / MANIFEST, folder).get(CHECKSUMS) or {}).items():
+                f = folder / name
+                if f.is_file() and file_sha256(f) != want:
+                    raise StoreError(f"{f}: changed since it was exported (sha256 {file_sha256(f)[:12]}, the manifest "
+                                     f"records {want[:12]}); {_rebuild_hint(folder)}")
 
     def save(self, backbone: str, name: str, peft_model, adapter_name: str, head: torch.nn.Module | None,
              manifest: dict, extra: Callable[[Path], None] | None = None) -> Path:
         """Save one adapter of ``peft_model`` (+ head + manifest) for this seed, atomically; returns the folder.
 
         ``extra(folder)``, if given, writes more files into the (temporary) folder before the manifest.
+        Returns None, writing nothing, when the stored adapter has the better validation
+        (:func:`stored_is_better`; ``force`` replaces it).
         """
         link = self._link(backbone, name)
         link.parent.mkdir(parents=True, exist_ok=True)
-        stamp = f"{time.time_ns()}-{os.getpid()}"
+        stamp = f"{time.time_ns()}-{os.getpid()}-{socket.gethostname()}"
         tmp = link.parent / f".{link.name}.tmp-{stamp}"
         try:
             peft_model.save_pretrained(str(tmp), selected_adapters=[adapter_name])
@@ -328,21 +494,30 @@ class AdapterStore:
             if extra is not None:
                 extra(tmp)
             manifest = {**manifest, "backbone": backbone, "name": name, "seed": self.seed,
-                        "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                        "saved": time.strftime("%Y-%m-%dT%H:%M:%S"), CHECKSUMS: checksums(tmp)}
+            if self.data:
+                manifest[FINGERPRINT] = {d: self.data[d] for d in adapter_domains(manifest) if d in self.data}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))  # written last: marks complete
             _apply_umask(tmp)
-            self._swap_in(link, tmp, stamp)
+            if not self._swap_in(link, tmp, stamp, manifest):
+                return None
+            self._claim()
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         return link
 
-    @staticmethod
-    def _swap_in(link: Path, tmp: Path, stamp: str) -> None:
+    def _swap_in(self, link: Path, tmp: Path, stamp: str, manifest: Mapping) -> bool:
         """Make ``link`` point at the complete folder ``tmp`` in one rename, under the adapter's file lock;
-        remove the versions older than the one replaced."""
+        remove the versions older than the one replaced and killed exports' litter. False (nothing swapped)
+        when the stored adapter has the better validation and ``force`` is off."""
         prefix = f".{link.name}.v-"
         with FileLock(str(link.parent / f".{link.name}.lock")):
+            clean_litter(link.parent, link.name)
+            why = None if self.force else stored_is_better(_manifest_or_none(link), manifest, self.monitor)
+            if why:
+                log.warning("%s: %s", link, why)
+                return False
             version = link.parent / f"{prefix}{stamp}"
             os.replace(tmp, version)
             previous = os.readlink(link) if link.is_symlink() else None
@@ -355,6 +530,42 @@ class AdapterStore:
             for old in link.parent.glob(f"{prefix}*"):
                 if old.name not in (version.name, previous):
                     shutil.rmtree(old, ignore_errors=True)
+        return True
+
+    def _claim(self) -> None:
+        """Record which data root this store folder holds adapters of (:func:`data_store`), on its first export."""
+        root = self.settings.get("root")
+        if root and not (self.root / COLLECTION).is_file():
+            write_json(self.root / COLLECTION, {"data_root": os.path.realpath(str(root)), "collection": self.root.name})
+
+    def data_problem(self, folder: str | os.PathLike, manifest: Mapping) -> str | None:
+        """Why the adapter in ``folder`` (its ``manifest``) was trained on other data than this run reads, in
+        one line naming both fingerprints (None: the same data, or a store that checks no data). An adapter
+        stored before fingerprints is compared by the data settings it records (and used with a warning)."""
+        if not self.data:
+            return None
+        recorded = manifest.get(FINGERPRINT)
+        if recorded is None:
+            return self._unfingerprinted(Path(folder), manifest)
+        for d, fp in recorded.items():
+            if d in self.data and self.data[d] != fp:
+                return (f"{folder} was trained on other {d!r} data (data fingerprint {fp}) than this run reads "
+                        f"(fingerprint {self.data[d]}): train it on this data, e.g. "
+                        f"'{lora_command(d, self.seed)}' with this run's data settings (the export replaces it)")
+        return None
+
+    def _unfingerprinted(self, folder: Path, manifest: Mapping) -> str | None:
+        data = manifest.get("data") if isinstance(manifest.get("data"), Mapping) else {}
+        for d in (d for d in adapter_domains(manifest) if d in self.data):
+            spec, now = (data.get("domains") or {}).get(d), (self.settings.get("domains") or {}).get(d)
+            if not _same_place(data.get("root"), self.settings.get("root")) or (data and spec != now):
+                return (f"{folder} was stored before adapters recorded their data (no {FINGERPRINT}) and its "
+                        f"{d!r} data differs from this run's (data.root {data.get('root')!r} vs "
+                        f"{self.settings.get('root')!r}, or its data.domains.{d}): train it again, "
+                        f"'{lora_command(d, self.seed)}' with this run's data settings")
+        log.warning("%s was stored before adapters recorded their data fingerprint; the data settings it records "
+                    "match this run's, so it is used (export it again to record the fingerprint)", folder)
+        return None
 
     @staticmethod
     def load_manifest(folder: str | os.PathLike) -> dict:

@@ -7,7 +7,6 @@ test with the best checkpoint, ``metrics.json``, results table, adapter export.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from recsys.evaluation import ranks
 from recsys.pipeline import scale, speed, stages, tracking
 from recsys.data.datamodule import RecDataModule
 from recsys.core.errors import UserError, checked
-from recsys.core.files import write_json
+from recsys.core.files import check_writable, read_json, write_json, write_text
 from recsys.methods.base import Recipe, RecModule, RunInfo, method_classes, paper_protocol_error
 from recsys.core.metrics import PAPER_KEYS, REPORT_KEYS
 from recsys.models import adapter_store
@@ -123,7 +122,9 @@ def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if "plugins" not in overrides and "plugins" not in cfg.trainer and scale.slurm_plugins():
         overrides["plugins"] = scale.slurm_plugins()  # one requeue mechanism: scale.SlurmRequeue, not Lightning's
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+    scale.use_atomic_checkpoints(trainer)  # a full disk never leaves a truncated last.ckpt
+    return trainer
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -160,6 +161,10 @@ def results_table(metrics: dict, title: str, split: str = "test") -> str:
 
 
 # ---------------------------------------------------------------------------------------------- train
+RUN_JSON_FIX = ("train.py writes it (best checkpoint, completion): delete it and run the same command again "
+                "(hydra.run.dir of that run; its checkpoints are kept)")
+
+
 def completed_metrics(cfg: DictConfig) -> dict | None:
     """``metrics.json`` of a run that finished in this run folder under the same settings (``auto_resume``, no
     ``ckpt_path``), else None; a folder whose checkpoints are of other settings raises (``scale.check_config``)."""
@@ -167,11 +172,11 @@ def completed_metrics(cfg: DictConfig) -> dict | None:
     info, metrics, ckpts = out_dir / "run.json", out_dir / "metrics.json", out_dir / "checkpoints"
     if cfg.get("ckpt_path") or not cfg.get("auto_resume") or not info.is_file() or not metrics.is_file():
         return None
-    if not json.loads(info.read_text()).get("complete") or not (ckpts / "config.json").is_file() \
+    if not read_json(info, RUN_JSON_FIX).get("complete") or not (ckpts / "config.json").is_file() \
             or not any(ckpts.glob("*.ckpt")):
         return None
     scale.check_config(out_dir, cfg)
-    return json.loads(metrics.read_text())
+    return read_json(metrics, "delete it and run the same command again: the run is tested again from its checkpoints")
 
 
 def zero_shot_test(trainer: L.Trainer, module: RecModule, dm: RecDataModule, out_dir: Path) -> dict:
@@ -188,6 +193,33 @@ def zero_shot_test(trainer: L.Trainer, module: RecModule, dm: RecDataModule, out
     return {f"zero_shot/{k}": v for k, v in _floats(out).items()}
 
 
+def run_store(cfg: DictConfig, dm: RecDataModule) -> AdapterStore:
+    """The adapter store of this run's data (``adapter_store.data_store``: one store folder a data root), knowing
+    the fingerprints of the domains read (``dm.load_domains()`` first); StoreError for a domain name that is no
+    plain name (it would be a path in the store)."""
+    for name in dm.domains:
+        adapter_store.check_name(name, "domain name (data.target / data.sources)")
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return AdapterStore(adapter_store.data_store(cfg.paths.adapter_store, data.get("root")), seed=cfg.seed,
+                        data={n: d.fingerprint for n, d in dm.domains.items()}, settings=data,
+                        monitor=cfg.get("optimized_metric") or "val/ndcg@10",
+                        force=force_export(cfg))
+
+
+def force_export(cfg: DictConfig) -> bool:
+    """``export_adapter=force``: export even a collapsed run, even over a stored adapter of better validation."""
+    return str(cfg.get("export_adapter")).lower() == "force"
+
+
+def exports(cfg: DictConfig) -> bool:
+    """Whether this run writes its adapter to the store (``export_adapter``: true, false or force)."""
+    value = str(cfg.get("export_adapter")).lower()
+    if value not in ("true", "false", "force"):
+        raise UserError(f"export_adapter={cfg.get('export_adapter')!r}: use true, false or force (force: replace a "
+                        "stored adapter even of better validation)")
+    return value != "false" and bool(cfg.method.get("export", False))
+
+
 def train(cfg: DictConfig) -> tuple[float, dict]:
     """Train and test one method as configured; returns (optimized metric, metrics.json content)."""
     out_dir = Path(cfg.paths.output_dir)
@@ -198,14 +230,17 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
         return float(done.get(cfg.optimized_metric, math.nan)), done
     if "recipe" in cfg:  # typed: a typo'd key or a wrong type fails now
         checked(Recipe, OmegaConf.to_container(cfg.recipe, resolve=True), "recipe")
+    check_writable(out_dir, "the run folder", "hydra.run.dir")  # a read-only folder fails now, not after training
     if cfg.get("auto_resume") and not cfg.get("ckpt_path") and (out_dir / "checkpoints" / "config.json").is_file():
         scale.check_config(out_dir, cfg)  # this folder's checkpoints are of other settings: say so now
     dm = build_datamodule(cfg)  # bad data settings and files fail here, before the backbone loads
     dm.load_domains()
+    store = run_store(cfg, dm)  # domain names checked, the store's folder derived from the data
+    if exports(cfg):
+        check_writable(store.root, "the adapter store", "paths.adapter_store")
     L.seed_everything(cfg.seed, workers=True)
     backbone = build_backbone(cfg) if method_class(cfg)[0].needs_backbone else None
     attach_backbone(cfg, dm, backbone)
-    store = AdapterStore(cfg.paths.adapter_store, seed=cfg.seed)
     module = speed.apply(build_module(cfg, backbone, dm, store), cfg.get("speed"))
     trainer = build_trainer(cfg)
     dm.prepare_data()
@@ -290,8 +325,12 @@ def report_and_export(cfg: DictConfig, trainer: L.Trainer, module: RecModule, st
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "run.json", {"best_checkpoint": best, "trained": trained, "complete": False})
     title = f"{cfg.method.name} on {cfg.data.target} ({cfg.backbone.name}, seed {cfg.seed})"
-    (out_dir / "results.txt").write_text(results_table(metrics, title))
-    if trained and cfg.export_adapter and cfg.method.get("export", False):
+    write_text(out_dir / "results.txt", results_table(metrics, title))
+    collapsed = sorted(k for k, v in metrics.items() if k.endswith("/collapsed") and v)
+    if trained and exports(cfg) and collapsed and not force_export(cfg):
+        log.warning("not exported: the training loss stayed at chance (%s), a model that learned nothing is not stored; "
+                    "export_adapter=force stores it anyway", ", ".join(collapsed))
+    elif trained and exports(cfg):
         folder = module.export(store, manifest=adapter_store.run_record(
             cfg.method.name, cfg.data.target, OmegaConf.to_container(cfg.data, resolve=True), cfg.seed, metrics,
             str(out_dir), str(cfg.trainer.precision)))
@@ -359,7 +398,7 @@ def best_checkpoint(run_dir: Path) -> Path | None:
     not there."""
     info = run_dir / "run.json"
     if info.is_file():
-        best = json.loads(info.read_text()).get("best_checkpoint")
+        best = read_json(info, RUN_JSON_FIX).get("best_checkpoint")
         if best:
             mine = run_dir / "checkpoints" / Path(best).name
             if not mine.is_file():
@@ -383,7 +422,7 @@ def evaluated_config(cfg: DictConfig) -> tuple[DictConfig, Path | None]:
         run_cfg = OmegaConf.merge(trained_cfg, evaluation_overrides(cfg, trained_cfg))
         ckpt = ckpt or best_checkpoint(run_dir)
         info = run_dir / "run.json"
-        trained = json.loads(info.read_text()).get("trained", True) if info.is_file() else True
+        trained = read_json(info, RUN_JSON_FIX).get("trained", True) if info.is_file() else True
         if ckpt is None and trained:  # a run with nothing trained (merge_sources) is rebuilt from its config
             raise UserError(f"{run_dir}/checkpoints holds no checkpoint to evaluate")
     return run_cfg, (Path(ckpt) if ckpt else None)
@@ -411,6 +450,10 @@ def adapter_module(cfg: DictConfig, run_cfg: DictConfig, dm: RecDataModule):
                         f"{cls.name or cls.__name__})")
     folder = AdapterStore.resolve(cfg.adapter, run_cfg.seed)
     AdapterStore.verify(folder)  # before the backbone loads
+    if (folder / adapter_store.MANIFEST).is_file():  # trained on this data?
+        why = run_store(run_cfg, dm).data_problem(folder, AdapterStore.load_manifest(folder))
+        if why:
+            raise adapter_store.StoreError(why)
     backbone = build_backbone(run_cfg)
     module = cls.from_adapter(backbone, folder, str(run_cfg.trainer.precision), **kwargs)
     attach_backbone(run_cfg, dm, backbone, scoring=module.scoring)
@@ -448,7 +491,7 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
     else:
         backbone = build_backbone(run_cfg) if method_class(run_cfg)[0].needs_backbone else None
         attach_backbone(run_cfg, dm, backbone)
-        module = build_module(run_cfg, backbone, dm, AdapterStore(run_cfg.paths.adapter_store, seed=run_cfg.seed))
+        module = build_module(run_cfg, backbone, dm, run_store(run_cfg, dm))
     speed.apply(module, cfg.get("speed"))
     trainer, log_cfg = eval_trainer(cfg, run_cfg)
     tracking.log_hyperparameters(trainer.loggers, log_cfg, {"params/total": sum(p.numel() for p in module.parameters())})
@@ -473,7 +516,7 @@ def write_results(trainer: L.Trainer, cfg: DictConfig, metrics: dict, title: str
     """An evaluation's metrics.json, results table and logger records (``inputs``: the adapters it read)."""
     out_dir = Path(cfg.paths.output_dir)
     write_json(out_dir / "metrics.json", metrics)
-    (out_dir / "results.txt").write_text(results_table(metrics, title, split))
+    write_text(out_dir / "results.txt", results_table(metrics, title, split))
     tracking.use_adapters(trainer.loggers, inputs)
     tracking.log_results(trainer.loggers, metrics, split, REPORT_KEYS)
     for lg in trainer.loggers:

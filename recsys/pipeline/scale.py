@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -27,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from recsys.core.errors import UserError
-from recsys.core.files import write_json, write_text
+from recsys.core.files import read_json, write_json, write_text, write_with
 
 log = logging.getLogger("recsys")
 
@@ -139,6 +141,7 @@ def global_rank() -> int:
 _RESUME_FREE = re.compile(
     r"^(paths|logger|hydra|auto_resume|ckpt_path|speed|run_name|group|tags|job_type"
     r"|callbacks\.(rich_progress_bar|learning_rate_monitor|slurm_requeue)|callbacks\.[^.]+\.dirpath"
+    r"|callbacks\.(model_checkpoint|resume_checkpoint)\._target_"
     r"|trainer\.(devices|num_nodes|accelerator|strategy|enable_progress_bar|default_root_dir)"
     r"|data\.(num_workers|cache_dir))(\.|$)"
 )
@@ -164,7 +167,8 @@ def check_config(run_dir: str | Path, cfg) -> None:
     folder = Path(run_dir) / "checkpoints"
     saved, now = folder / "config.json", json.loads(json.dumps(training_config(cfg), default=str))
     if saved.is_file() and any(folder.glob("*.ckpt")):
-        before = json.loads(saved.read_text())
+        before = read_json(saved, "it records the settings of the checkpoints beside it: delete it to go on under "
+                                  "this command's settings, or use a new hydra.run.dir")
         changed = sorted(k for k in set(before) | set(now) if before.get(k, "<unset>") != now.get(k, "<unset>"))
         if changed:
             diff = ", ".join(f"{k}: {before.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in changed[:8])
@@ -181,6 +185,10 @@ def load_checkpoint(path: str | Path) -> dict:
     """A Lightning checkpoint, read with ``torch.load(weights_only=True)``: tensors and plain values only, so
     a checkpoint from someone else cannot run code. UserError naming the file if it is cut short, not a
     checkpoint, or holds other objects."""
+    if not _checkpoint_format(path):
+        raise UserError(
+            f"{path}: not a checkpoint (neither torch's zip format nor a pickle: the file holds other bytes); "
+            "pass a checkpoint written by this project's train.py (ckpt_path=<run>/checkpoints/last.ckpt)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -197,6 +205,16 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict) or "state_dict" not in state:
         raise UserError(f"{path}: not a Lightning checkpoint of this project (no state_dict)")
     return state
+
+
+def _checkpoint_format(path: str | Path) -> bool:
+    """Whether ``path`` starts as a torch checkpoint does: a zip archive (torch >= 1.6) or a pickle (older)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return True  # torch.load names what is wrong with it
+    return not head or head.startswith((b"PK\x03\x04", b"PK\x05\x06")) or head[:1] == b"\x80"  # empty: cut short
 
 
 def resume_checkpoint(run_dir: str | Path, cfg=None) -> str | None:
@@ -223,6 +241,84 @@ def resume_checkpoint(run_dir: str | Path, cfg=None) -> str | None:
                  state.get("global_step"))
         return str(path)
     return None
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+_MOVABLE = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint whose model-selection state survives a moved run folder.
+
+    Lightning restores ``best_model_score`` (and the best-k bookkeeping) only when the checkpoint's
+    ``dirpath`` equals the current one: a run folder moved after a kill (off node-local scratch, off a full
+    disk) would resume with no best score, and the first checkpoint after the restart would become "best"
+    (val metrics of one epoch beside test metrics of another). Here the saved paths are the run's own
+    records, rebased from the folder they were written in to this one (only file names inside it count),
+    so the selection goes on as if the folder had never moved. A checkpoint of another run
+    (``ckpt_path=<its folder>/last.ckpt``, its best file not here) starts the selection afresh, as before.
+    Its state key is ModelCheckpoint's, so checkpoints written before keep restoring."""
+
+    @property
+    def state_key(self) -> str:
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved, here = state_dict.get("dirpath"), self.dirpath
+        if saved and here and os.path.normpath(str(saved)) != os.path.normpath(str(here)):
+            moved = rebase_checkpoint_state(state_dict, str(saved), str(here))
+            if not moved.get("best_model_path") or os.path.isfile(moved["best_model_path"]):
+                state_dict = moved  # this folder holds the run's checkpoints: it was moved (else: another
+                # run's checkpoint, ckpt_path=<elsewhere>, whose selection starts afresh here, as Lightning does)
+        super().load_state_dict(state_dict)
+
+
+def rebase_checkpoint_state(state: dict, old: str, new: str) -> dict:
+    """ModelCheckpoint's state with every path inside folder ``old`` moved to folder ``new``."""
+
+    def move(path):
+        if not path:
+            return path
+        rel = os.path.relpath(os.path.normpath(str(path)), os.path.normpath(old))
+        return path if rel.startswith("..") else os.path.join(new, rel)
+
+    out = {**state, "dirpath": new, **{k: move(state.get(k)) for k in _MOVABLE if k in state}}
+    if isinstance(state.get("best_k_models"), dict):
+        out["best_k_models"] = {move(k): v for k, v in state["best_k_models"].items()}
+    return out
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written as every other file of a run is (``recsys.core.files.write_with``): the bytes go to a
+    temp file beside the target, then one rename. A disk that fills mid-write leaves the previous checkpoint
+    in place (Lightning's own writer copies a temp file from /tmp into place, and a full disk there leaves a
+    truncated ``last.ckpt``); the failure is one line naming the file."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+
+        def fill(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+
+        try:
+            write_with(Path(path), fill)
+        except OSError as e:
+            raise UserError(
+                f"{path}: the checkpoint could not be written ({e.strerror or e}); the previous one is kept. Free "
+                "space (or make the folder writable), then run the same command again: auto_resume goes on from the "
+                "last complete checkpoint (a moved run folder resumes too)") from None
+
+
+def use_atomic_checkpoints(trainer) -> None:
+    """Let ``trainer`` write its checkpoints with :class:`AtomicCheckpointIO` (unless another writer is set)."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
 
 class ResumeState(Callback):

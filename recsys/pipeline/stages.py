@@ -20,7 +20,8 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from recsys.models.adapter_store import AdapterSpec, AdapterStore, SourceAdapterError, lora_command, mismatch
+from recsys.models.adapter_store import (AdapterSpec, AdapterStore, SourceAdapterError, StoreError, lora_command,
+                                         mismatch)
 
 log = logging.getLogger("recsys.pipeline.stages")
 
@@ -34,7 +35,11 @@ def lookup(store: AdapterStore, backbone: str, spec: AdapterSpec) -> tuple[Path 
     if why:
         return None, why
     folder = store.path(backbone, spec.name)
-    why = mismatch(store.load_manifest(folder), spec.expect, strict=spec.strict)
+    manifest = store.load_manifest(folder)
+    other_data = store.data_problem(folder, manifest)
+    if other_data:  # never fused silently, nor silently retrained over: the user decides
+        raise StoreError(other_data)
+    why = mismatch(manifest, spec.expect, strict=spec.strict)
     return (None, f"{folder} was {why}") if why else (folder, "")
 
 
@@ -92,7 +97,8 @@ def train_source_adapters(cfg: DictConfig, sources: list[str], train: Callable[[
         sub.method = lora
         sub.data.target, sub.data.sources, sub.data.target_fraction = s, [], 1.0
         sub.paths.output_dir = str(Path(cfg.paths.output_dir) / "sources" / s)
-        sub.zero_shot, sub.export_adapter, sub.ckpt_path = False, True, None
+        sub.zero_shot, sub.ckpt_path = False, None
+        sub.export_adapter = "force" if str(cfg.get("export_adapter")).lower() == "force" else True
         log.info("training the missing source adapter %s", s)
         train(sub)
     L.seed_everything(cfg.seed, workers=True)
