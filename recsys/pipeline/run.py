@@ -343,13 +343,7 @@ def guarded(fn, cfg: DictConfig):
             raise
         return math.nan, {}
     finally:
-        try:
-            import wandb
-
-            if wandb.run is not None:
-                wandb.finish()
-        except ImportError:  # pragma: no cover
-            pass
+        tracking.finish_run()
 
 
 # ---------------------------------------------------------------------------------------------- evaluate

@@ -36,6 +36,17 @@ def wandb_runs(loggers) -> list:
     return [lg.experiment for lg in loggers if isinstance(lg, WandbLogger)]
 
 
+def finish_run() -> None:
+    """End this process's wandb run, if one is open: the next training (a source adapter's, then the
+    method's) starts a run of its own instead of writing into this one."""
+    try:
+        import wandb
+    except ImportError:  # pragma: no cover
+        return
+    if wandb.run is not None:
+        wandb.finish()
+
+
 def hyperparameters(cfg: DictConfig, params: dict) -> dict:
     """The resolved config without ``hydra``, plus ``params`` (``params/trainable``, ...)."""
     config = OmegaConf.to_container(cfg, resolve=True)
