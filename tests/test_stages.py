@@ -122,3 +122,14 @@ def test_train_missing_logs_each_training_as_a_wandb_run_of_its_own(tmp_path):
     assert (infos["xcross"].run_group, infos["xcross"].job_type) == ("xcross-tools", "train")
     assert configs["xcross"]["method"]["name"] == "xcross" and configs["xcross"]["job_type"] == "train"
     assert configs["xcross"]["lineage/inputs"] == ["synthetic-tiny-encoder-toys", "synthetic-tiny-encoder-sports"]
+
+
+@pytest.mark.parametrize("preset", ["fdr", "default"])
+def test_debug_presets_export_nothing(tmp_path, preset):
+    """A check of a config (debug=fdr, debug=default) trains and tests but leaves the adapter store alone."""
+    from recsys.pipeline.run import train
+
+    _, metrics = train(config(tmp_path / "run", tmp_path / "store", f"debug={preset}", "data.target=toys",
+                              "trainer.limit_train_batches=2", "zero_shot=false"))
+    assert "test/ndcg@10" in metrics
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("manifest.json"))

@@ -272,11 +272,18 @@ class RecModule(L.LightningModule):
         values = {f"{stage}/{k}": v for k, v in self.metrics[stage].compute().items()}
         if self.paper is not None:
             values.update(self.paper.compute(stage))
-        self.log_dict(values, prog_bar=stage == "val", sync_dist=False)  # already synchronised by torchmetrics
+        self.log_synchronised(values, prog_bar=stage == "val")
         self.metrics[stage].reset()
         if stage == "val" and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self.val_history[self.current_epoch] = {k: float(v) for k, v in values.items()}
         ranks.record(self, stage)  # ranks.csv.gz in self.ranks_dir (set by the pipeline)
+
+    def log_synchronised(self, values: dict, **kwargs) -> None:
+        """Log epoch values that are already the same on every rank (torchmetrics' ``compute`` gathers the
+        states of all ranks). ``sync_dist=True`` with ``max``: an all-reduce of identical values, exact for any
+        number of ranks (a mean over 3 ranks may not be); with ``sync_dist=False`` Lightning warned, once a key,
+        that epoch metrics should be synchronised."""
+        self.log_dict(values, sync_dist=True, reduce_fx="max", **kwargs)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")

@@ -338,6 +338,25 @@ class AdapterStore:
                 shutil.rmtree(tmp, ignore_errors=True)
         return link
 
+    def adopt(self, folder: str | os.PathLike, **record) -> Path:
+        """Copy the complete adapter ``folder`` (of another store, e.g. a search trial's) into this store under
+        the backbone and name its manifest records, with ``record`` added to the manifest; returns the folder."""
+        folder = Path(folder)
+        manifest = {**self.load_manifest(folder), **record}
+        link = self._link(manifest["backbone"], manifest["name"])
+        link.parent.mkdir(parents=True, exist_ok=True)
+        stamp = f"{time.time_ns()}-{os.getpid()}"
+        tmp = link.parent / f".{link.name}.tmp-{stamp}"
+        try:
+            shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns(MANIFEST))
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))  # written last: marks complete
+            _apply_umask(tmp)
+            self._swap_in(link, tmp, stamp)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return link
+
     @staticmethod
     def _swap_in(link: Path, tmp: Path, stamp: str) -> None:
         """Make ``link`` point at the complete folder ``tmp`` in one rename, under the adapter's file lock;

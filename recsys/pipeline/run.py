@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from recsys.evaluation import ranks
-from recsys.pipeline import scale, speed, stages, tracking
+from recsys.pipeline import scale, speed, stages, sweeps, tracking
 from recsys.data.datamodule import RecDataModule
 from recsys.core.errors import UserError, checked
 from recsys.core.files import write_json
@@ -292,6 +292,8 @@ def report_and_export(cfg: DictConfig, trainer: L.Trainer, module: RecModule, st
     title = f"{cfg.method.name} on {cfg.data.target} ({cfg.backbone.name}, seed {cfg.seed})"
     (out_dir / "results.txt").write_text(results_table(metrics, title))
     if trained and cfg.export_adapter and cfg.method.get("export", False):
+        if sweeps.in_search():  # a trial exports into its own folder; the search's end keeps the best trial's
+            store = sweeps.trial_store(out_dir, store, cfg.optimized_metric, metrics.get(cfg.optimized_metric, math.nan))
         folder = module.export(store, manifest=adapter_store.run_record(
             cfg.method.name, cfg.data.target, OmegaConf.to_container(cfg.data, resolve=True), cfg.seed, metrics,
             str(out_dir), str(cfg.trainer.precision)))
@@ -321,11 +323,10 @@ def guarded(fn, cfg: DictConfig):
     from hydra.types import RunMode
 
     try:
-        hc = HydraConfig.get()
-        multirun = hc.mode == RunMode.MULTIRUN
-        search = not str(hc.sweeper.get("_target_", "")).endswith("BasicSweeper")
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     except ValueError:
-        multirun = search = False
+        multirun = False
+    search = sweeps.in_search()
     try:
         with scale.job_scope():  # DDP ranks run this job in its folder; no process group outlives it
             return fn(cfg)
