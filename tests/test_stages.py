@@ -16,7 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from safetensors.torch import save_file
 
 from recsys.models.adapter_store import AdapterSpec, AdapterStore
-from wandb_files import config_of, of_type, wandb_records
+from wandb_files import config_of, history_keys, of_type, summary_of, wandb_records
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -105,7 +105,8 @@ def test_train_missing_logs_each_training_as_a_wandb_run_of_its_own(tmp_path):
 
     out = tmp_path / "run"
     try:
-        train(config(out, tmp_path / "store", *XCROSS, "logger=wandb", "zero_shot=false"))
+        _, metrics = train(config(out, tmp_path / "store", *XCROSS, "logger=wandb", "zero_shot=false",
+                                  "trainer.max_epochs=2", "trainer.log_every_n_steps=1"))
     finally:
         finish_run()
     records = {name: wandb_records(folder) for name, folder in  # one run a folder (asserted)
@@ -133,3 +134,10 @@ def test_debug_presets_export_nothing(tmp_path, preset):
                               "trainer.limit_train_batches=2", "zero_shot=false"))
     assert "test/ndcg@10" in metrics
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("manifest.json"))
+    # the dashboard: LR curves by parameter group; the summary holds the best validation value, its epoch and
+    # the test metrics of that checkpoint
+    assert {"lr/integrators", "lr/w", "lr/head"} <= history_keys(records["xcross"])
+    summary = summary_of(records["xcross"])
+    assert summary["val/ndcg@10"]["max"] == metrics["val/ndcg@10"] == summary["best/val/ndcg@10"]
+    assert summary["best/epoch"] in (0, 1) and summary["best/test/ndcg@10"] == metrics["test/ndcg@10"]
+    assert summary["test/ndcg@10"] == metrics["test/ndcg@10"]

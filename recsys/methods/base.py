@@ -310,7 +310,8 @@ class RecModule(L.LightningModule):
         self.warmup_steps = warmup_steps(total, self.warmup_ratio) if self.warmup_ratio > 0 else 0
         lam = warmup_cosine(total, self.warmup_ratio, 1.0 if self.scheduler == "constant" else 0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        # name "lr": LearningRateMonitor logs lr/<group name> (lr/integrators, lr/w ...), or lr for one group
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
 
     # ------------------------------------------------------------------ checkpoints: only what trains
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -214,6 +214,7 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
     metrics.update(module.extra_params())
     tracking.log_hyperparameters(trainer.loggers, cfg, {**metrics, "params/total": sum(p.numel() for p in module.parameters())})
     tracking.use_adapters(trainer.loggers, adapter_store.READ)
+    tracking.define_summary(trainer.loggers, cfg.optimized_metric)
 
     if cfg.zero_shot:
         metrics.update(zero_shot_test(trainer, module, dm))
@@ -301,6 +302,7 @@ def report_and_export(cfg: DictConfig, trainer: L.Trainer, module: RecModule, st
             log.info("adapter exported to %s", folder)
             tracking.log_adapter(trainer.loggers, folder)
     tracking.log_results(trainer.loggers, metrics, "test", REPORT_KEYS)
+    tracking.log_best(trainer.loggers, metrics, cfg.optimized_metric, module.best_epoch(cfg.optimized_metric))
     # last: a re-run of this folder reports these figures and changes nothing (completed_metrics)
     write_json(out_dir / "run.json", {"best_checkpoint": best, "trained": trained, "complete": True})
     for lg in trainer.loggers:
