@@ -1,9 +1,11 @@
-"""Results tables and plots from sweep folders (the same as ``python -m recsys.evaluation.tables``).
+"""Results tables and plots from sweep folders (``python -m recsys.evaluation.tables``), and the results
+page of the committed results archive (``recsys.evaluation.studies``).
 
     python report.py multirun/train/2026-01-01_10-00-00 --out reports/main
+    python report.py results --page docs/results.md
 """
 
-from recsys.evaluation.tables import main
+from recsys.evaluation.studies import report_main
 
 if __name__ == "__main__":
-    main()
+    report_main()

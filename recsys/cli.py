@@ -35,8 +35,8 @@ def evaluate(cfg: DictConfig) -> float:
 
 
 def report() -> None:
-    """Results tables and plots from run and sweep folders (``recsys.evaluation.tables.main`` returns its result: a
-    console script would take it for an exit status)."""
-    from recsys.evaluation.tables import main
+    """Results tables and plots from run and sweep folders, or the results page (``--page``), as report.py
+    (``report_main`` returns its result: a console script would take it for an exit status)."""
+    from recsys.evaluation.studies import report_main
 
-    main()
+    report_main()

@@ -16,21 +16,22 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from recsys.evaluation.tables import METRICS, find_jobs, write_report
+from recsys.evaluation.tables import METRICS, find_jobs, main, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"lora": 0.30, "xcross": 0.40}
 
 
 def fake_job(root: Path, num: int, method: str, target: str, seed: int, fraction: float = 1.0, sources=(),
-             extra=(), status: str = "ok", wandb: bool = False) -> Path:
+             extra=(), status: str = "ok", wandb: bool = False, collection: str | None = None) -> Path:
     """A job folder as train.py writes it; test/<metric> = base + 0.1 * fraction + 0.01 * seed."""
     d = root / str(num)
     (d / ".hydra").mkdir(parents=True)
     cfg = {"seed": seed, "task_name": "train", "method": {"name": method},
-           "data": {"target": target, "sources": list(sources), "target_fraction": fraction},
+           "data": {"target": target, "sources": list(sources), "target_fraction": fraction,
+                    **({"collection": collection} if collection else {})},
            "backbone": {"name": "tiny:encoder"}, "paths": {"output_dir": "${hydra:runtime.output_dir}"},
-           "logger": {"wandb": {"project": "recsys-test"}} if wandb else None}
+           "logger": {"wandb": {"project": "recsys-test", "save_dir": "${paths.output_dir}"}} if wandb else None}
     OmegaConf.save(OmegaConf.create(cfg), d / ".hydra" / "config.yaml")
     overrides = [f"method={method}", f"data.target={target}", f"data.target_fraction={fraction}", f"seed={seed}",
                  "trainer.max_epochs=3", *extra]
@@ -143,15 +144,71 @@ def test_report_to_wandb_offline(tmp_path, monkeypatch):
     assert any(run_dir.glob("*.wandb")) and list(run_dir.rglob("*.png"))
 
 
+def test_report_reads_runs_logged_to_wandb_with_wandb_off(tmp_path):
+    """A job logged with logger=wandb has ``logger.wandb.save_dir: ${paths.output_dir}`` ->
+    ``${hydra:runtime.output_dir}``, which only resolves inside the run: the report reads it anyway
+    (it crashed with UnsupportedInterpolationType ... full_key: logger.wandb.save_dir)."""
+    for seed in (0, 1):
+        fake_job(tmp_path / "sweep", seed, "lora", "tools", seed, wandb=True)
+    jobs = find_jobs([tmp_path / "sweep"])
+    assert [j.wandb_project for j in jobs] == ["recsys-test"] * 2
+    result = write_report([tmp_path / "sweep"], tmp_path / "out", wandb="off")
+    assert result["wandb"] is None and "2 jobs (2 ok)" in result["markdown"].read_text()
+
+
+def test_report_keys_tables_by_data_identity(tmp_path):
+    """Synthetic ``beauty`` and Amazon ``beauty`` share a name, not data: two tables, two bar plots (one table
+    mixed them before)."""
+    for seed in (0, 1):
+        fake_job(tmp_path / "sweep", seed, "lora", "beauty", seed, collection="synthetic")
+        fake_job(tmp_path / "sweep", 10 + seed, "lora", "beauty", seed, collection="amazon")
+    result = write_report([tmp_path / "sweep"], tmp_path / "out", wandb="off")
+    md = result["markdown"].read_text()
+    assert "## amazon/beauty: sources -, target fraction 1, tiny:encoder" in md
+    assert "## synthetic/beauty: sources -, target fraction 1, tiny:encoder" in md
+    df = pd.read_csv(result["csv"])
+    assert sorted(df[df.kind == "method"].collection) == ["amazon", "synthetic"] and set(df[df.kind == "method"].n) == {2}
+    assert sorted(p.name for p in result["plots"]) == ["bars_amazon_beauty.png", "bars_synthetic_beauty.png"]
+
+
+def test_report_lists_unreadable_folders_and_failed_jobs_and_goes_on(tmp_path, capsys):
+    """A job folder with a broken metrics.json and one with a broken config: each listed in one line (in the
+    report and on stderr), the other jobs reported (one bad folder stopped the report before); a failed job
+    is listed too, with its error."""
+    for seed in (0, 1, 2):
+        fake_job(tmp_path / "sweep", seed, "lora", "tools", seed)
+    (fake_job(tmp_path / "sweep", 3, "lora", "tools", 3) / "metrics.json").write_text("{not json")
+    (fake_job(tmp_path / "sweep", 4, "lora", "tools", 4) / ".hydra" / "config.yaml").write_text("a: [unclosed")
+    fake_job(tmp_path / "sweep", 5, "xcross", "tools", 0, status="failed")
+    result = main([str(tmp_path / "sweep"), "--out", str(tmp_path / "out"), "--wandb", "off"])
+    md = result["markdown"].read_text()
+    assert "## Folders that could not be read (2)" in md and "JSONDecodeError" in md
+    assert pd.read_csv(result["csv"]).set_index("row").loc["lora", "n"] == 3
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and sum(line.startswith("unreadable: ") for line in err) == 2
+    assert any(line.startswith("failed: ") and "source adapter missing for toys" in line for line in err)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty"])
+def test_report_on_missing_or_empty_input_is_one_line(tmp_path, capsys, case):
+    folder = tmp_path / "sweep"
+    if case == "empty":
+        folder.mkdir()
+    with pytest.raises(SystemExit) as e:
+        main([str(folder), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and str(folder) in err
+
+
 def test_report_on_a_local_executor_sweep(tmp_path):
-    """Two jobs through submitit's local executor (hydra/launcher=local), one failing (LoRA rank 0);
-    then ``python -m recsys.evaluation.tables`` on the sweep folder."""
+    """Two jobs through submitit's local executor (hydra/launcher=local) logged with logger=wandb
+    (offline), one failing (LoRA rank 0); then ``python -m recsys.evaluation.tables`` on the sweep folder."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline",
            "OMP_NUM_THREADS": "1"}
     sweep = tmp_path / "sweep"
     p = subprocess.run(
         [sys.executable, "train.py", "-m", "hydra/launcher=local", "method.module.r=4,0", "backbone=tiny_encoder",
-         "logger=none", "callbacks.rich_progress_bar=null", "trainer.limit_train_batches=2",
+         "logger=wandb", "callbacks.rich_progress_bar=null", "trainer.limit_train_batches=2",
          "data.max_eval_users=8", "data.max_train_examples=64", "export_adapter=false",
          f"hydra.sweep.dir={sweep}", f"paths.adapter_store={tmp_path}/store"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -171,4 +228,4 @@ def test_report_on_a_local_executor_sweep(tmp_path):
     ok = df[(df.row == "lora") & (df.variant == "method.module.r=4")].iloc[0]
     assert ok.n == 1 and not math.isnan(ok["ndcg@10_mean"])
     assert df[(df.row == "lora") & (df.variant == "method.module.r=0")].iloc[0].failed == 1
-    assert (out / "plots" / "bars_tools.png").is_file()
+    assert (out / "plots" / "bars_synthetic_tools.png").is_file()  # data identity: collection/target

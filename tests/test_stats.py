@@ -57,6 +57,46 @@ def test_wilcoxon_agrees_with_scipy():
     assert stats.wilcoxon(a, b).p == pytest.approx(scipy_stats.wilcoxon(a, b, method="approx").pvalue, rel=1e-9)
 
 
+def test_scipy_statistics_keep_the_hand_computed_numbers():
+    """significance.py now calls scipy (t quantiles, ranks, the signed-rank test); the expected numbers are
+    what the earlier hand-written versions (a t table, an exact signed-rank count, the normal approximation
+    with the tie correction) gave on these inputs, computed before the change."""
+    rng = np.random.default_rng(7)
+    exact = (rng.random(12), rng.random(12) + 0.1)
+    ties = (np.round(rng.random(40), 1), np.round(rng.random(40), 1))
+    normal = (rng.random(80), rng.random(80))
+    for (a, b), (n, w_plus, w_minus, p, r, method) in [
+        (exact, (12, 32.0, 46.0, 0.6220703125, -0.1794871794871795, "exact")),
+        (ties, (37, 331.0, 372.0, 0.7565966916891218, -0.05832147937411095, "normal")),
+        (normal, (80, 2050.0, 1190.0, 0.03916933706903223, 0.2654320987654321, "normal")),
+    ]:
+        w = stats.wilcoxon(a, b)
+        assert (w.n, w.w_plus, w.w_minus, w.method) == (n, w_plus, w_minus, method)
+        assert w.p == pytest.approx(p, rel=1e-12) and w.r == pytest.approx(r, rel=1e-12)
+    for df, level, q in [(2, 0.95, 4.302652729749462), (9, 0.95, 2.262157162798205), (30, 0.95, 2.0422724563012378),
+                         (5, 0.9, 2.0150483733330233)]:
+        assert stats.t_quantile(df, level) == pytest.approx(q, rel=1e-12)
+    assert stats.mean_ci([0.1, 0.15, 0.3]) == pytest.approx((0.18333333333333335, 0.25855725062711316), rel=1e-12)
+    c = stats.compare_paired([0.5, 0.2, 0.9, 0.3, 0.7, 0.1, 0.6, 0.8, 0.4, 0.45],
+                             [0.4, 0.25, 0.5, 0.3, 0.6, 0.2, 0.5, 0.6, 0.35, 0.5], resamples=2000)
+    expected = {"users": 10, "mean_a": 0.495, "mean_b": 0.42, "delta": 0.075, "ci_lo": -0.005, "ci_hi": 0.165,
+                "p_bootstrap": 0.061, "p_wilcoxon": 0.13690647995474461, "wilcoxon_method": "normal",
+                "rank_biserial": 0.5555555555555556, "se_a": 0.08180260794538684, "se_b": 0.0448454134902457}
+    assert c.keys() == expected.keys()
+    for key, value in expected.items():
+        assert c[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-9, abs=1e-12)), key
+
+
+def test_a_paired_test_needs_six_users():
+    """With 2 users the old record printed r +1.000 and with 0 a Wilcoxon p of 1: fewer than 6 (where no
+    two-sided signed-rank p can reach 0.05) are refused."""
+    with pytest.raises(ValueError, match="2 paired users: too few"):
+        stats.compare_paired([0.5, 0.6], [0.1, 0.2])
+    with pytest.raises(ValueError, match="0 paired users"):
+        stats.compare_paired([], [])
+    assert stats.compare_paired(np.arange(6.0), np.zeros(6))["users"] == 6
+
+
 def test_paired_bootstrap():
     b = stats.paired_bootstrap(np.full(50, 0.6), np.full(50, 0.5), resamples=200)
     assert b.mean == pytest.approx(0.1) and b.lo == pytest.approx(0.1) and b.hi == pytest.approx(0.1) and b.p == 0.0
@@ -74,19 +114,26 @@ A_RANKS = [1, 1, 2, 4, 2, 4, 1]  # method a (the best), per user; NDCG@10 as in 
 B_RANKS = [11, 3, 5, 6, 1, 3, 1]  # method b: rank 11 is outside the top 10 (NDCG 0)
 
 
-def job(root: Path, num: int, method: str, seed: int, user_ranks: list[int]) -> None:
+def job(root: Path, num: int, method: str, seed: int, user_ranks: list[int], data: dict | None = None,
+        overrides: tuple = (), val: float | None = None, first_user: int = 0) -> Path:
+    """A job folder with per-user ranks; ``data``: more data settings, ``val``: its val/ndcg@10 (default: test's)."""
     d = root / str(num)
     (d / ".hydra").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create({"seed": seed, "method": {"name": method}, "backbone": {"name": "none"},
-                                     "data": {"target": "beauty", "sources": [], "target_fraction": 1.0}}),
+                                     "data": {"target": "beauty", "sources": [], "target_fraction": 1.0,
+                                              **(data or {})}}),
                    d / ".hydra" / "config.yaml")
-    OmegaConf.save(OmegaConf.create([f"method={method}", f"seed={seed}"]), d / ".hydra" / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create([f"method={method}", f"seed={seed}", *overrides]), d / ".hydra" / "overrides.yaml")
     nd = ranks.ndcg(pd.array(user_ranks, dtype="Int64"))
-    metrics = {f"test/{m}": float(nd.mean()) + 0.001 * seed for m in METRICS}
+    metrics = {f"{split}/{m}": float(nd.mean()) + 0.001 * seed for m in METRICS for split in ("val", "test")}
+    if val is not None:
+        metrics["val/ndcg@10"] = val
     (d / "metrics.json").write_text(json.dumps(metrics))
-    ranks.write(d, pd.DataFrame({"domain": "beauty", "user": [f"u{i}" for i in range(len(user_ranks))],
+    users = [f"u{i}" for i in range(first_user, first_user + len(user_ranks))]
+    ranks.write(d, pd.DataFrame({"domain": "beauty", "user": users,
                                  "split": "test", "target": "i0", "rank": pd.array(user_ranks, dtype="Int64"),
                                  "n_candidates": 20}))
+    return d
 
 
 def test_report_over_seeds_prints_intervals_and_paired_p_values(tmp_path):
@@ -163,3 +210,68 @@ def test_ranks_paired_cli_by_hand(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # a run without ranks: the command says how to make them
         ranks.main([str(a), str(tmp_path / "old_run"), "--paired"])
     assert e.value.code == 2 and "python evaluate.py run_dir=" in capsys.readouterr().err
+
+
+def test_ranks_paired_refuses_runs_of_other_candidates(tmp_path, capsys):
+    """Seed 0 against seed 1 (other candidate lists for the same users) printed p 0.023 as if paired: now
+    refused, naming the setting; so is another data.num_negatives, and a run with no config beside it."""
+    a = job(tmp_path, 0, "sasrec", 0, A_RANKS)
+    b = job(tmp_path, 1, "lora", 1, B_RANKS)
+    with pytest.raises(SystemExit) as e:
+        ranks.main([str(a), str(b), "--paired"])
+    assert e.value.code == 2 and "other candidates (seed: 0 vs 1)" in capsys.readouterr().err
+    c = job(tmp_path, 2, "lora", 0, B_RANKS, data={"num_negatives": 49})
+    with pytest.raises(ValueError, match="data.num_negatives: None vs 49"):
+        ranks.paired(a, c)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / ranks.FILE).write_bytes((b / ranks.FILE).read_bytes())
+    with pytest.raises(ValueError, match="no .hydra/config.yaml or config.yaml"):
+        ranks.paired(a, bare / ranks.FILE)
+    assert ranks.main([str(a), str(bare), "--paired", "--unchecked"]).iloc[0]["users"] == 7
+
+
+def test_ranks_paired_refuses_too_few_shared_users(tmp_path, capsys):
+    """2 shared users printed r +1.000: fewer than 6 are refused."""
+    a = job(tmp_path, 0, "sasrec", 0, A_RANKS)
+    b = job(tmp_path, 1, "lora", 0, B_RANKS, first_user=5)  # users u5..u11: u5, u6 shared
+    with pytest.raises(SystemExit) as e:
+        ranks.main([str(a), str(b), "--paired"])
+    assert e.value.code == 2 and "2 paired users: too few" in capsys.readouterr().err
+
+
+def test_report_chooses_the_best_row_on_validation(tmp_path):
+    """lora is better on test, sasrec on validation: sasrec is the best row (bold, paired against), chosen on
+    val/ndcg@10 as model selection chooses; test never chooses (it chose lora before)."""
+    root = tmp_path / "multirun"
+    for seed in (0, 1):
+        job(root, 2 * seed, "sasrec", seed, B_RANKS, val=0.9)
+        job(root, 2 * seed + 1, "lora", seed, A_RANKS, val=0.1)
+    write_report([root], tmp_path / "report", wandb="off")
+    md = (tmp_path / "report" / "report.md").read_text()
+    sasrec = next(line for line in md.splitlines() if line.startswith("| sasrec |"))
+    lora = next(line for line in md.splitlines() if line.startswith("| lora |"))
+    assert "**0.9000**" in sasrec and "| best |" in sasrec and "**" not in lora
+    assert "val/ndcg@10 (chooses)" in md
+    paired = pd.read_csv(next((tmp_path / "report" / "tables").glob("*_paired.csv")))
+    assert (paired.iloc[0]["a"], paired.iloc[0]["b"]) == ("sasrec", "lora") and paired.iloc[0]["delta"] < 0
+
+
+def test_report_pairs_only_runs_of_the_same_candidates(tmp_path):
+    """Two variants that ranked other candidate lists (data.num_negatives 19 vs 49) are in one table but are
+    not paired: the table says which setting differs. Disjoint users (0 paired) give no Wilcoxon p of 1."""
+    root = tmp_path / "multirun"
+    for seed in (0, 1):
+        job(root, 3 * seed, "sasrec", seed, A_RANKS, overrides=("data.num_negatives=19",), data={"num_negatives": 19})
+        job(root, 3 * seed + 1, "lora", seed, B_RANKS, overrides=("data.num_negatives=49",), data={"num_negatives": 49},
+            val=0.0)
+        job(root, 3 * seed + 2, "joint", seed, B_RANKS, overrides=("data.num_negatives=19",), data={"num_negatives": 19},
+            val=0.0, first_user=100)
+    write_report([root], tmp_path / "report", wandb="off")
+    paired = pd.read_csv(next((tmp_path / "report" / "tables").glob("*_paired.csv"))).set_index("b")
+    lora, joint = "lora [data.num_negatives=49]", "joint [data.num_negatives=19]"
+    assert "data.num_negatives: 19 vs 49" in paired.loc[lora, "skipped"]
+    assert "0 paired users: too few" in paired.loc[joint, "skipped"]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "not paired: seed 0: other candidates (data.num_negatives: 19 vs 49)" in md
+    assert "| 1 (exact) |" not in md and "| 1 (normal) |" not in md

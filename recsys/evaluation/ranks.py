@@ -7,6 +7,12 @@ top; empty when the target is not among the candidates, e.g. missed by a retriev
 ``n_candidates``. The file is rewritten after each evaluation; the rows of a split are replaced by
 its latest evaluation, except validation during training, whose rows are those of the best epoch so
 far (the epoch model selection keeps).
+
+Two rows are paired user by user only when they are evaluations of the same candidates:
+``candidate_identity`` reads from a run's config what fixes them (the domain's data: collection,
+target, its spec and the data root's name; the seed; the candidate settings) and ``differing_setting``
+names the first that differs; ``paired`` refuses such a pair (and runs without a config beside them,
+unless ``check=False``).
 """
 
 from __future__ import annotations
@@ -17,11 +23,66 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from recsys.core.files import write_with
 
 FILE = "ranks.csv.gz"
 COLUMNS = ("domain", "user", "split", "target", "rank", "n_candidates")
+CONFIGS = (".hydra/config.yaml", "config.yaml")  # a run folder's resolved config: train.py's, or an archived copy's
+# what fixes a user's candidates (recsys.data.candidates.eval_candidates: domain, user, split, seed, sampling,
+# negatives; or the retriever's top K); the data root and a retriever compared by their folder's name
+CANDIDATE_KEYS = ("data.collection", "data.target", "data.root", "seed", "data.num_negatives",
+                  "data.candidate_sampling", "data.candidates", "data.retriever", "data.retrieve_k")
+VAL_KEYS = ("data.train_on_val", "data.selection_share")  # which users the val split holds
+
+
+def select(cfg, key: str, default=None):
+    """The value at ``key`` with only its own leaves resolved: an interpolation that cannot be resolved
+    outside the run (``${hydra:runtime.output_dir}`` behind ``paths.output_dir`` or ``logger.wandb.save_dir``)
+    reads as None instead of failing the whole node."""
+    value = OmegaConf.select(cfg, key, default=default, throw_on_resolution_failure=False)
+    if isinstance(value, DictConfig):
+        return {k: select(value, str(k)) for k in value.keys()}
+    if isinstance(value, ListConfig):
+        return [select(value, f"[{i}]") for i in range(len(value))]
+    return value
+
+
+def config_file(folder: str | Path) -> Path | None:
+    """The resolved config of a run folder (``.hydra/config.yaml``, or ``config.yaml`` of an archived run)."""
+    return next((Path(folder) / c for c in CONFIGS if (Path(folder) / c).is_file()), None)
+
+
+def run_config(folder: str | Path):
+    """The config of what a run folder evaluated: its own, or for an ``evaluate.py run_dir=<run>`` folder the
+    evaluated run's (whose data and seed it used); None without a config."""
+    path = config_file(folder)
+    if path is None:
+        return None
+    cfg = OmegaConf.load(path)
+    evaluated = select(cfg, "run_dir")
+    inner = config_file(Path(str(evaluated))) if evaluated else None
+    return OmegaConf.load(inner) if inner is not None else cfg
+
+
+def candidate_identity(cfg, split: str = "test") -> dict:
+    """What fixes the candidates of ``split`` in a run of config ``cfg`` (see CANDIDATE_KEYS)."""
+    keys = CANDIDATE_KEYS + (VAL_KEYS if split == "val" else ())
+    out = {k: select(cfg, k) for k in keys}
+    for k in ("data.root", "data.retriever"):
+        out[k] = Path(str(out[k])).name if out[k] else None
+    target = out["data.target"]
+    out[f"data.domains.{target}"] = select(cfg, f"data.domains.{target}") if target else None
+    return out
+
+
+def differing_setting(a: dict, b: dict) -> str | None:
+    """The first setting of two ``candidate_identity`` records that differs, as ``key: a vs b``; None if none."""
+    for key in dict.fromkeys([*a, *b]):
+        if a.get(key) != b.get(key):
+            return f"{key}: {a.get(key)!r} vs {b.get(key)!r}"
+    return None
 
 
 class RankLog:
@@ -173,12 +234,13 @@ def summary(df: pd.DataFrame, k: int = 10) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def paired(a: str | Path, b: str | Path, split: str = "test", k: int = 10) -> dict:
+def paired(a: str | Path, b: str | Path, split: str = "test", k: int = 10, check: bool = True) -> dict:
     """Per-user NDCG@k of two rows on the same users and targets, compared (paired bootstrap, Wilcoxon).
 
     ``a`` and ``b`` are run folders or ranks files, each optionally ``<path>@<split>`` (e.g.
-    ``run@popularity/test``; default ``split``). The users both rows ranked must have the same targets
-    (the same evaluation), else a ValueError names the mismatch.
+    ``run@popularity/test``; default ``split``). A ValueError names what makes them no paired
+    comparison: another candidate setting in the runs' configs (``check``: also a run without one),
+    another target for a shared user, or fewer shared users than a paired test needs.
     """
     from recsys.evaluation import significance as stats
 
@@ -191,13 +253,35 @@ def paired(a: str | Path, b: str | Path, split: str = "test", k: int = 10) -> di
         return df.set_index(df["domain"] + "/" + df["user"])
 
     ra, rb = rows(a), rows(b)
+    if check:
+        same_candidates(a, b, split)
     both = ra.index.intersection(rb.index)
     if both.empty:
         raise ValueError(f"{a} and {b} share no users: they are not evaluations of the same users")
     differ = (ra.loc[both, "target"] != rb.loc[both, "target"]).sum()
     if differ:
         raise ValueError(f"{a} and {b}: {differ} of {len(both)} shared users have another target (not the same split)")
-    return stats.compare_paired(ndcg(ra.loc[both, "rank"], k), ndcg(rb.loc[both, "rank"], k))
+    try:
+        return stats.compare_paired(ndcg(ra.loc[both, "rank"], k), ndcg(rb.loc[both, "rank"], k))
+    except ValueError as e:
+        raise ValueError(f"{a} and {b}: {e}") from None
+
+
+def same_candidates(a: str | Path, b: str | Path, split: str = "test") -> None:
+    """ValueError unless the runs of ``a`` and ``b`` (run folders or ranks files, ``@split`` allowed) ranked
+    the same candidates: the setting that differs, or the run whose config is missing."""
+    identities = []
+    for spec in (a, b):
+        path = Path(str(spec).partition("@")[0])
+        folder = path if path.is_dir() else path.parent
+        cfg = run_config(folder)
+        if cfg is None:
+            raise ValueError(f"{folder}: no {' or '.join(CONFIGS)}, so nothing shows which candidates it ranked "
+                             f"(--unchecked compares anyway)")
+        identities.append(candidate_identity(cfg, split))
+    diff = differing_setting(*identities)
+    if diff:
+        raise ValueError(f"{a} and {b} ranked other candidates ({diff}): no paired comparison")
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -211,6 +295,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("paths", nargs="+")
     p.add_argument("--paired", action="store_true", help="compare the first path with each other, user by user")
     p.add_argument("--split", default="test", help="the split compared with --paired (default test)")
+    p.add_argument("--unchecked", action="store_true",
+                   help="--paired without the check that both runs' configs fix the same candidates")
     args = p.parse_args(argv)
     try:
         return _main(p, args)
@@ -226,7 +312,7 @@ def _main(p, args) -> pd.DataFrame:
             p.error("--paired needs two paths or more")
         out = []
         for other in args.paths[1:]:
-            c = paired(args.paths[0], other, args.split)
+            c = paired(args.paths[0], other, args.split, check=not args.unchecked)
             out.append({"a": args.paths[0], "b": other, **c})
             print(f"{args.paths[0]} vs {other}: users {c['users']}  NDCG@10 {c['mean_a']:.4f} vs {c['mean_b']:.4f}  "
                   f"a-b {c['delta']:+.4f} [{c['ci_lo']:+.4f}, {c['ci_hi']:+.4f}]  p bootstrap {stats.format_p_bootstrap(c['p_bootstrap'])}  "
