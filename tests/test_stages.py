@@ -141,3 +141,21 @@ def test_debug_presets_export_nothing(tmp_path, preset):
     assert summary["val/ndcg@10"]["max"] == metrics["val/ndcg@10"] == summary["best/val/ndcg@10"]
     assert summary["best/epoch"] in (0, 1) and summary["best/test/ndcg@10"] == metrics["test/ndcg@10"]
     assert summary["test/ndcg@10"] == metrics["test/ndcg@10"]
+
+
+def test_failed_jobs_of_a_sweep(tmp_path):
+    """One line a failed job: its failed.json's error, or no metrics.json; a job that failed and then finished
+    when the sweep was started again (a newer metrics.json) is not listed."""
+    import os
+
+    from recsys.pipeline.sweeps import failed_jobs
+
+    for job in ("0", "1", "2", "3"):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+    (tmp_path / "0" / "metrics.json").write_text("{}")
+    (tmp_path / "1" / "failed.json").write_text(json.dumps({"error": "UserError: data.target=x\nmore"}))
+    (tmp_path / "3" / "failed.json").write_text(json.dumps({"error": "RuntimeError: once"}))
+    (tmp_path / "3" / "metrics.json").write_text("{}")
+    os.utime(tmp_path / "3" / "failed.json", (1, 1))
+    assert failed_jobs(tmp_path) == [(tmp_path / "1", "UserError: data.target=x"),
+                                     (tmp_path / "2", "no metrics.json: the job ended without finishing (see its log)")]

@@ -71,19 +71,20 @@ def keep_best_trial(sweep_dir: Path, direction: str) -> Path | None:
 
 
 def failed_jobs(sweep_dir: str | Path) -> list[tuple[Path, str]]:
-    """``(job folder, error)`` of each job of the sweep that failed: its ``failed.json``, or no ``metrics.json``
-    (a job that died before writing either, e.g. killed, or a DDP rank lost)."""
+    """``(job folder, error)`` of each job of the sweep that failed: its ``failed.json`` (unless a later start of
+    the job, the same sweep command again, finished: a newer ``metrics.json``), or no ``metrics.json`` (a job
+    that died before writing either, e.g. killed, or a DDP rank lost)."""
     out = []
     for hydra_dir in sorted(Path(sweep_dir).glob("**/.hydra")):
         job = hydra_dir.parent
-        failed = job / "failed.json"
-        if failed.is_file():
+        failed, metrics = job / "failed.json", job / "metrics.json"
+        if failed.is_file() and not (metrics.is_file() and metrics.stat().st_mtime > failed.stat().st_mtime):
             try:
                 error = json.loads(failed.read_text()).get("error", "")
             except ValueError:
                 error = "failed.json unreadable"
             out.append((job, error.splitlines()[0] if error else "failed"))
-        elif not (job / "metrics.json").is_file():
+        elif not metrics.is_file():
             out.append((job, "no metrics.json: the job ended without finishing (see its log)"))
     return out
 
