@@ -178,3 +178,40 @@ def test_journey(slurm_cluster, tmp_path):
     assert "weaverec" in paired.read_text() and "xcross" in paired.read_text()
     print(f"journey: {wall:.0f}s for the sweep (4 jobs + the reference job, requeued job {slurm_job}), "
           f"report {time.time() - t0 - wall:.0f}s")
+
+
+# ---------------------------------------------------------------------------------------------- docs/cluster.md
+def page_commands(page: Path) -> list[list[str]]:
+    """The ``python train.py`` commands of a page's bash blocks, continuation lines joined, as arguments."""
+    import re
+    import shlex
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line.startswith("python train.py"):
+                commands.append(shlex.split(line)[2:])
+    return commands
+
+
+def test_cluster_page_commands_compose():
+    """Each train.py command of docs/cluster.md composes (a sweep's first point; the journey runs the last one)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    commands = page_commands(REPO / "docs" / "cluster.md")
+    assert len(commands) == 5, commands  # sources, X-Cross + WeaveRec, several nodes, Optuna, the journey
+    journey = commands[-1]  # the test's sweep, word for word
+    assert sorted(a for a in journey if not a.startswith("hydra.sweep.dir=")) == sorted([*SWEEP, *TINY])
+    parser = OverridesParser.create()
+    for args in commands:
+        overrides = []
+        for o in parser.parse_overrides([a for a in args if a != "-m"]):
+            value = next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else o.get_value_element_as_str()
+            overrides.append(f"{o.input_line.split('=', 1)[0]}={value}")
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=[*overrides, "paths.output_dir=/tmp/x"], return_hydra_config=True)
+        assert cfg.trainer is not None and cfg.method.name
