@@ -21,12 +21,15 @@ that finds the lock taken waits for the job holding it, then finds the adapter s
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import time
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
-import lightning as L
+import numpy as np
+import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
@@ -140,8 +143,29 @@ def train_source_adapters(cfg: DictConfig, sources: list[str], train: Callable[[
     """Train ``method=lora`` on each of ``sources`` with this run's backbone, data and trainer (on one process),
     on all of the domain's data (``data.target_fraction`` is the calling run's target share only); each run's
     folder is ``<run>/sources/<source>``, each a wandb run of its own in the caller's group (job type
-    ``source-adapter``). Reseeds afterwards, so the caller starts as it would with stored adapters."""
+    ``source-adapter``). The random generators are put back afterwards, so the caller goes on as it would
+    have with the adapters stored (the same initialisation, dropout masks and results)."""
     lora = lora_method()
+    with kept_rng_state():
+        _train_each(cfg, sources, lora, train)
+
+
+@contextmanager
+def kept_rng_state():
+    """The random generators' states (torch, CUDA, numpy, python) as they were on entering, on leaving."""
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _train_each(cfg: DictConfig, sources: list[str], lora: DictConfig, train: Callable[[DictConfig], object]) -> None:
     for s in sources:
         sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
         sub.method = lora
@@ -157,7 +181,6 @@ def train_source_adapters(cfg: DictConfig, sources: list[str], train: Callable[[
             train(sub)
         finally:
             tracking.finish_run()  # this training's wandb run ends here: the next training starts its own
-    L.seed_everything(cfg.seed, workers=True)
 
 
 def one_process(sub: DictConfig) -> None:
