@@ -156,18 +156,19 @@ def test_journey(slurm_cluster, tmp_path):
         (info,) = {(i.run_group, i.job_type) for i in of_type(records, "run")}
         assert info == (f"{cfg['method']['name']}-tools", "train")
         if cfg["method"]["name"] == "xcross":  # lineage: the source adapters' runs logged them, X-Cross read them
-            sources = {}
+            trainer = next(f for f in (main / str(j), ref / "0") if (f / "sources").is_dir())  # seed 0: either
             for s in ("toys", "sports"):
-                src = read_records(run_files(main / str(j) / "sources" / s)[0])
-                (art,) = [a.name for a in of_type(src, "artifact") if a.type == "model"]
-                assert (of_type(src, "run")[0].job_type, config_of(src)["hydra/job_num"]) == ("source-adapter", j)
-                sources[s] = art
-            assert cfg["lineage/inputs"] == [sources["toys"], sources["sports"]]
+                src = read_records(run_files(trainer / "sources" / s)[0])
+                assert [a.name for a in of_type(src, "artifact") if a.type == "model"] == [cfg["lineage/inputs"][0 if s == "toys" else 1]]
+                assert of_type(src, "run")[0].job_type == "source-adapter"
+                assert config_of(src)["hydra/sweep_dir"] == str(trainer.parent)
+            assert cfg["lineage/inputs"] == ["synthetic-tiny-encoder-toys", "synthetic-tiny-encoder-sports"]
         else:  # WeaveRec logs its merged model
             assert [a.name for a in of_type(records, "artifact") if a.type == "model"] == \
-                ["synthetic-tiny-encoder-weaverec-tools-from-toys+sports"]
-    # the source adapters were trained once a seed: by the X-Cross job of that seed
-    assert sorted(p.parent.name for p in main.glob("*/sources/*/metrics.json")) == ["sports", "sports", "toys", "toys"]
+                ["synthetic-tiny-encoder-weaverec-tools-from-sports-toys"]
+    # the source adapters were trained once a seed: by one X-Cross job of that seed (the other read them)
+    trained = sorted(p.parent.name for p in [*main.glob("*/sources/*/metrics.json"), *ref.glob("*/sources/*/metrics.json")])
+    assert trained == ["sports", "sports", "toys", "toys"], trained
 
     # the report: table, plot, paired tests
     p = subprocess.run([sys.executable, "report.py", str(main), "--out", str(tmp_path / "report"), "--wandb", "off"],
