@@ -105,7 +105,8 @@ def interrupt(folder: Path, proc: subprocess.Popen) -> str:
     job = folder / str(INTERRUPTED)
     wait_until(lambda: (job / "checkpoints" / "last.ckpt").is_file(), f"job {INTERRUPTED} training", proc)
     slurm_job = next((folder / ".submitit").glob(f"*_{INTERRUPTED}")).name
-    subprocess.run(["scancel", "-s", "USR1", slurm_job], check=True)
+    # (scancel may exit non-zero: once the job requeues, its retries hear "Job can not be altered now")
+    subprocess.run(["scancel", "-s", "USR1", slurm_job], capture_output=True)
     wait_until(lambda: (job / "hpc_ckpt_1.ckpt").is_file(), "the requeue checkpoint", proc, 120)
     start_requeued(slurm_job)
     return slurm_job

@@ -96,6 +96,7 @@ def test_a_waiting_rank_stops_when_rank_0_failed(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- wandb
+@pytest.mark.slow
 def test_train_missing_logs_each_training_as_a_wandb_run_of_its_own(tmp_path):
     """X-Cross with both sources missing and logger=wandb: three runs (two source adapters, X-Cross), each in
     its own folder, the sources in X-Cross's group with job type source-adapter, X-Cross's config naming the
