@@ -313,11 +313,7 @@ class AdapterStore:
 
         ``extra(folder)``, if given, writes more files into the (temporary) folder before the manifest.
         """
-        link = self._link(backbone, name)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        stamp = f"{time.time_ns()}-{os.getpid()}"
-        tmp = link.parent / f".{link.name}.tmp-{stamp}"
-        try:
+        def fill(tmp: Path) -> dict:
             peft_model.save_pretrained(str(tmp), selected_adapters=[adapter_name])
             sub = tmp / adapter_name if adapter_name != "default" else tmp
             if sub != tmp:  # peft nests non-default adapters in a sub-folder: flatten
@@ -328,27 +324,31 @@ class AdapterStore:
                 save_head(head, tmp / HEAD)
             if extra is not None:
                 extra(tmp)
-            manifest = {**manifest, "backbone": backbone, "name": name, "seed": self.seed,
-                        "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))  # written last: marks complete
-            _apply_umask(tmp)
-            self._swap_in(link, tmp, stamp)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return link
+            return {**manifest, "backbone": backbone, "name": name, "seed": self.seed,
+                    "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+        return self._write_version(self._link(backbone, name), fill)
 
     def adopt(self, folder: str | os.PathLike, **record) -> Path:
         """Copy the complete adapter ``folder`` (of another store, e.g. a search trial's) into this store under
         the backbone and name its manifest records, with ``record`` added to the manifest; returns the folder."""
         folder = Path(folder)
         manifest = {**self.load_manifest(folder), **record}
-        link = self._link(manifest["backbone"], manifest["name"])
+
+        def fill(tmp: Path) -> dict:
+            shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns(MANIFEST))
+            return manifest
+
+        return self._write_version(self._link(manifest["backbone"], manifest["name"]), fill)
+
+    def _write_version(self, link: Path, fill: Callable[[Path], dict]) -> Path:
+        """A new version of adapter ``link``: ``fill(tmp)`` writes the files into a temporary folder and returns
+        the manifest, written last (it marks the folder complete); then swapped in atomically (:meth:`_swap_in`)."""
         link.parent.mkdir(parents=True, exist_ok=True)
         stamp = f"{time.time_ns()}-{os.getpid()}"
         tmp = link.parent / f".{link.name}.tmp-{stamp}"
         try:
-            shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns(MANIFEST))
+            manifest = fill(tmp)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))  # written last: marks complete
             _apply_umask(tmp)
             self._swap_in(link, tmp, stamp)
