@@ -124,6 +124,13 @@ def test_train_missing_logs_each_training_as_a_wandb_run_of_its_own(tmp_path):
     assert (infos["xcross"].run_group, infos["xcross"].job_type) == ("xcross-tools", "train")
     assert configs["xcross"]["method"]["name"] == "xcross" and configs["xcross"]["job_type"] == "train"
     assert configs["xcross"]["lineage/inputs"] == ["synthetic-tiny-encoder-toys", "synthetic-tiny-encoder-sports"]
+    # the dashboard: LR curves by parameter group; the summary holds the best validation value, its epoch and
+    # the test metrics of that checkpoint
+    assert {"lr/integrators", "lr/w", "lr/head"} <= history_keys(records["xcross"])
+    summary = summary_of(records["xcross"])
+    assert summary["val/ndcg@10"]["max"] == metrics["val/ndcg@10"] == summary["best/val/ndcg@10"]
+    assert summary["best/epoch"] in (0, 1) and summary["best/test/ndcg@10"] == metrics["test/ndcg@10"]
+    assert summary["test/ndcg@10"] == metrics["test/ndcg@10"]
 
 
 @pytest.mark.parametrize("preset", ["fdr", "default"])
@@ -135,13 +142,6 @@ def test_debug_presets_export_nothing(tmp_path, preset):
                               "trainer.limit_train_batches=2", "zero_shot=false"))
     assert "test/ndcg@10" in metrics
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("manifest.json"))
-    # the dashboard: LR curves by parameter group; the summary holds the best validation value, its epoch and
-    # the test metrics of that checkpoint
-    assert {"lr/integrators", "lr/w", "lr/head"} <= history_keys(records["xcross"])
-    summary = summary_of(records["xcross"])
-    assert summary["val/ndcg@10"]["max"] == metrics["val/ndcg@10"] == summary["best/val/ndcg@10"]
-    assert summary["best/epoch"] in (0, 1) and summary["best/test/ndcg@10"] == metrics["test/ndcg@10"]
-    assert summary["test/ndcg@10"] == metrics["test/ndcg@10"]
 
 
 def test_failed_jobs_of_a_sweep(tmp_path):
