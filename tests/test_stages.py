@@ -62,6 +62,7 @@ def provide_as(rank: int, out: Path, store: Path, calls: Path, result: Path) -> 
     result.write_text(str(found["toys"]))
 
 
+@pytest.mark.slow
 def test_a_missing_adapter_is_trained_once_by_two_jobs_of_two_ranks(tmp_path):
     """Job A (ranks 0 and 1) and job B (ranks 0 and 1) need the missing adapter ``toys`` at once: one rank 0
     trains it (on one process), the other rank 0 waits on its lock, the ranks 1 wait for it; all four read
