@@ -108,7 +108,7 @@ def test_slurm_launcher_composes(tmp_path):
     assert obj.params["tasks_per_node"] == 4 and obj.params["partition"] == "gpu"
     script = sbatch_script(obj.params, tmp_path)
     for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu", "--account=proj",
-                 "--time=240", "--signal=USR1@120", "--requeue"):  # USR1: Lightning's requeue signal
+                 "--time=240", "--signal=USR1@120", "--requeue"):  # USR1: SlurmRequeue's signal
         assert f"#SBATCH {line}\n" in script, (line, script)
     assert "USR2" not in script  # submitit's own signal is never sent
 
@@ -326,16 +326,21 @@ def test_optuna_three_trials(tmp_path):
     """optuna 2.10.1 (the newest hydra-optuna-sweeper 1.3 accepts) runs here (numpy 2, in-memory study).
     The rank may be 0 here: those trials fail (failed.json), optuna marks them failed, the search goes on."""
     t0 = time.time()
-    run("hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2",
-        'hydra.sweeper.params={method.module.r:"choice(0,4)"}', *TINY, "logger=csv", "trainer.limit_train_batches=2",
-        "data.max_eval_users=8", "data.max_train_examples=64", f"hydra.sweep.dir={tmp_path}/sweep",
-        f"paths.adapter_store={tmp_path}/store")
+    p = run("hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2",
+            'hydra.sweeper.params={method.module.r:"choice(0,4)"}', *TINY, "logger=csv", "trainer.limit_train_batches=2",
+            "data.max_eval_users=8", "data.max_train_examples=64", f"hydra.sweep.dir={tmp_path}/sweep",
+            f"paths.adapter_store={tmp_path}/store", "export_adapter=true", check=False)
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if (p / ".hydra").is_dir())
     assert len(jobs) == 3
     rank = {j: OmegaConf.load(j / ".hydra" / "config.yaml").method.module.r for j in jobs}
     ok = [j for j in jobs if (j / "metrics.json").is_file()]
     failed = [j for j in jobs if (j / "failed.json").is_file()]
     assert ok and failed and sorted(ok + failed) == jobs
+    # the search went on past the failed trials, then said which failed and exited 1 (recsys.pipeline.sweeps)
+    assert p.returncode == 1, p.stderr[-3000:]
+    summary = p.stderr[p.stderr.index(f"sweep {tmp_path}/sweep: {len(failed)} job(s) failed"):].splitlines()
+    assert [line.split(":")[0].strip() for line in summary[1:1 + len(failed)]] == [str(j) for j in failed]
+    assert all(line.endswith("UserError: method.r=0 must be >= 1") for line in summary[1:1 + len(failed)])
     assert all(rank[j] == 0 for j in failed) and all(rank[j] == 4 for j in ok)
     for j in ok:  # each trial logged as trial-<number>, in the study's group (the CSV logger's hparams)
         hp = OmegaConf.load(j / "csv" / "hparams.yaml")
@@ -343,6 +348,12 @@ def test_optuna_three_trials(tmp_path):
     result = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml")
     assert result.best_params["method.module.r"] == 4 and 1e-4 <= result.best_params["recipe.optimizer.lr"] <= 1e-2
     assert result.best_value == max(metrics(j)["val/ndcg@10"] for j in ok)
+    # each trial exported into its own folder; the store holds the best trial's adapter (by validation), not the last's
+    best = max(ok, key=lambda j: metrics(j)["val/ndcg@10"])
+    assert all((j / "trial_store" / "tiny-encoder" / "tools" / "seed-0" / "manifest.json").is_file() for j in ok)
+    manifest = json.loads((tmp_path / "store" / "tiny-encoder" / "tools" / "seed-0" / "manifest.json").read_text())
+    assert (manifest["trial"], manifest["trial_value"]) == (best.name, metrics(best)["val/ndcg@10"])
+    assert manifest["run_dir"] == str(best) and manifest["trial_metric"] == "val/ndcg@10"
     lrs = {OmegaConf.load(j / ".hydra" / "config.yaml").recipe.optimizer.lr for j in jobs}
     assert len(lrs) == 3  # three different proposals
     print(f"optuna 3 trials: {time.time() - t0:.0f}s")
@@ -470,7 +481,7 @@ def test_resume_after_a_kill(tmp_path, uninterrupted, sig, logger):
 @pytest.mark.slow
 def test_slurm_requeue_resumes_from_the_newest_checkpoint(tmp_path, uninterrupted):
     """A simulated SLURM job: SLURM's variables set, USR1 sent mid-epoch (as --signal=USR1@120 does),
-    a stand-in scontrol on PATH that records its call. Lightning writes hpc_ckpt_1.ckpt and requeues;
+    a stand-in scontrol on PATH that records its call. SlurmRequeue writes hpc_ckpt_1.ckpt and requeues;
     the job is then killed (as SLURM does on requeue) and started again: it resumes from the hpc
     checkpoint, newer than last.ckpt, and ends with the metrics of an uninterrupted run."""
     folder, bin_dir = tmp_path / "run", tmp_path / "bin"

@@ -336,11 +336,18 @@ class RecModule(L.LightningModule):
         values = {f"{stage}/{k}": v for k, v in self.metrics[stage].compute().items()}
         if self.paper is not None:
             values.update(self.paper.compute(stage))
-        self.log_dict(values, prog_bar=stage == "val", sync_dist=False)  # already synchronised by torchmetrics
+        self.log_synchronised(values, prog_bar=stage == "val")
         self.metrics[stage].reset()
         if stage == "val" and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self.val_history[self.current_epoch] = {k: float(v) for k, v in values.items()}
         self.rank_log.close(stage)  # this evaluation's ranks, for the pipeline's ranks.RankWriter
+
+    def log_synchronised(self, values: dict, **kwargs) -> None:
+        """Log epoch values that are already the same on every rank (torchmetrics' ``compute`` gathers the
+        states of all ranks). ``sync_dist=True`` with ``max``: an all-reduce of identical values, exact for any
+        number of ranks (a mean over 3 ranks may not be); with ``sync_dist=False`` Lightning warned, once a key,
+        that epoch metrics should be synchronised."""
+        self.log_dict(values, sync_dist=True, reduce_fx="max", **kwargs)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
@@ -367,7 +374,8 @@ class RecModule(L.LightningModule):
         self.warmup_steps = warmup_steps(total, self.warmup_ratio) if self.warmup_ratio > 0 else 0
         lam = warmup_cosine(total, self.warmup_ratio, 1.0 if self.scheduler == "constant" else 0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        # name "lr": LearningRateMonitor logs lr/<group name> (lr/integrators, lr/w ...), or lr for one group
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
 
     # ------------------------------------------------------------------ checkpoints: only what trains
     def on_save_checkpoint(self, checkpoint: dict) -> None:

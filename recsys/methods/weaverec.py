@@ -289,7 +289,7 @@ class WeaveRecModule(RecModule):
         if not self.validate_branches:
             return
         fitting = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
-        self.log_dict(self.branch_val.compute(self.current_epoch if fitting else None), sync_dist=False)
+        self.log_synchronised(self.branch_val.compute(self.current_epoch if fitting else None))
 
     # ------------------------------------------------------------------ optimisation
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

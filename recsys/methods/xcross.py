@@ -208,12 +208,12 @@ class XCrossModule(RecModule):
         """The integrators at ``integrator_lr`` **[ours]**: W_concat multiplies whole hidden states (n*d
         inputs of magnitude ~1), so a head-sized learning rate swings z far in one Adam step and
         wrecks the streams; w and the head at the optimizer's lr."""
-        if self.integrator_lr is None:
-            return self.trainable_parameters()
-        integ = list(self.xcross.integrators.parameters())
-        ids = {id(p) for p in integ}
-        rest = [p for p in self.trainable_parameters() if id(p) not in ids]
-        return [{"params": integ, "lr": self.integrator_lr}, {"params": rest}]
+        integ = {"params": list(self.xcross.integrators.parameters()), "name": "integrators"}
+        if self.integrator_lr is not None:
+            integ["lr"] = self.integrator_lr
+        # named groups: the LR curves read lr/integrators, lr/w, lr/head (LearningRateMonitor)
+        return [integ, {"params": [self.xcross.w], "name": "w"},
+                {"params": list(self.xcross.head.parameters()), "name": "head"}]
 
     def score(self, batch: dict) -> torch.Tensor:
         batch = as_pairs(batch)  # a decoder's prompt + continuations batch -> each candidate after its own prompt

@@ -471,18 +471,14 @@ class AdapterStore:
                                      f"records {want[:12]}); {_rebuild_hint(folder)}")
 
     def save(self, backbone: str, name: str, peft_model, adapter_name: str, head: torch.nn.Module | None,
-             manifest: dict, extra: Callable[[Path], None] | None = None) -> Path:
+             manifest: dict, extra: Callable[[Path], None] | None = None) -> Path | None:
         """Save one adapter of ``peft_model`` (+ head + manifest) for this seed, atomically; returns the folder.
 
         ``extra(folder)``, if given, writes more files into the (temporary) folder before the manifest.
         Returns None, writing nothing, when the stored adapter has the better validation
         (:func:`stored_is_better`; ``force`` replaces it).
         """
-        link = self._link(backbone, name)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        stamp = f"{time.time_ns()}-{os.getpid()}-{socket.gethostname()}"
-        tmp = link.parent / f".{link.name}.tmp-{stamp}"
-        try:
+        def fill(tmp: Path) -> dict:
             peft_model.save_pretrained(str(tmp), selected_adapters=[adapter_name])
             sub = tmp / adapter_name if adapter_name != "default" else tmp
             if sub != tmp:  # peft nests non-default adapters in a sub-folder: flatten
@@ -493,8 +489,32 @@ class AdapterStore:
                 save_head(head, tmp / HEAD)
             if extra is not None:
                 extra(tmp)
-            manifest = {**manifest, "backbone": backbone, "name": name, "seed": self.seed,
-                        "saved": time.strftime("%Y-%m-%dT%H:%M:%S"), CHECKSUMS: checksums(tmp)}
+            return {**manifest, "backbone": backbone, "name": name, "seed": self.seed,
+                    "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+        return self._write_version(self._link(backbone, name), fill)
+
+    def adopt(self, folder: str | os.PathLike, **record) -> Path | None:
+        """Copy the complete adapter ``folder`` (of another store, e.g. a search trial's) into this store under
+        the backbone and name its manifest records, with ``record`` added to the manifest; returns the folder."""
+        folder = Path(folder)
+        manifest = {**self.load_manifest(folder), **record}
+
+        def fill(tmp: Path) -> dict:
+            shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns(MANIFEST))
+            return manifest
+
+        return self._write_version(self._link(manifest["backbone"], manifest["name"]), fill)
+
+    def _write_version(self, link: Path, fill: Callable[[Path], dict]) -> Path | None:
+        """A new version of adapter ``link``: ``fill(tmp)`` writes the files into a temporary folder and returns
+        the manifest, written last with the files' checksums and the data's fingerprints (it marks the folder
+        complete); then swapped in atomically (:meth:`_swap_in`). None when the stored version is kept."""
+        link.parent.mkdir(parents=True, exist_ok=True)
+        stamp = f"{time.time_ns()}-{os.getpid()}-{socket.gethostname()}"
+        tmp = link.parent / f".{link.name}.tmp-{stamp}"
+        try:
+            manifest = {**fill(tmp), CHECKSUMS: checksums(tmp)}
             if self.data:
                 manifest[FINGERPRINT] = {d: self.data[d] for d in adapter_domains(manifest) if d in self.data}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))  # written last: marks complete

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from recsys.evaluation import ranks
-from recsys.pipeline import scale, speed, stages, tracking
+from recsys.pipeline import scale, speed, stages, sweeps, tracking
 from recsys.data.datamodule import RecDataModule
 from recsys.core.errors import UserError, checked
 from recsys.core.files import check_writable, read_json, write_json, write_text
@@ -249,6 +249,7 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
     metrics.update(module.extra_params())
     tracking.log_hyperparameters(trainer.loggers, cfg, {**metrics, "params/total": sum(p.numel() for p in module.parameters())})
     tracking.use_adapters(trainer.loggers, module.input_adapters())
+    tracking.define_summary(trainer.loggers, cfg.optimized_metric)
 
     if cfg.zero_shot:
         metrics.update(zero_shot_test(trainer, module, dm, out_dir))
@@ -331,6 +332,8 @@ def report_and_export(cfg: DictConfig, trainer: L.Trainer, module: RecModule, st
         log.warning("not exported: the training loss stayed at chance (%s), a model that learned nothing is not stored; "
                     "export_adapter=force stores it anyway", ", ".join(collapsed))
     elif trained and exports(cfg):
+        if sweeps.in_search():  # a trial exports into its own folder; the search's end keeps the best trial's
+            store = sweeps.trial_store(out_dir, store, cfg.optimized_metric, metrics.get(cfg.optimized_metric, math.nan))
         folder = module.export(store, manifest=adapter_store.run_record(
             cfg.method.name, cfg.data.target, OmegaConf.to_container(cfg.data, resolve=True), cfg.seed, metrics,
             str(out_dir), str(cfg.trainer.precision)))
@@ -338,6 +341,7 @@ def report_and_export(cfg: DictConfig, trainer: L.Trainer, module: RecModule, st
             log.info("adapter exported to %s", folder)
             tracking.log_adapter(trainer.loggers, folder)
     tracking.log_results(trainer.loggers, metrics, "test", REPORT_KEYS)
+    tracking.log_best(trainer.loggers, metrics, cfg.optimized_metric, module.best_epoch(cfg.optimized_metric))
     # last: a re-run of this folder reports these figures and changes nothing (completed_metrics)
     write_json(out_dir / "run.json", {"best_checkpoint": best, "trained": trained, "complete": True})
     for lg in trainer.loggers:
@@ -360,11 +364,10 @@ def guarded(fn, cfg: DictConfig):
     from hydra.types import RunMode
 
     try:
-        hc = HydraConfig.get()
-        multirun = hc.mode == RunMode.MULTIRUN
-        search = not str(hc.sweeper.get("_target_", "")).endswith("BasicSweeper")
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     except ValueError:
-        multirun = search = False
+        multirun = False
+    search = sweeps.in_search()
     try:
         with scale.job_scope():  # DDP ranks run this job in its folder; no process group outlives it
             return fn(cfg)
@@ -382,13 +385,7 @@ def guarded(fn, cfg: DictConfig):
             raise
         return math.nan, {}
     finally:
-        try:
-            import wandb
-
-            if wandb.run is not None:
-                wandb.finish()
-        except ImportError:  # pragma: no cover
-            pass
+        tracking.finish_run()
 
 
 # ---------------------------------------------------------------------------------------------- evaluate

@@ -9,19 +9,34 @@ when ``method.module.train_missing`` is set (its method config composed with Hyd
 user's own config folder is honoured), and returns ``{name: folder}`` for ``RunInfo.adapters``. A required
 adapter still missing is a ``SourceAdapterError`` naming each one, why, and the command that trains it
 (:func:`train_command`, the only place that command is written).
+
+Several processes, one training of a missing adapter (:func:`train_missing_once`): the ranks of a DDP
+job (SLURM starts them all at once) and the jobs of a sweep that need the same adapter. Rank 0 of a job
+takes the adapter's file lock (``<store>/<backbone>/<name>/.train-seed-<s>.lock``), looks again, trains
+it if it is still missing (on one process: the other ranks are not in that training) and stores it; the
+other ranks poll the store until it is there (or rank 0 failed), then all read the same folder. A job
+that finds the lock taken waits for the job holding it, then finds the adapter stored.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import signal
+import time
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
-import lightning as L
+import numpy as np
+import torch
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
+from recsys.core.files import write_json
 from recsys.models.adapter_store import (AdapterSpec, AdapterStore, SourceAdapterError, StoreError, lora_command,
                                          mismatch)
+from recsys.pipeline import scale, tracking
 
 log = logging.getLogger("recsys.pipeline.stages")
 
@@ -51,7 +66,7 @@ def provide(cfg: DictConfig, specs: list[AdapterSpec], backbone: str, store: Ada
     found, missing = _find(specs, backbone, store)
     todo = [s.name for s in specs if s.name in missing and s.trainable and not s.optional]
     if todo and train_missing:
-        train_source_adapters(cfg, todo, train)
+        train_missing_once(cfg, [s for s in specs if s.name in todo], backbone, store, train)
         found, missing = _find(specs, backbone, store)
     required = {s.name: missing[s.name] for s in specs if s.name in missing and not s.optional}
     if required:
@@ -73,6 +88,48 @@ def _find(specs: list[AdapterSpec], backbone: str, store: AdapterStore) -> tuple
     return found, missing
 
 
+STAGE_FAILED = "stage_failed.json"  # rank 0 could not train a missing adapter: the waiting ranks stop too
+
+
+def train_missing_once(cfg: DictConfig, specs: list[AdapterSpec], backbone: str, store: AdapterStore,
+                       train: Callable[[DictConfig], object], poll_s: float = 2.0) -> None:
+    """Train each of ``specs`` (missing adapters) once however many processes need it: rank 0 of this job
+    trains it under the adapter's file lock unless another job stored it meanwhile; the other ranks wait
+    (:func:`wait_for_adapters`)."""
+    if scale.global_rank() != 0:
+        wait_for_adapters(cfg, specs, backbone, store, poll_s)
+        return
+    for spec in specs:
+        lock = store.backbone_dir(backbone) / spec.name / f".train-seed-{store.seed}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(lock)):
+            if lookup(store, backbone, spec)[0] is not None:  # another job stored it while this one waited
+                log.info("source adapter %s: stored by another job meanwhile, read from the store", spec.name)
+                continue
+            try:
+                train_source_adapters(cfg, [spec.name], train)
+            except BaseException as e:
+                write_json(Path(cfg.paths.output_dir) / STAGE_FAILED, {"adapter": spec.name, "error": repr(e)})
+                raise
+
+
+def wait_for_adapters(cfg: DictConfig, specs: list[AdapterSpec], backbone: str, store: AdapterStore,
+                      poll_s: float) -> None:
+    """A rank other than 0: wait until rank 0 stored ``specs`` (SourceAdapterError if it failed). USR1 (the
+    requeue signal) is ignored meanwhile: rank 0's training checkpoints and requeues the job."""
+    failed = [Path(cfg.paths.output_dir) / f for f in (STAGE_FAILED, "failed.json")]
+    log.info("rank %d: waiting for rank 0 to train %s", scale.global_rank(), [s.name for s in specs])
+    before = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        while _find(specs, backbone, store)[1]:
+            if any(f.is_file() for f in failed):
+                raise SourceAdapterError(f"rank 0 failed to train the source adapters {[s.name for s in specs]} "
+                                         f"(see {cfg.paths.output_dir}/train.log)")
+            time.sleep(poll_s)
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
 def lora_method() -> DictConfig:
     """``method=lora``'s config node, composed by Hydra from the config search path (the package's
     ``conf/`` and a user's config folder), with its interpolations left to the run's config."""
@@ -88,10 +145,32 @@ def lora_method() -> DictConfig:
 
 
 def train_source_adapters(cfg: DictConfig, sources: list[str], train: Callable[[DictConfig], object]) -> None:
-    """Train ``method=lora`` on each of ``sources`` with this run's backbone, data and trainer, on all of the
-    domain's data (``data.target_fraction`` is the calling run's target share only); each run's folder is
-    ``<run>/sources/<source>``. Reseeds afterwards, so the caller starts as it would with stored adapters."""
+    """Train ``method=lora`` on each of ``sources`` with this run's backbone, data and trainer (on one process),
+    on all of the domain's data (``data.target_fraction`` is the calling run's target share only); each run's
+    folder is ``<run>/sources/<source>``, each a wandb run of its own in the caller's group (job type
+    ``source-adapter``). The random generators are put back afterwards, so the caller goes on as it would
+    have with the adapters stored (the same initialisation, dropout masks and results)."""
     lora = lora_method()
+    with kept_rng_state():
+        _train_each(cfg, sources, lora, train)
+
+
+@contextmanager
+def kept_rng_state():
+    """The random generators' states (torch, CUDA, numpy, python) as they were on entering, on leaving."""
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _train_each(cfg: DictConfig, sources: list[str], lora: DictConfig, train: Callable[[DictConfig], object]) -> None:
     for s in sources:
         sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
         sub.method = lora
@@ -99,9 +178,24 @@ def train_source_adapters(cfg: DictConfig, sources: list[str], train: Callable[[
         sub.paths.output_dir = str(Path(cfg.paths.output_dir) / "sources" / s)
         sub.zero_shot, sub.ckpt_path = False, None
         sub.export_adapter = "force" if str(cfg.get("export_adapter")).lower() == "force" else True
+        sub.group, sub.job_type = cfg.group, "source-adapter"  # the caller's group, resolved before method changes
+        sub.run_name = f"{cfg.run_name}-source-{s}"
+        one_process(sub)
         log.info("training the missing source adapter %s", s)
-        train(sub)
-    L.seed_everything(cfg.seed, workers=True)
+        tracking.finish_run()  # the caller's wandb run, if any, is not this training's
+        try:
+            train(sub)
+        finally:
+            tracking.finish_run()  # this training's wandb run ends here: the next training starts its own
+
+
+def one_process(sub: DictConfig) -> None:
+    """``sub.trainer`` on one process: a source adapter is trained by rank 0 alone while the job's other ranks
+    wait (in a SLURM job of N tasks, Lightning's SLURM environment is replaced by a one-process one)."""
+    sub.trainer.devices, sub.trainer.num_nodes, sub.trainer.strategy = 1, 1, "auto"
+    sub.trainer.pop("sync_batchnorm", None)
+    if scale.slurm_plugins():
+        sub.trainer.plugins = [{"_target_": "lightning.fabric.plugins.environments.LightningEnvironment"}]
 
 
 # command-line overrides that a source's command must not copy: they describe the calling run's target

@@ -1,7 +1,10 @@
 """What a run tells its loggers (wandb, CSV) besides the metrics Lightning logs while training.
 
 - :func:`hyperparameters`: the resolved config (without Hydra's own node) and the parameter counts,
-  logged on every logger, so runs can be filtered and grouped by method, target, lr, r, seed;
+  logged on every logger, so runs can be filtered and grouped by method, target, lr, r, seed; with the
+  command line's overrides, the run folder and the sweep folder (``hydra/...``, :func:`hydra_record`);
+- :func:`define_summary` / :func:`log_best`: the run's summary holds the best validation value of the
+  optimised metric (``<metric>.max``), its epoch (``best/epoch``) and the test metrics of that checkpoint;
 - :func:`log_adapter`: an exported adapter as a ``wandb.Artifact`` of type ``model`` (its manifest as
   the metadata);
 - :func:`use_adapters`: the store adapters a run read (X-Cross and merge sources, WeaveRec's reused
@@ -40,11 +43,55 @@ def wandb_runs(loggers) -> list:
     return [lg.experiment for lg in loggers if isinstance(lg, WandbLogger)]
 
 
+def finish_run() -> None:
+    """End this process's wandb run, if one is open: the next training (a source adapter's, then the
+    method's) starts a run of its own instead of writing into this one."""
+    try:
+        import wandb
+    except ImportError:  # pragma: no cover
+        return
+    if wandb.run is not None:
+        wandb.finish()
+
+
+def hydra_record() -> dict:
+    """Where the run comes from: ``hydra/overrides`` (the command line's), ``hydra/run_dir``, and in a sweep
+    ``hydra/sweep_dir`` and ``hydra/job_num`` ({} outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return {}
+    out = {"hydra/overrides": list(hc.overrides.task), "hydra/run_dir": str(hc.runtime.output_dir)}
+    if hc.mode == RunMode.MULTIRUN or "hydra.mode=RUN" in hc.overrides.hydra:  # a sweep's job (or its DDP rank)
+        out["hydra/sweep_dir"] = str(Path(hc.runtime.output_dir).parent)
+        out["hydra/job_num"] = hc.job.get("num")
+    return out
+
+
 def hyperparameters(cfg: DictConfig, params: dict) -> dict:
-    """The resolved config without ``hydra``, plus ``params`` (``params/trainable``, ...)."""
+    """The resolved config without ``hydra``, the Hydra record (:func:`hydra_record`) and ``params``
+    (``params/trainable``, ...)."""
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("hydra", None)
-    return {**config, **params}
+    return {**config, **hydra_record(), **params}
+
+
+def define_summary(loggers, monitor: str, mode: str = "max") -> None:
+    """The summary of ``monitor`` (the optimised validation metric) is its best value (``<monitor>.max``), not
+    the last epoch's; the test metrics, logged once, are those of the selected checkpoint."""
+    for run in wandb_runs(loggers):
+        run.define_metric(monitor, summary=mode)
+
+
+def log_best(loggers, metrics: dict, monitor: str, epoch: int | None) -> None:
+    """The summary's ``best/epoch``, ``best/<monitor>`` and ``best/test/...``: the selected epoch, its validation
+    value and the test metrics of its checkpoint, side by side for the dashboard's runs table."""
+    best = {f"best/{k}": v for k, v in metrics.items() if k == monitor or k.startswith("test/")}
+    for run in wandb_runs(loggers):
+        run.summary.update({"best/epoch": epoch, **best})
 
 
 def log_hyperparameters(loggers, cfg: DictConfig, params: dict) -> None:
