@@ -72,6 +72,7 @@ SMALL = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, 
          "num_key_value_heads": 4, "vocab_size": 512, "max_position_embeddings": 1024, "tie_word_embeddings": True}
 
 
+@pytest.mark.slow  # two subprocesses of ~30 s on a loaded 2-core machine
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_estimate_within_tolerance_of_the_measured_peak(checkpointing):
     """A LoRA step (forward, backward, AdamW) of a small Qwen2 in float32 on the CPU: what it adds to the resident

@@ -44,6 +44,7 @@ from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
 from recsys.core.errors import UserError
+from recsys.models.card import write_card
 
 MANIFEST = "manifest.json"
 HEAD = "head.safetensors"
@@ -330,6 +331,7 @@ class AdapterStore:
                 extra(tmp)
             manifest = {**manifest, "backbone": backbone, "name": name, "seed": self.seed,
                         "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            write_card(tmp, manifest)  # README.md (the model card), the base model's hub name (recsys/models/card.py)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))  # written last: marks complete
             _apply_umask(tmp)
             self._swap_in(link, tmp, stamp)
