@@ -6,14 +6,10 @@ weights after the step, and what each FSDP unit holds (frozen or trainable, grad
     python tests/fsdp_lora_worker.py <out.pt> [ranks]
 """
 
-import os
-import socket
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -57,15 +53,12 @@ def reference() -> dict:
     return {"grads": grads, "after": {n: p.detach().clone() for n, p in trained(model).items()}}
 
 
-def worker(rank: int, world: int, port: int, out: str) -> None:
+def worker(rank: int, world: int, out: str) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import ShardingStrategy
 
     from recsys.pipeline.speed import lora_fsdp_policy
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     model, ids = build()
     fsdp = FSDP(model, auto_wrap_policy=lora_fsdp_policy(), use_orig_params=True,
                 sharding_strategy=ShardingStrategy.FULL_SHARD, device_id=torch.device("cpu"))
@@ -80,12 +73,9 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         after = {n: p.detach().clone() for n, p in trained(fsdp.module).items()}
     if rank == 0:
         torch.save({"grads": grads, "after": after, "units": units, "reference": reference()}, out)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    ranks = int(sys.argv[2]) if len(sys.argv) > 2 else 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(ranks, port, sys.argv[1]), nprocs=ranks, join=True)
+    from gloo_ranks import spawn
+
+    spawn(worker, int(sys.argv[2]) if len(sys.argv) > 2 else 2, sys.argv[1])

@@ -5,24 +5,18 @@ each rank's share of the parameters.
     python tests/sharded_load_worker.py <checkpoint folder> <out.pt> [ranks]
 """
 
-import os
-import socket
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
+def worker(rank: int, world: int, folder: str, out: str) -> None:
     from recsys.models.sharded_load import load_sharded
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     model = load_sharded(folder, "decoder", torch.float32)
     local = sum(p.to_local().numel() for p in model.parameters())
     shares = [None] * world
@@ -32,12 +26,9 @@ def worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
         logits = model(input_ids=torch.arange(3, 19).view(2, 8)).logits
     if rank == 0:
         torch.save({"weights": full, "logits": logits, "shares": shares}, out)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    ranks = int(sys.argv[3]) if len(sys.argv) > 3 else 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(ranks, port, sys.argv[1], sys.argv[2]), nprocs=ranks, join=True)
+    from gloo_ranks import spawn
+
+    spawn(worker, int(sys.argv[3]) if len(sys.argv) > 3 else 2, sys.argv[1], sys.argv[2])
