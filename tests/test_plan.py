@@ -131,9 +131,14 @@ def test_a_slurm_sweep_that_does_not_fit_is_refused(capsys):
     assert len(err.splitlines()) == 1 and "refused before submission" in err and "GiB a GPU" in err
     assert "+plan.check=false" in err
     check.on_multirun_start(compose_cfg(*big, "+plan.check=false"))  # overridden: no refusal
-    check.on_multirun_start(compose_cfg("experiment=weaverec_paper", "hydra/launcher=slurm"))  # fits
+    check.on_multirun_start(compose_cfg("experiment=weaverec_paper", "hydra/launcher=slurm",
+                                        "hydra.launcher.mem_gb=160"))  # fits
     check.on_multirun_start(compose_cfg(*big[::2]))  # not SLURM: nothing checked
     assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit):  # 8 ranks x 14.2 GiB of weights loaded on one node > the launcher's 64 GB
+        check.on_multirun_start(compose_cfg("experiment=weaverec_paper", "hydra/launcher=slurm"))
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "hydra.launcher.mem_gb=64" in err and "Set hydra.launcher.mem_gb=" in err
 
 
 @pytest.mark.slow

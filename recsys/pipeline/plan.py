@@ -194,7 +194,7 @@ def _examples(cfg, n: int, given) -> list | None:
 
 def setting_of(cfg, shape: Shape, targets: list[str]) -> Setting:
     """The :class:`Setting` of a composed train config."""
-    opts = plan_options(cfg)
+    opts = {**plan_options(cfg), "nodes": int(cfg.trainer.get("num_nodes") or 1)}
     n = len(cfg.data.get("sources") or [])
     streams, adapters, frozen, heads = _streams(cfg, n)
     t = cfg.trainer
@@ -251,7 +251,9 @@ def estimate(s: Shape, st: Setting) -> dict:
     rows["CUDA context, allocator slack"] = st.plan["overhead_gb"] * GIB
     total = sum(rows.values())
     device = st.plan["device_gb"] * GIB
+    per_node = st.ranks // max(1, st.plan.get("nodes", 1))
     return {"rows": rows, "total": total, "device": device, "fits": total <= st.plan["headroom"] * device,
+            "host_rank": frozen * st.weight_bytes, "host_node": per_node * frozen * st.weight_bytes,
             "params": {"frozen": frozen, "trainable": trained},
             "activations_other": activation_bytes(s, st, not st.checkpointing), **work(s, st, trained)}
 
@@ -305,6 +307,8 @@ def format_plan(cfg, shape: Shape, st: Setting, est: dict) -> str:
     verdict = "fits" if est["fits"] else "DOES NOT FIT"
     lines.append(f"  {'total a GPU':<32}{_gib(est['total'])} of {_gib(est['device']).strip()} "
                  f"(plan.device_gb; headroom {st.plan['headroom']:.0%}): {verdict}")
+    lines.append(f"  host memory while loading (from_pretrained on every rank): {_gib(est['host_rank']).strip()} a rank, "
+                 f"{_gib(est['host_node']).strip()} a node (SLURM: hydra.launcher.mem_gb)")
     if est["steps"] is None:
         lines.append("  epoch: domain sizes unknown (data.max_train_examples=null): give +plan.examples=<users>")
     else:
@@ -340,5 +344,13 @@ class PlanCheck(Callback):
             print(f"error: refused before submission, the plan does not fit: {one_line(config, st, est)}. Try "
                   "trainer=fsdp, speed.activation_checkpointing=true, a smaller recipe.batch_size (more "
                   "trainer.accumulate_grad_batches), or +plan.check=false to submit anyway", file=sys.stderr)
+            raise SystemExit(2)
+        mem_gb = config.hydra.launcher.get("mem_gb")
+        if mem_gb and est["host_node"] > mem_gb * GIB:
+            need = -(-est["host_node"] * 1.25 // GIB)
+            print(f"error: refused before submission, the host memory does not fit: {st.ranks // st.plan['nodes']} "
+                  f"ranks a node each load {est['host_rank'] / GIB:.1f} GiB of weights ({est['host_node'] / GIB:.1f} "
+                  f"GiB) > hydra.launcher.mem_gb={mem_gb}. Set hydra.launcher.mem_gb={need:.0f}, or "
+                  "+plan.check=false to submit anyway", file=sys.stderr)
             raise SystemExit(2)
         log.info("plan: %.1f GiB a GPU of %g: fits", est["total"] / GIB, st.plan["device_gb"])
