@@ -2,7 +2,8 @@
 # The GPU acceptance run, in one call on a lent GPU machine (no network), within 8 minutes:
 #   1. offline install of what the image lacks, from .gpu/wheels (benchmarks/gpu_prepare.sh builds .gpu/);
 #   2. the environment: nvidia-smi name and memory, torch / CUDA / transformers / peft / lightning versions;
-#   3. pytest -m gpu (tests/test_gpu.py);
+#   3. pytest -m gpu (tests/test_gpu.py: also the plan's estimates against this GPU's peaks, and Lightning FSDP);
+#   3b. the paper presets' plans (python -m recsys.plan) at this GPU's memory, DDP and FSDP;
 #   4. the speed benchmark on the Qwen2-0.5B shape (random weights from a config): tokens/s, MFU,
 #      shared-prompt training, shared-prompt likelihood, X-Cross and WeaveRec ratios, peak memory;
 #   5. the real-data quality run: LoRA, MiniLM (float16 copy in .gpu/minilm-fp16), a full shared Amazon
@@ -112,6 +113,15 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 
 # ---------------------------------------------------------------- 3. CUDA-only tests
 step pytest_gpu "${LIMIT_PYTEST:-140}" $PY -m pytest -q -m gpu tests/test_gpu.py --junitxml "$OUT/pytest-gpu.xml" -p no:cacheprovider
+
+# ---------------------------------------------------------------- 3b. the plan of the paper presets on this GPU
+# (tests/test_gpu.py::test_plan_estimate_within_tolerance_of_the_cuda_peak, in step 3, checks the estimates against
+# this GPU's measured peaks; here the paper presets' plans at its memory, for docs/paper-scale.md)
+GPU_GB=$($PY -c "import torch; print(round(torch.cuda.get_device_properties(0).total_memory / 2**30) if torch.cuda.is_available() else 80)" 2>/dev/null || echo 80)
+PLANS="weaverec_paper:ddp weaverec_paper:fsdp xcross_paper:ddp xcross_paper:fsdp"
+[ $SMOKE = 1 ] && PLANS="weaverec_paper:fsdp"
+step plan 120 bash -c "for p in $PLANS; do $PY -m recsys.plan experiment=\${p%%:*} trainer=\${p##*:} \
+  +plan.device_gb=$GPU_GB; [ \$? -le 1 ] || exit 1; done"  # exit 1: a plan that does not fit (recorded, not failed)
 
 # ---------------------------------------------------------------- 4. speed benchmark
 if [ $SMOKE = 1 ]; then

@@ -19,7 +19,7 @@ PKG = ROOT / "recsys"
 # The layers, bottom up: each is a folder of recsys/ (a module may import only its own layer or a lower
 # one); the package's top-level modules (cli, __init__) and the configs are the entry points above them.
 LAYERS = [("core",), ("data",), ("models", "evaluation"), ("methods",), ("pipeline",)]
-ENTRY = {"__init__", "cli", "conf"}
+ENTRY = {"__init__", "cli", "conf", "plan"}
 MAX_TOP_LEVEL_MODULES = 4  # besides the layer folders (CONTRIBUTING.md, "Layers")
 LAYER_OF = {folder: i for i, floor in enumerate(LAYERS) for folder in floor} | {e: len(LAYERS) for e in ENTRY}
 

@@ -148,3 +148,44 @@ def test_one_process_strategies(tmp_path, strategy):
 
 def test_compile_on(tmp_path):
     train(tmp_path, "backbone=tiny_decoder", "trainer=gpu", "speed.compile=true", timeout=400)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_plan_estimate_within_tolerance_of_the_cuda_peak(checkpointing):
+    """The plan's activations + gradients + optimizer state of a LoRA step (bf16 weights, as bf16-true) against
+    ``torch.cuda.max_memory_allocated`` above the memory before the step (tests/test_plan.py does it on the CPU)."""
+    import peft
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from recsys.models.shapes import meta_model
+    from recsys.pipeline.plan import DEFAULTS, Setting, estimate, shape_of
+
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    shape = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8, "num_attention_heads": 16,
+             "num_key_value_heads": 16, "vocab_size": 32000, "max_position_embeddings": 2048}
+    st = Setting(method="lora", streams=1, adapters=1, frozen_adapters=0, r=16, targets=targets, dropout=0.05,
+                 scoring="head", heads=0, ranks=1, batch=8, tokens=512, answer_tokens=0, weight_bytes=2, train_bytes=2,
+                 act_bytes=2, fsdp=False, checkpointing=checkpointing, accumulate=1, examples=None,
+                 plan={**DEFAULTS, "overhead_gb": 0.0})
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**shape, attn_implementation="sdpa")).requires_grad_(False)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                                       target_modules=list(targets))).to("cuda", torch.bfloat16)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, shape["vocab_size"], (st.batch, st.tokens), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    hidden = model.base_model.model.model(input_ids=ids).last_hidden_state
+    hidden[:, -1].float().pow(2).mean().backward()
+    opt.step()
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - start
+    rows = estimate(shape_of(meta_model(Qwen2Config(**shape), "decoder"), "decoder"), st)["rows"]
+    est = rows["activations"] + rows["gradients"] + rows["optimizer state (AdamW)"]
+    print(f"cuda, checkpointing={checkpointing}: estimated {est / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB, "
+          f"ratio {est / measured:.2f}")
+    assert abs(est / measured - 1) <= 0.25, est / measured

@@ -31,7 +31,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
     out = tmp_path / "out"
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["ok"] and [s["name"] for s in summary["steps"]] == ["install", "env", "pytest_gpu", "bench",
+    assert summary["ok"] and [s["name"] for s in summary["steps"]] == ["install", "env", "pytest_gpu", "plan", "bench",
                                                                          "quality"]
     assert summary["env"]["torch"] and summary["env"]["hydra"] == "1.3.8"
     assert summary["pytest_gpu"]["tests"] >= 8 and summary["pytest_gpu"]["failures"] == 0  # collected, skipped here

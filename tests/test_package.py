@@ -48,7 +48,7 @@ def test_wheel_contents(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     packaged = {n.removeprefix("recsys/conf/") for n in names if n.startswith("recsys/conf/")}
     in_checkout = {str(p.relative_to(REPO / "conf")) for p in (REPO / "conf").rglob("*")
-                   if p.is_file() and p.suffix in (".yaml", ".example", ".py") and not p.match("local/*.yaml")}
+                   if p.is_file() and p.suffix in (".yaml", ".example", ".py", ".json") and not p.match("local/*.yaml")}
     assert in_checkout <= packaged, in_checkout - packaged  # every config ships
     assert "hydra_plugins/recsys_config_dir/__init__.py" in names
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()

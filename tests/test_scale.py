@@ -80,10 +80,11 @@ def test_fsdp_config_and_lora_wrap_policy():
     units = policy._run_policy(module, set(), {})
     blocks = [m for m in units if type(m).__name__ == "BertLayer"]
     assert len(blocks) == 2
-    leaves = [m for m in units if type(m).__name__ != "BertLayer"]
-    assert leaves and all(not list(m.children()) for m in leaves)  # LoRA A/B and head layers, as leaves
-    assert all(p.requires_grad for m in leaves for p in m.parameters())
-    assert {id(p) for m in leaves for p in m.parameters()} == {id(p) for p in module.parameters() if p.requires_grad}
+    others = [m for m in units if type(m).__name__ != "BertLayer"]  # LoRA A/B leaves, and the head as one unit
+    assert others and all(p.requires_grad for m in others for p in m.parameters())
+    assert any(type(m).__name__ == "ScoringHead" for m in others)  # its forward reads its layers' weights itself
+    assert not any(a is not b and b in set(a.modules()) for a in others for b in others)  # none inside another
+    assert {id(p) for m in others for p in m.parameters()} == {id(p) for p in module.parameters() if p.requires_grad}
     # what stays in a block unit once its trainable leaves are units of their own: frozen weights only
     for block in blocks:
         inner = {id(p) for m in block.modules() if m in units and m is not block for p in m.parameters()}

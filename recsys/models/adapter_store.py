@@ -66,6 +66,7 @@ from safetensors.torch import load_file, save_file
 
 from recsys.core.errors import UserError
 from recsys.core.files import read_json, umask, write_json
+from recsys.models.card import write_card
 
 log = logging.getLogger("recsys")
 MANIFEST = "manifest.json"
@@ -489,8 +490,10 @@ class AdapterStore:
                 save_head(head, tmp / HEAD)
             if extra is not None:
                 extra(tmp)
-            return {**manifest, "backbone": backbone, "name": name, "seed": self.seed,
-                    "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            record = {**manifest, "backbone": backbone, "name": name, "seed": self.seed,
+                      "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            write_card(tmp, record)  # README.md (the model card), the base model's hub name (recsys/models/card.py)
+            return record
 
         return self._write_version(self._link(backbone, name), fill)
 

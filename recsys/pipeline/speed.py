@@ -81,24 +81,41 @@ def lora_fsdp_policy(blocks: Iterable[str] = ()):
     FSDP flattens the weights of a unit into one tensor; frozen and trainable weights in one unit
     either fail (``use_orig_params=False``) or keep gradient memory for the frozen part. So this
     wraps (1) each transformer block, by class name (``blocks``: e.g. ``Qwen2DecoderLayer``; empty:
-    the class of the backbone's block stack), and (2) on its own, every leaf module whose weights
-    all train (LoRA A/B, head layers), so every unit is all-frozen or all-trainable. Use with
-    ``use_orig_params=True`` (the optimizer and ``torch.compile`` see the original parameters).
+    the class of the backbone's block stack), and (2) on its own, every outermost module whose weights
+    all train and that is called (not a ModuleDict/ModuleList): LoRA A/B, the scoring head as one unit,
+    X-Cross's integrators. The head is one unit, not one unit a linear layer, because its forward reads
+    its layers' weights directly (float32 ``F.linear``): a nested unit's weights would still be sharded
+    there. Every unit is all-frozen or all-trainable. Use with ``use_orig_params=True`` (the optimizer and
+    ``torch.compile`` see the original parameters).
     """
     from torch.distributed.fsdp.wrap import CustomPolicy
 
     names = set(blocks)
     block_types: set[type] = set()
+    chosen: set[int] = set()
+
+    def is_block(m: nn.Module) -> bool:
+        return type(m).__name__ in names or type(m) in block_types
+
+    def choose(m: nn.Module) -> None:  # top-down: an all-trainable called module is a unit, its insides are not
+        params = list(m.parameters())
+        if params and all(p.requires_grad for p in params) and not isinstance(m, (nn.ModuleDict, nn.ModuleList)):
+            chosen.add(id(m))
+            return
+        if is_block(m):
+            chosen.add(id(m))
+        for child in m.children():
+            choose(child)
 
     def wrap(m: nn.Module) -> bool:
-        if not names and not block_types:  # first call is on the root: find the block class
-            try:
-                block_types.update(type(b) for b in transformer_layers(m))
-            except ValueError:
-                pass
-        if type(m).__name__ in names or type(m) in block_types:
-            return True
-        params = list(m.parameters(recurse=False))
-        return not list(m.children()) and bool(params) and all(p.requires_grad for p in params)
+        if not chosen:  # the first call is on the root: find the block class, then the units
+            if not names:
+                try:
+                    block_types.update(type(b) for b in transformer_layers(m))
+                except ValueError:
+                    pass
+            for child in m.children():
+                choose(child)
+        return id(m) in chosen
 
     return CustomPolicy(wrap)
