@@ -46,6 +46,7 @@ PROTOCOLS = ("ranking", "paper")  # our candidate ranking | WeaveRec's released 
 SOURCES = ("synthetic", "plain", "raw")
 CANDIDATES = ("sampled", "retrieved")  # evaluation candidates (recsys.data.candidates | recsys.data.retrieval)
 TRAIN_NEGATIVES = ("sampled", "retrieved")  # training negatives: fresh draws | the retriever's top K (hard)
+TRAIN_EXAMPLES = ("prefixes", "sequences")  # every prefix an example | a user's prefixes a window apart
 
 
 PLAIN_FILES = ("items.jsonl", "sequences.jsonl")  # what makes a folder a plain-format domain (readers.read_plain)
@@ -351,6 +352,7 @@ class RecDataModule(L.LightningDataModule):
         self.item_ids = False  # attach_ids: batches of item ids, no text
         self.domains: dict[str, Domain] = {}
         self.skip_streams: set[str] = set()  # training streams the module does not train (``train_only``)
+        self.train_examples = "prefixes"  # or "sequences": one window a user (``train_only``)
         check_settings(self)
 
     def attach(self, tokenizer, kind: str, likelihood: bool = False) -> "RecDataModule":
@@ -371,10 +373,15 @@ class RecDataModule(L.LightningDataModule):
             return ["train"]
         return ["target"] + [f"hybrid/{s}" for s in self.sources]
 
-    def train_only(self, streams: set[str] | None) -> None:
+    def train_only(self, streams: set[str] | None, examples: str = "prefixes") -> None:
         """Load only these training streams (None: all), e.g. not the stream of a WeaveRec hybrid reused from
-        the store; the pipeline calls it with the module's ``train_streams()`` before ``setup``."""
+        the store, and ``examples``: ``prefixes`` (every prefix) or ``sequences`` (a user's prefixes
+        ``max_history`` apart, ``selection.sequence_windows``); the pipeline calls it with the module's
+        ``train_streams()`` and ``train_examples()`` before ``setup``."""
+        if examples not in TRAIN_EXAMPLES:
+            raise DataError(f"training examples {examples!r} are unknown: use one of {TRAIN_EXAMPLES}")
         self.skip_streams = set() if streams is None else set(self.stream_names()) - set(streams)
+        self.train_examples = examples
 
     @property
     def used_domains(self) -> list[str]:

@@ -15,6 +15,9 @@ class; CONTRIBUTING.md walks through it):
 - ``from_config(backbone, run, **kwargs)``: builds the module from its own config keys
   (``method.module`` less ``_target_``) and :class:`RunInfo`, the narrow typed view of the run.
 - ``train_streams()``: the DataModule's training streams it trains (None: all of them).
+- ``train_examples()``: ``prefixes`` (default: every leave-one-out prefix an example) or ``sequences``
+  (one window of ``data.max_history`` items a user and one each ``max_history`` items back, for a method
+  that trains at every position of a causal sequence, as SASRec's ``train_on=sequence``).
 """
 
 from __future__ import annotations
@@ -186,6 +189,11 @@ class RecModule(L.LightningModule):
     def train_streams(self) -> set[str] | None:
         """The DataModule training streams this module trains (None: every stream)."""
         return None
+
+    def train_examples(self) -> str:
+        """``prefixes`` (every prefix an example) or ``sequences`` (a user's prefixes a window apart,
+        ``recsys.data.selection.sequence_windows``); the pipeline passes it to ``RecDataModule.train_only``."""
+        return "prefixes"
 
     # ------------------------------------------------------------------ hooks for train.py
     def extra_params(self) -> dict[str, float]:
