@@ -15,6 +15,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -277,6 +278,50 @@ def test_each_branch_sees_its_examples_once_an_epoch(tmp_path):
     m = run_train(tmp_path, *weave_args("tiny_encoder", ["toys"]), "data.max_train_examples=16",
                   "trainer.limit_train_batches=null", "method.module.validate_branches=false")
     assert (m["branch0/train/steps"], m["branch1/train/steps"]) == (4.0, 8.0)
+
+
+class BranchLr(L.Callback):
+    """Each branch's learning rate at each step it takes: the lr of the param group holding its first LoRA weight."""
+
+    def __init__(self):
+        self.lrs: dict[int, list[float]] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        opt = trainer.optimizers[0]
+        for i, b in enumerate(module.branches):
+            if b.trained and batch.get(b.stream) is not None:
+                first = module.weave.params[b.adapter][0]
+                lr = next(g["lr"] for g in opt.param_groups if any(p is first for p in g["params"]))
+                self.lrs.setdefault(i, []).append(lr)
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "constant"])
+def test_each_branch_warms_up_and_decays_over_its_own_steps(tmp_path, monkeypatch, scheduler):
+    """Unequal streams (target 4 batches an epoch, hybrid 8), 2 epochs: each branch's lr over the steps it
+    takes is the schedule of a run of its own length (warm-up 25% of ITS steps, the cosine's end at ITS last
+    step), as the release trains each LoRA on its own schedule, not one schedule over the longest stream."""
+    from recsys.methods.base import warmup_cosine
+    from recsys.pipeline import run as pipeline
+
+    recorder, build = BranchLr(), pipeline.build_trainer
+
+    def with_recorder(cfg, **kw):
+        trainer = build(cfg, **kw)
+        trainer.callbacks.append(recorder)
+        return trainer
+
+    monkeypatch.setattr(pipeline, "build_trainer", with_recorder)
+    m = run_train(tmp_path, *weave_args("tiny_encoder", ["toys"]), "data.max_train_examples=16",
+                  "trainer.limit_train_batches=null", "trainer.max_epochs=2", "method.module.validate_branches=false",
+                  "recipe.warmup_ratio=0.25", f"recipe.scheduler={scheduler}", "recipe.optimizer.lr=0.01")
+    assert (m["branch0/train/steps"], m["branch1/train/steps"]) == (8.0, 16.0)
+    for i, n in ((0, 8), (1, 16)):
+        f = warmup_cosine(n, 0.25, 1.0 if scheduler == "constant" else 0.0)
+        assert recorder.lrs[i] == pytest.approx([0.01 * f(k) for k in range(n)]), i
+    warm = [sum(1 for a, b in zip(lrs, lrs[1:]) if b > a) + 1 for lrs in recorder.lrs.values()]
+    assert warm == [2, 4]  # its own warm-up: 25% of 8 and of 16 steps
+    if scheduler == "cosine":  # each ends at the cosine's tail, not the target half-way down the hybrid's
+        assert recorder.lrs[0][-1] == pytest.approx(0.01 * warmup_cosine(8, 0.25)(7)) and recorder.lrs[0][-1] < 0.0011
 
 
 # --------------------------------------------------------------------------------------------- reuse

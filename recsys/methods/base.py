@@ -62,6 +62,20 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, min_ratio: float = 0.0)
     return f
 
 
+def stream_schedule(f: Callable[[int], float], steps: int, epoch_steps: int) -> Callable[[int], float]:
+    """The schedule ``f`` of a stream that trains ``steps`` of each epoch's ``epoch_steps`` optimizer steps
+    (its first ``steps``; a WeaveRec branch whose stream is shorter than the longest): global step -> ``f`` at
+    the stream's own step, so ``f`` (built for the stream's own total) warms up and decays over the steps the
+    stream takes. Past its ``steps`` in an epoch the stream takes no step; the value is then its last one's."""
+    steps, epoch_steps = max(1, steps), max(1, epoch_steps)
+
+    def g(step: int) -> float:
+        epoch, r = divmod(step, epoch_steps)
+        return f(epoch * steps + min(r, steps - 1))
+
+    return g
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """What a method may know of the run it is built for; the pipeline fills it (``recsys.pipeline.run.run_info``).
@@ -303,14 +317,18 @@ class RecModule(L.LightningModule):
         """What the optimizer gets: the trainable parameters, or groups with their own settings."""
         return self.trainable_parameters()
 
+    def lr_lambdas(self, total: int) -> Callable[[int], float] | list[Callable[[int], float]]:
+        """The LR multiplier of ``total`` optimizer steps (warm-up, then cosine or constant), or one a param
+        group (``param_groups``'s order) for a method whose groups train over different numbers of steps."""
+        return warmup_cosine(total, self.warmup_ratio, 1.0 if self.scheduler == "constant" else 0.0)
+
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.param_groups())
         if self.scheduler == "constant" and self.warmup_ratio <= 0:
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))
         self.warmup_steps = warmup_steps(total, self.warmup_ratio) if self.warmup_ratio > 0 else 0
-        lam = warmup_cosine(total, self.warmup_ratio, 1.0 if self.scheduler == "constant" else 0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_lambdas(total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints: only what trains

@@ -32,9 +32,14 @@ Choices the paper leaves open, each **[ours]** with its config switch (``conf/me
   combined in Lightning's ``max_size`` mode (an epoch is one pass over the longest stream, a hybrid
   of up to twice the target's examples), and a branch whose stream is exhausted skips the
   remaining steps of the epoch (``branch<i>/train/steps`` in metrics.json says how many it took).
-- Gradient clipping (``trainer.gradient_clip_val``) is applied per branch, so that one branch's
-  gradients never rescale another's; with AdamW (per-parameter) and per-branch heads every branch
-  then follows exactly the updates it would get trained alone.
+- Each trained branch is its own optimizer param group with its own learning-rate schedule, over the
+  steps IT takes (``lr_lambdas``): warm-up for ``warmup_ratio`` of its own steps, then the cosine to
+  its end at its own last step, as the release trains each LoRA on its own schedule (one schedule
+  over the longest stream would stop a shorter branch half-way down the cosine). Gradient clipping
+  (``trainer.gradient_clip_val``) is applied per branch, so that one branch's gradients never rescale
+  another's. With AdamW (per-parameter) and per-branch heads a branch then follows the updates it
+  would get trained alone on its stream, up to random draws (dropout; the order of its batches).
+  (``head=shared``: the shared head follows the schedule of the longest stream.)
 - The target branch is not written to the store as T's LoRA (``<store>/<backbone>/<T>/seed-<seed>/`` belongs to
   ``method=lora``, which ``merge_sources`` reads); it is exported with every branch inside the
   WeaveRec folder (``branches/``). Hybrids are exported as ``<store>/<backbone>/hybrid-<a>+<b>/``.
@@ -48,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -55,7 +61,7 @@ from peft import get_peft_model
 from torch import nn
 
 from recsys.core.errors import UserError
-from recsys.methods.base import RecModule, RunInfo
+from recsys.methods.base import RecModule, RunInfo, stream_schedule, warmup_cosine
 from recsys.methods.lora import lora_config
 from recsys.models.adapter_store import (
     AdapterSpec, AdapterStore, hybrid_name, load_into, lora_record, save_head, weaverec_name,
@@ -298,6 +304,43 @@ class WeaveRecModule(RecModule):
         if gradient_clip_algorithm not in (None, "norm"):
             return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)  # element-wise anyway
         self.weave.clip(self.heads, self.head_mode == "shared", gradient_clip_val)
+
+    def param_groups(self) -> list[dict]:
+        """One param group a trained branch (its adapter, and its head with ``head=per_branch``), then one of
+        the rest (a shared head), each named by its ``stream`` (None: the rest)."""
+        groups, taken = [], set()
+        for i, b in enumerate(self.branches):
+            if not b.trained:
+                continue
+            params = list(self.weave.params[b.adapter])
+            if self.heads is not None and self.head_mode == "per_branch":
+                params += [p for p in self.heads[i].parameters() if p.requires_grad]
+            groups.append({"params": params, "stream": b.stream})
+            taken |= {id(p) for p in params}
+        rest = [p for p in self.trainable_parameters() if id(p) not in taken]
+        return groups + ([{"params": rest, "stream": None}] if rest else [])
+
+    def lr_lambdas(self, total: int) -> list:
+        """Each branch's schedule over its own optimizer steps (``base.stream_schedule``): a stream of ``n_i``
+        batches an epoch trains the first ``n_i`` of the epoch's steps, ``epochs * n_i`` in all, and warms up
+        and decays over those; the rest (a shared head) follows the longest stream's (``total``)."""
+        floor = 1.0 if self.scheduler == "constant" else 0.0
+        accumulate = max(1, int(self.trainer.accumulate_grad_batches))
+        batches = int(self.trainer.num_training_batches)
+        epoch_steps = max(1, math.ceil(batches / accumulate))
+        epochs = max(1, math.ceil(total / epoch_steps))
+        loaders = self.trainer.train_dataloader  # {stream: loader} (a CombinedLoader's iterables)
+        loaders = loaders if isinstance(loaders, dict) else getattr(loaders, "iterables", None) or {}
+        out = []
+        for group in self.param_groups():
+            stream = group["stream"]
+            if stream is None or stream not in loaders:
+                out.append(warmup_cosine(total, self.warmup_ratio, floor))
+                continue
+            steps = math.ceil(min(len(loaders[stream]), batches) / accumulate)
+            own = min(total, epochs * steps)
+            out.append(stream_schedule(warmup_cosine(own, self.warmup_ratio, floor), steps, epoch_steps))
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
