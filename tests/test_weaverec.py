@@ -401,6 +401,40 @@ def test_joint_trains_one_lora_on_pooled_data(tmp_path):
     assert names == {"joint-tools-with-toys"}  # never the target's own LoRA slot
 
 
+@pytest.mark.parametrize("steps", ["epochs", "equal"])
+def test_joint_at_equal_steps_takes_target_only_steps(tmp_path, monkeypatch, steps):
+    """method.module.steps=equal: 16 target + 16 source examples pooled, batch 4, 2 epochs: 4 steps an epoch
+    (target-only's 16 / 4), not the pool's 8; the schedule spans those 8 steps (the lr's last value is the
+    cosine's end) and validation still runs each epoch; stored apart from the epochs-joint adapter."""
+    from recsys.methods.base import warmup_cosine
+    from recsys.pipeline import run as pipeline
+
+    lrs, build = [], pipeline.build_trainer
+
+    class Lr(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+        def on_validation_epoch_end(self, trainer, module):
+            lrs.append("val")
+
+    def with_recorder(cfg, **kw):
+        trainer = build(cfg, **kw)
+        trainer.callbacks.append(Lr())
+        return trainer
+
+    monkeypatch.setattr(pipeline, "build_trainer", with_recorder)
+    metrics = run_train(tmp_path / "run", "backbone=tiny_encoder", "method=joint", "data.sources=[toys]",
+                        f"method.module.steps={steps}", "data.max_train_examples=16", "trainer.limit_train_batches=null",
+                        "trainer.max_epochs=2", "recipe.optimizer.lr=0.01")
+    n = 4 if steps == "equal" else 8
+    assert metrics["data/train_examples"] == 32 and metrics["train/steps"] == 2 * n
+    assert lrs == [*(0.01 * warmup_cosine(2 * n, 0.1)(k) for k in range(n)), "val",
+                   *(0.01 * warmup_cosine(2 * n, 0.1)(k) for k in range(n, 2 * n)), "val"]
+    name = "joint-tools-with-toys" + ("-equal-steps" if steps == "equal" else "")
+    assert {p.name for p in (tmp_path / "run" / "store" / "tiny-encoder").iterdir()} == {name}
+
+
 # --------------------------------------------------------------------------------------------- errors
 def _merge_sources(store, tmp, *extra):
     cfg = config(tmp, *TINY, "backbone=tiny_encoder", "method=merge_sources", "data.sources=[toys]", *extra,

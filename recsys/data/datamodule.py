@@ -47,6 +47,7 @@ SOURCES = ("synthetic", "plain", "raw")
 CANDIDATES = ("sampled", "retrieved")  # evaluation candidates (recsys.data.candidates | recsys.data.retrieval)
 TRAIN_NEGATIVES = ("sampled", "retrieved")  # training negatives: fresh draws | the retriever's top K (hard)
 TRAIN_EXAMPLES = ("prefixes", "sequences")  # every prefix an example | a user's prefixes a window apart
+EPOCH_BATCHES = ("all", "target")  # every batch of a stream an epoch | as many as target-only training takes
 
 
 PLAIN_FILES = ("items.jsonl", "sequences.jsonl")  # what makes a folder a plain-format domain (readers.read_plain)
@@ -151,8 +152,10 @@ class EpochBatchSampler:
     """
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, pad: bool,
-                 lengths: list[int] | None = None, bucket_window: int = 50, drop_last: bool = False):
+                 lengths: list[int] | None = None, bucket_window: int = 50, drop_last: bool = False,
+                 max_batches: int | None = None):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.max_batches = max_batches  # an epoch's first batches only (of this epoch's shuffled order)
         self.pad, self.lengths, self.bucket_window, self.drop_last = pad, lengths, bucket_window, drop_last
         self.epoch = 0
         self._skip: tuple[int, int] | None = None  # (epoch, batches): where a resumed epoch goes on
@@ -193,7 +196,7 @@ class EpochBatchSampler:
         if self.lengths is not None and self.shuffle:
             rng = np.random.default_rng(stable_seed("buckets", self.seed, self.epoch))
             batches = [batches[j] for j in rng.permutation(len(batches))]
-        return batches
+        return batches if self.max_batches is None else batches[: self.max_batches]
 
     def __iter__(self):
         batches = self._batches()
@@ -353,6 +356,7 @@ class RecDataModule(L.LightningDataModule):
         self.domains: dict[str, Domain] = {}
         self.skip_streams: set[str] = set()  # training streams the module does not train (``train_only``)
         self.train_examples = "prefixes"  # or "sequences": one window a user (``train_only``)
+        self.epoch_batches = "all"  # or "target": a pooled epoch capped at target-only's batches (``train_only``)
         check_settings(self)
 
     def attach(self, tokenizer, kind: str, likelihood: bool = False) -> "RecDataModule":
@@ -373,15 +377,18 @@ class RecDataModule(L.LightningDataModule):
             return ["train"]
         return ["target"] + [f"hybrid/{s}" for s in self.sources]
 
-    def train_only(self, streams: set[str] | None, examples: str = "prefixes") -> None:
+    def train_only(self, streams: set[str] | None, examples: str = "prefixes", batches: str = "all") -> None:
         """Load only these training streams (None: all), e.g. not the stream of a WeaveRec hybrid reused from
-        the store, and ``examples``: ``prefixes`` (every prefix) or ``sequences`` (a user's prefixes
-        ``max_history`` apart, ``selection.sequence_windows``); the pipeline calls it with the module's
-        ``train_streams()`` and ``train_examples()`` before ``setup``."""
-        if examples not in TRAIN_EXAMPLES:
-            raise DataError(f"training examples {examples!r} are unknown: use one of {TRAIN_EXAMPLES}")
+        the store; ``examples``: ``prefixes`` (every prefix) or ``sequences`` (a user's prefixes
+        ``max_history`` apart, ``selection.sequence_windows``); ``batches``: ``all`` or ``target`` (an epoch of
+        a pooled stream stops after as many batches as the target's examples alone make: a fresh shuffled
+        subset of the pool each epoch). The pipeline calls it with the module's ``train_streams()``,
+        ``train_examples()`` and ``epoch_batches()`` before ``setup``."""
+        if examples not in TRAIN_EXAMPLES or batches not in EPOCH_BATCHES:
+            raise DataError(f"training examples {examples!r} / epoch batches {batches!r}: use one of "
+                            f"{TRAIN_EXAMPLES} / {EPOCH_BATCHES}")
         self.skip_streams = set() if streams is None else set(self.stream_names()) - set(streams)
-        self.train_examples = examples
+        self.train_examples, self.epoch_batches = examples, batches
 
     @property
     def used_domains(self) -> list[str]:
@@ -454,9 +461,11 @@ class RecDataModule(L.LightningDataModule):
             return PaperCollator(self.paper_prompt())
         return Collator(self._text(), self.likelihood)
 
-    def _loader(self, ds: Dataset, batch_size: int, train: bool, lengths=None, seed_key: str = "") -> DataLoader:
+    def _loader(self, ds: Dataset, batch_size: int, train: bool, lengths=None, seed_key: str = "",
+                max_batches: int | None = None) -> DataLoader:
         sampler = EpochBatchSampler(
             len(ds), batch_size, shuffle=train, seed=stable_seed(self.seed, seed_key), pad=train, lengths=lengths,
+            max_batches=max_batches,
         )
         # the loader's own generator: starting an iterator draws its worker seed from it, not from the
         # global RNG, so dropout does not depend on when loaders start (e.g. after a resume)
@@ -491,8 +500,17 @@ class RecDataModule(L.LightningDataModule):
         out = {}
         for name, entries in self.train_entries.items():
             ds = TrainDataset(entries, self.samplers, self.num_train_negatives, stable_seed(self.seed, name))
-            out[name] = self._loader(ds, self.rank_batch_size(), True, self._lengths(entries), name)
+            out[name] = self._loader(ds, self.rank_batch_size(), True, self._lengths(entries), name,
+                                     self.target_batches(entries))
         return out
+
+    def target_batches(self, entries) -> int | None:
+        """``epoch_batches=target``: the batches an epoch of the target's examples among ``entries`` alone makes
+        (the pooled stream's cap), else None."""
+        if self.epoch_batches != "target":
+            return None
+        n = sum(1 for dom, _ in entries if dom == self.target)
+        return len(EpochBatchSampler(n, self.rank_batch_size(), shuffle=False, seed=0, pad=True))
 
     def train_dataloader(self):
         """One loader, or for several streams (WeaveRec's branches) a ``CombinedLoader`` in

@@ -18,6 +18,8 @@ class; CONTRIBUTING.md walks through it):
 - ``train_examples()``: ``prefixes`` (default: every leave-one-out prefix an example) or ``sequences``
   (one window of ``data.max_history`` items a user and one each ``max_history`` items back, for a method
   that trains at every position of a causal sequence, as SASRec's ``train_on=sequence``).
+- ``epoch_batches()``: ``all`` (default) or ``target``: a pooled stream's epoch capped at the batches of
+  target-only training (joint training at equal steps, ``method.module.steps=equal``).
 """
 
 from __future__ import annotations
@@ -208,6 +210,11 @@ class RecModule(L.LightningModule):
         """``prefixes`` (every prefix an example) or ``sequences`` (a user's prefixes a window apart,
         ``recsys.data.selection.sequence_windows``); the pipeline passes it to ``RecDataModule.train_only``."""
         return "prefixes"
+
+    def epoch_batches(self) -> str:
+        """``all`` (every batch of the training stream an epoch) or ``target`` (as many as target-only training
+        takes on the run's target examples: a pooled stream at equal steps); passed to ``RecDataModule.train_only``."""
+        return "all"
 
     # ------------------------------------------------------------------ hooks for train.py
     def extra_params(self) -> dict[str, float]:

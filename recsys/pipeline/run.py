@@ -102,7 +102,7 @@ def build_module(cfg: DictConfig, backbone, dm: RecDataModule, store: AdapterSto
         found, absent = stages.provide(cfg, specs, getattr(backbone, "name", ""), store, train_missing, train)
         run = replace(run, adapters=found, absent=absent)
     module = cls.build(backbone, run, **kwargs)
-    dm.train_only(module.train_streams(), module.train_examples())
+    dm.train_only(module.train_streams(), module.train_examples(), module.epoch_batches())
     return module
 
 
