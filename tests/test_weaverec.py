@@ -385,6 +385,46 @@ def test_merge_sources_each_rule(lora_store, rule, tmp_path):
     assert metrics["params/trainable"] == 0 and metrics["time/train_s"] < 1
 
 
+@pytest.mark.parametrize("rule", ["task_arithmetic", pytest.param("ties", marks=pytest.mark.slow)])
+def test_merge_scale_is_the_validation_argmax(lora_store, tmp_path, monkeypatch, rule):
+    """merge.scaling_grid (x density_grid for ties): the merge tested is the grid's best on validation (the
+    first on ties), reported as merge/scale and merge/density; each pair's score equals the val/ndcg@10 of a
+    run at that fixed setting; no test batch is read before the choice is made."""
+    from recsys.data.datamodule import RecDataModule as DM
+    from recsys.methods.merge_sources import MergeSourcesModule
+
+    events, real_test, real_choose = [], DM.test_dataloader, MergeSourcesModule.choose
+    monkeypatch.setattr(DM, "test_dataloader", lambda self: events.append("test") or real_test(self))
+    monkeypatch.setattr(MergeSourcesModule, "choose", lambda self, b: events.append("choose") or real_choose(self, b))
+    grid = ["merge.scaling_grid=[0.2,1.0,3.0]", "merge.density_grid=" + ("[0.3,0.9]" if rule == "ties" else "null")]
+    args = ["backbone=tiny_encoder", "method=merge_sources", "data.sources=[toys,sports]", f"merge.rule={rule}",
+            "data.max_eval_users=24"]
+    tuned = run_train(tmp_path / "tuned", *args, *grid, store=lora_store)
+    assert events[0] == "choose" and events.count("choose") == 1 and "test" in events
+    pairs = [(c, d) for c in (0.2, 1.0, 3.0) for d in ((0.3, 0.9) if rule == "ties" else (0.5,))]
+    scores = {}
+    for c, d in pairs:
+        fixed = run_train(tmp_path / f"fixed-{c}-{d}", *args, f"merge.scaling={c}", f"merge.density={d}",
+                          "merge.scaling_grid=null", "merge.density_grid=null", store=lora_store)
+        scores[(c, d)] = fixed["val/ndcg@10"]
+        assert tuned[f"merge/grid/{c:g},{d:g}"] == pytest.approx(scores[(c, d)], abs=1e-6)
+    best = max(pairs, key=lambda p: (scores[p], -pairs.index(p)))
+    assert (tuned["merge/scale"], tuned["merge/density"]) == best
+    assert tuned["val/ndcg@10"] == pytest.approx(scores[best], abs=1e-6)
+    assert len(set(scores.values())) > 1  # the grid matters on this data
+
+
+def test_merge_grid_of_each_rule():
+    from recsys.models.merging import MergeSettings
+
+    grids = {"scaling_grid": [0.1, 0.5], "density_grid": [0.2, 0.8]}
+    assert [(g.scaling, g.density) for g in MergeSettings.of({"rule": "weaverec", **grids}).grid()] == [(1.0, 0.5)]
+    assert [g.scaling for g in MergeSettings.of({"rule": "task_arithmetic", **grids}).grid()] == [0.1, 0.5]
+    assert len(MergeSettings.of({"rule": "dare_ties", **grids}).grid()) == 4
+    with pytest.raises(UserError, match="merge.density_grid"):
+        MergeSettings.of({"density_grid": [1.5]})
+
+
 def test_merge_sources_evaluate_reproduces(lora_store, tmp_path):
     metrics = run_train(tmp_path / "run", "backbone=tiny_encoder", "method=merge_sources",
                         "data.sources=[toys]", "merge.rule=dare_ties", store=lora_store)

@@ -127,6 +127,9 @@ class WeaveRecModule(RecModule):
         self.target, self.sources = target, list(sources)
         self.head_mode, self.validate_branches, self.export_dense = head, validate_branches, export_dense
         self.merge_cfg = MergeSettings.of(merge)
+        if self.merge_cfg.scaling_grid or self.merge_cfg.density_grid:
+            raise UserError("merge.scaling_grid / density_grid choose merge_sources's scale on validation; WeaveRec "
+                            "merges at merge.scaling and merge.density: set the grids to null")
         self.lora = lora_config(backbone, r, alpha, dropout, target_modules)
         self.branches = [Branch(TARGET, "target", None, True)] + [
             Branch(hybrid_name(target, s), f"hybrid/{s}", s, s not in reuse) for s in self.sources
