@@ -319,3 +319,17 @@ def test_both_modes_train_through_the_pipeline(train_on, tmp_path):
     assert 0.0 <= metrics["test/ndcg@10"] <= 1.0
     n = metrics["data/train_examples"]  # 60 users of 5-12 items: ~60 windows, ~300 prefixes
     assert (n <= 60 * 2) == (train_on == "sequence"), n
+
+
+def test_sequence_benchmark_prints_the_ratio(capsys):
+    """benchmarks/sasrec_sequence.py: both modes timed in one process, the ratio of their epochs/s printed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sasrec_bench", REPO / "benchmarks" / "sasrec_sequence.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--num-users", "80", "--num-items", "60", "--steps", "1", "--rounds", "1", "--batch-size", "16"])
+    assert "ratio sequence / last" in capsys.readouterr().out
+    f = out["figures"]
+    assert f["sequence/examples"] == 80 and f["last/examples"] > 80
+    assert f["sequence_over_last_epochs_per_s"] == pytest.approx(f["sequence/epochs_per_s"] / f["last/epochs_per_s"])
