@@ -69,6 +69,22 @@ def attach_backbone(cfg: DictConfig, dm: RecDataModule, backbone, scoring: str |
     return dm.attach(backbone.tokenizer, backbone.kind, likelihood=likelihood)
 
 
+RECIPE_KEYS = ("optimizer", "scheduler", "warmup_ratio")  # a method reads them from the recipe, never its own
+
+
+def check_recipe_keys(cfg: DictConfig) -> None:
+    """UserError when ``method.module`` sets its own optimizer, scheduler or warm-up instead of interpolating
+    the recipe's (``${recipe.optimizer}``): replacing the whole node would give one method its own learning
+    rate, which a comparison of methods under one recipe refuses (set ``recipe.optimizer.lr`` for all)."""
+    module = cfg.method.get("module") or {}
+    for key in RECIPE_KEYS:
+        if key in module and not (OmegaConf.is_interpolation(module, key)
+                                  and str(module._get_node(key)._value()).strip("${} ") == f"recipe.{key}"):
+            raise UserError(f"method.module.{key} is set by the method ({OmegaConf.to_container(module)[key]!r}); "
+                            f"every method trains with the recipe's: set recipe.{key} (e.g. recipe.optimizer.lr=...), "
+                            f"and keep method.module.{key}: ${{recipe.{key}}}")
+
+
 def method_class(cfg: DictConfig) -> tuple[type[RecModule], dict]:
     """The method's class (``method.module._target_``) and its own config keys, instantiated."""
     factory = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")
@@ -196,6 +212,7 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
         return float(done.get(cfg.optimized_metric, math.nan)), done
     if "recipe" in cfg:  # typed: a typo'd key or a wrong type fails now
         checked(Recipe, OmegaConf.to_container(cfg.recipe, resolve=True), "recipe")
+        check_recipe_keys(cfg)
     if cfg.get("auto_resume") and not cfg.get("ckpt_path") and (out_dir / "checkpoints" / "config.json").is_file():
         scale.check_config(out_dir, cfg)  # this folder's checkpoints are of other settings: say so now
     dm = build_datamodule(cfg)  # bad data settings and files fail here, before the backbone loads
