@@ -237,6 +237,26 @@ class ResumableLoader(DataLoader):
         self.batch_sampler.resume(epoch, batches)
 
 
+def train_options(examples: str = "prefixes", batches: str = "all") -> tuple[str, str]:
+    """What an epoch trains on. ``examples``: ``prefixes`` (every leave-one-out prefix) or ``sequences`` (a
+    user's prefixes ``max_history`` apart, ``selection.sequence_windows``); ``batches``: ``all`` or ``target``
+    (an epoch of a pooled stream stops after as many batches as its target examples alone make, the first
+    of the epoch's shuffled batches: a fresh subset of the pool each epoch, :func:`target_batches`)."""
+    if examples not in TRAIN_EXAMPLES or batches not in EPOCH_BATCHES:
+        raise DataError(f"training examples {examples!r} / epoch batches {batches!r}: use one of "
+                        f"{TRAIN_EXAMPLES} / {EPOCH_BATCHES}")
+    return examples, batches
+
+
+def target_batches(dm: "RecDataModule", entries) -> int | None:
+    """``epoch_batches=target``: the batches an epoch of the target's examples among ``entries`` alone makes
+    (a pooled stream's cap: the same sampler over as many examples), else None."""
+    if dm.epoch_batches != "target":
+        return None
+    n = sum(1 for dom, _ in entries if dom == dm.target)
+    return len(EpochBatchSampler(n, dm.rank_batch_size(), shuffle=False, seed=0, pad=True))
+
+
 def check_settings(dm: "RecDataModule") -> None:
     """Every data setting of ``dm`` checked on construction: a DataError naming the key and the fix."""
     known = sorted(dm.domain_specs)
@@ -355,8 +375,7 @@ class RecDataModule(L.LightningDataModule):
         self.item_ids = False  # attach_ids: batches of item ids, no text
         self.domains: dict[str, Domain] = {}
         self.skip_streams: set[str] = set()  # training streams the module does not train (``train_only``)
-        self.train_examples = "prefixes"  # or "sequences": one window a user (``train_only``)
-        self.epoch_batches = "all"  # or "target": a pooled epoch capped at target-only's batches (``train_only``)
+        self.train_examples, self.epoch_batches = train_options()  # set by ``train_only``
         check_settings(self)
 
     def attach(self, tokenizer, kind: str, likelihood: bool = False) -> "RecDataModule":
@@ -378,17 +397,11 @@ class RecDataModule(L.LightningDataModule):
         return ["target"] + [f"hybrid/{s}" for s in self.sources]
 
     def train_only(self, streams: set[str] | None, examples: str = "prefixes", batches: str = "all") -> None:
-        """Load only these training streams (None: all), e.g. not the stream of a WeaveRec hybrid reused from
-        the store; ``examples``: ``prefixes`` (every prefix) or ``sequences`` (a user's prefixes
-        ``max_history`` apart, ``selection.sequence_windows``); ``batches``: ``all`` or ``target`` (an epoch of
-        a pooled stream stops after as many batches as the target's examples alone make: a fresh shuffled
-        subset of the pool each epoch). The pipeline calls it with the module's ``train_streams()``,
+        """Train only these streams (None: all; e.g. not a reused WeaveRec hybrid's), on ``examples`` and
+        ``batches`` an epoch (:func:`train_options`); the pipeline passes the module's ``train_streams()``,
         ``train_examples()`` and ``epoch_batches()`` before ``setup``."""
-        if examples not in TRAIN_EXAMPLES or batches not in EPOCH_BATCHES:
-            raise DataError(f"training examples {examples!r} / epoch batches {batches!r}: use one of "
-                            f"{TRAIN_EXAMPLES} / {EPOCH_BATCHES}")
         self.skip_streams = set() if streams is None else set(self.stream_names()) - set(streams)
-        self.train_examples, self.epoch_batches = examples, batches
+        self.train_examples, self.epoch_batches = train_options(examples, batches)
 
     @property
     def used_domains(self) -> list[str]:
@@ -463,10 +476,8 @@ class RecDataModule(L.LightningDataModule):
 
     def _loader(self, ds: Dataset, batch_size: int, train: bool, lengths=None, seed_key: str = "",
                 max_batches: int | None = None) -> DataLoader:
-        sampler = EpochBatchSampler(
-            len(ds), batch_size, shuffle=train, seed=stable_seed(self.seed, seed_key), pad=train, lengths=lengths,
-            max_batches=max_batches,
-        )
+        sampler = EpochBatchSampler(len(ds), batch_size, shuffle=train, seed=stable_seed(self.seed, seed_key), pad=train,
+                                    lengths=lengths, max_batches=max_batches)
         # the loader's own generator: starting an iterator draws its worker seed from it, not from the
         # global RNG, so dropout does not depend on when loaders start (e.g. after a resume)
         generator = torch.Generator().manual_seed(stable_seed("loader", self.seed, seed_key))
@@ -501,16 +512,8 @@ class RecDataModule(L.LightningDataModule):
         for name, entries in self.train_entries.items():
             ds = TrainDataset(entries, self.samplers, self.num_train_negatives, stable_seed(self.seed, name))
             out[name] = self._loader(ds, self.rank_batch_size(), True, self._lengths(entries), name,
-                                     self.target_batches(entries))
+                                     target_batches(self, entries))
         return out
-
-    def target_batches(self, entries) -> int | None:
-        """``epoch_batches=target``: the batches an epoch of the target's examples among ``entries`` alone makes
-        (the pooled stream's cap), else None."""
-        if self.epoch_batches != "target":
-            return None
-        n = sum(1 for dom, _ in entries if dom == self.target)
-        return len(EpochBatchSampler(n, self.rank_batch_size(), shuffle=False, seed=0, pad=True))
 
     def train_dataloader(self):
         """One loader, or for several streams (WeaveRec's branches) a ``CombinedLoader`` in

@@ -97,6 +97,30 @@ def hybrid_specs(run: RunInfo, backbone: Backbone, r: int = 8, alpha: float = 16
             for s in run.sources]
 
 
+def branch_lr_lambdas(m: "WeaveRecModule", total: int) -> list:
+    """``WeaveRecModule.lr_lambdas``: each branch's schedule over its own optimizer steps, one a param group of
+    ``m.param_groups()`` (``Weave.param_groups``): a branch whose stream makes ``n_i`` batches an epoch
+    trains the first ``n_i`` of the epoch's steps, ``epochs * n_i`` in all, and warms up and decays over those
+    (``base.stream_schedule``); the rest (a shared head) follows the longest stream's ``total`` steps."""
+    floor = 1.0 if m.scheduler == "constant" else 0.0
+    accumulate = max(1, int(m.trainer.accumulate_grad_batches))
+    batches = int(m.trainer.num_training_batches)
+    epoch_steps = max(1, math.ceil(batches / accumulate))
+    epochs = max(1, math.ceil(total / epoch_steps))
+    loaders = m.trainer.train_dataloader  # {stream: loader} (a CombinedLoader's iterables)
+    loaders = loaders if isinstance(loaders, dict) else getattr(loaders, "iterables", None) or {}
+    out = []
+    for group in m.param_groups():
+        stream = group["stream"]
+        if stream is None or stream not in loaders:
+            out.append(warmup_cosine(total, m.warmup_ratio, floor))
+            continue
+        steps = math.ceil(min(len(loaders[stream]), batches) / accumulate)
+        own = min(total, epochs * steps)
+        out.append(stream_schedule(warmup_cosine(own, m.warmup_ratio, floor), steps, epoch_steps))
+    return out
+
+
 class WeaveRecModule(RecModule):
     """WeaveRec: branch 0 (target LoRA) and one hybrid LoRA per source, weave-trained, merged.
 
@@ -105,9 +129,7 @@ class WeaveRecModule(RecModule):
         target, sources: the target domain and the source domains (one hybrid each).
         r, alpha, dropout, target_modules: every branch's LoRA (None targets: the backbone's defaults).
         head: ``per_branch`` | ``shared`` (scoring=head only; see the module docstring).
-        merge: the merge settings (``rule``, ``weights``, ``scaling``, ``density``,
-            ``majority_sign_method``, ``seed``; AdaMerging: ``learn_weights``, ``learn_steps``,
-            ``learn_lr``, ``learn_batches``, ``granularity``).
+        merge: the merge settings (``merging.MergeSettings``: rule, weights, scaling, density; AdaMerging's).
         reuse: {source: stored hybrid folder} for hybrids taken from the store (frozen).
         validate_branches: also score every branch on validation (``branch<i>/val/...``).
         export_dense: also export the dense merged model (``merge_and_unload``) as ``dense/``.
@@ -126,10 +148,7 @@ class WeaveRecModule(RecModule):
         reuse = dict(reuse or {})
         self.target, self.sources = target, list(sources)
         self.head_mode, self.validate_branches, self.export_dense = head, validate_branches, export_dense
-        self.merge_cfg = MergeSettings.of(merge)
-        if self.merge_cfg.scaling_grid or self.merge_cfg.density_grid:
-            raise UserError("merge.scaling_grid / density_grid choose merge_sources's scale on validation; WeaveRec "
-                            "merges at merge.scaling and merge.density: set the grids to null")
+        self.merge_cfg = MergeSettings.of(merge, grids=False)  # WeaveRec merges at merge.scaling, merge.density
         self.lora = lora_config(backbone, r, alpha, dropout, target_modules)
         self.branches = [Branch(TARGET, "target", None, True)] + [
             Branch(hybrid_name(target, s), f"hybrid/{s}", s, s not in reuse) for s in self.sources
@@ -156,9 +175,8 @@ class WeaveRecModule(RecModule):
         self.learned_weights: dict[str, list[float]] | None = None  # AdaMerging's per-module lambdas
         self._stale = True  # the merged adapter must be (re)computed before it is used
         self._relearn = True  # AdaMerging weights must be relearned (the branches changed)
-        log.info("WeaveRec branches: %s", ", ".join(
-            f"{i}={b.adapter} ({'trained' if b.trained else 'reused'} on {b.stream})" for i, b in enumerate(self.branches)
-        ))
+        log.info("WeaveRec branches: %s", ", ".join(f"{i}={b.adapter} ({'trained' if b.trained else 'reused'} on "
+                                                     f"{b.stream})" for i, b in enumerate(self.branches)))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -308,42 +326,9 @@ class WeaveRecModule(RecModule):
             return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)  # element-wise anyway
         self.weave.clip(self.heads, self.head_mode == "shared", gradient_clip_val)
 
-    def param_groups(self) -> list[dict]:
-        """One param group a trained branch (its adapter, and its head with ``head=per_branch``), then one of
-        the rest (a shared head), each named by its ``stream`` (None: the rest)."""
-        groups, taken = [], set()
-        for i, b in enumerate(self.branches):
-            if not b.trained:
-                continue
-            params = list(self.weave.params[b.adapter])
-            if self.heads is not None and self.head_mode == "per_branch":
-                params += [p for p in self.heads[i].parameters() if p.requires_grad]
-            groups.append({"params": params, "stream": b.stream})
-            taken |= {id(p) for p in params}
-        rest = [p for p in self.trainable_parameters() if id(p) not in taken]
-        return groups + ([{"params": rest, "stream": None}] if rest else [])
-
-    def lr_lambdas(self, total: int) -> list:
-        """Each branch's schedule over its own optimizer steps (``base.stream_schedule``): a stream of ``n_i``
-        batches an epoch trains the first ``n_i`` of the epoch's steps, ``epochs * n_i`` in all, and warms up
-        and decays over those; the rest (a shared head) follows the longest stream's (``total``)."""
-        floor = 1.0 if self.scheduler == "constant" else 0.0
-        accumulate = max(1, int(self.trainer.accumulate_grad_batches))
-        batches = int(self.trainer.num_training_batches)
-        epoch_steps = max(1, math.ceil(batches / accumulate))
-        epochs = max(1, math.ceil(total / epoch_steps))
-        loaders = self.trainer.train_dataloader  # {stream: loader} (a CombinedLoader's iterables)
-        loaders = loaders if isinstance(loaders, dict) else getattr(loaders, "iterables", None) or {}
-        out = []
-        for group in self.param_groups():
-            stream = group["stream"]
-            if stream is None or stream not in loaders:
-                out.append(warmup_cosine(total, self.warmup_ratio, floor))
-                continue
-            steps = math.ceil(min(len(loaders[stream]), batches) / accumulate)
-            own = min(total, epochs * steps)
-            out.append(stream_schedule(warmup_cosine(own, self.warmup_ratio, floor), steps, epoch_steps))
-        return out
+    def param_groups(self) -> list[dict]:  # one group a trained branch (Weave.param_groups), then the rest
+        return self.weave.param_groups(self.heads if self.head_mode == "per_branch" else None, self.trainable_parameters())
+    lr_lambdas = branch_lr_lambdas  # each branch its own schedule, over its own steps
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -122,15 +122,21 @@ class MergeSettings:
             object.__setattr__(self, "weights", [float(w) for w in self.weights])
 
     @classmethod
-    def of(cls, merge: "Mapping | MergeSettings | None") -> "MergeSettings":
-        """From the config's mapping (None: the defaults); UserError naming an unknown key or a wrong type."""
+    def of(cls, merge: "Mapping | MergeSettings | None", grids: bool = True) -> "MergeSettings":
+        """From the config's mapping (None: the defaults); UserError naming an unknown key or a wrong type, or
+        (``grids=False``: a method that merges at the set scale, WeaveRec) a ``scaling_grid``/``density_grid``."""
         if isinstance(merge, MergeSettings):
-            return merge
-        values = dict(merge or {})
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:  # the message tests and users know
-            raise UserError(f"unknown merge settings {unknown}; known: {sorted(f.name for f in fields(cls))}")
-        return checked(cls, values, "merge")
+            settings = merge
+        else:
+            values = dict(merge or {})
+            unknown = sorted(set(values) - {f.name for f in fields(cls)})
+            if unknown:  # the message tests and users know
+                raise UserError(f"unknown merge settings {unknown}; known: {sorted(f.name for f in fields(cls))}")
+            settings = checked(cls, values, "merge")
+        if not grids and (settings.scaling_grid or settings.density_grid):
+            raise UserError("merge.scaling_grid / density_grid choose merge_sources's scale on validation; this method "
+                            "merges at merge.scaling and merge.density: set the grids to null")
+        return settings
 
     def as_dict(self) -> dict:
         return asdict(self)
