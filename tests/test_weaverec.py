@@ -410,6 +410,7 @@ def test_merge_scale_is_the_validation_argmax(lora_store, tmp_path, monkeypatch,
         assert tuned[f"merge/grid/{c:g},{d:g}"] == pytest.approx(scores[(c, d)], abs=1e-6)
     best = max(pairs, key=lambda p: (scores[p], -pairs.index(p)))
     assert (tuned["merge/scale"], tuned["merge/density"]) == best
+    assert f"scaling {best[0]:g}, density {best[1]:g}" in (tmp_path / "tuned" / "results.txt").read_text()
     assert tuned["val/ndcg@10"] == pytest.approx(scores[best], abs=1e-6)
     assert len(set(scores.values())) > 1  # the grid matters on this data
 

@@ -161,6 +161,8 @@ def results_table(metrics: dict, title: str, split: str = "test") -> str:
             table.add_row(name, *[f"{metrics.get(prefix + k, math.nan):.4f}" for k in REPORT_KEYS])
     console = Console(width=130, record=True)
     console.print(table)
+    if "merge/scale" in metrics:  # merge_sources: the merge's scale chosen on validation
+        console.print(f"merge chosen on validation: scaling {metrics['merge/scale']:g}, density {metrics['merge/density']:g}")
     if f"{split}/gen/mrr" in metrics:  # the paper protocol: generated answers beside the likelihood ranking
         paper = Table(title="paper protocol (same candidates)")
         paper.add_column("row")
