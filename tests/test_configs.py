@@ -163,3 +163,19 @@ def test_a_method_cannot_take_its_own_learning_rate():
     with pytest.raises(ConfigCompositionException, match="method.module.optimizer.lr"):
         _compose(["method.module.optimizer.lr=0.01"])
     assert resolved(_compose(["recipe.optimizer.lr=0.01", "method=weaverec", "data.sources=[toys]"]))["method"]["module"]["optimizer"]["lr"] == 0.01
+
+
+
+@pytest.mark.parametrize("override", ["method.module.optimizer={_target_:torch.optim.AdamW,_partial_:true,lr:0.01}",
+                                      "method.module.warmup_ratio=0.3", "method.module.scheduler=constant"])
+def test_replacing_the_methods_recipe_node_is_refused_too(override, tmp_path):
+    """Replacing the whole method.module.optimizer node (or the schedule) would give one method its own learning
+    rate: train() refuses it as the composition refuses method.module.optimizer.lr, before anything loads."""
+    from recsys.core.errors import UserError
+    from recsys.pipeline.run import check_recipe_keys, train
+
+    cfg = _compose([override, "logger=none"], tmp=str(tmp_path))
+    with pytest.raises(UserError, match=f"method.module.{override.split('=')[0].split('.')[-1]} is set by the method"):
+        train(cfg)
+    for method in ("lora", "xcross", "weaverec", "joint", "sasrec", "merge_sources"):
+        check_recipe_keys(_compose([f"method={method}"], tmp=str(tmp_path)))  # every shipped config passes

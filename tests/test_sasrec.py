@@ -53,10 +53,11 @@ def test_ids_batches_are_left_padded():
     assert b["candidates"].tolist() == [[1, 2], [3, 4]] and b["labels"].tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("train_on", ["last", "sequence"])
 @pytest.mark.parametrize("loss", ["ce", "bce"])
-def test_both_losses_train(loss):
+def test_both_losses_train(loss, train_on):
     torch.manual_seed(0)
-    m = SASRecModule(num_items=30, max_len=5, hidden=8, loss=loss)
+    m = SASRecModule(num_items=30, max_len=5, hidden=8, loss=loss, train_on=train_on)
     batch = IdCollator(5)([("d", (1, 2, 3), [4, 5, 6], 0), ("d", (7,), [8, 9, 10], 2)])
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     first = None
@@ -217,3 +218,116 @@ def test_evaluate_full_catalogue(retriever, tmp_path):
     assert m["val/full/ndcg@10"] == pytest.approx(metrics["val/full/ndcg@10"], abs=1e-6)
     with np.load(tmp_path / "retrieved.npz") as z:
         assert z["val/items"].shape == (60, K) and "test/items" not in z.files
+
+
+def test_hard_negatives_never_the_examples_own_target(retriever):
+    """data.train_on_val=true with hard negatives: a validation target is in its user's retrieved pool (the
+    retriever ranked the val split), and it must never be drawn as that example's own negative."""
+    out, cfg, _ = retriever
+    cfg.data.train_negatives, cfg.data.retriever, cfg.data.train_on_val = "retrieved", str(out), True
+    cfg.data.selection_share = 0.1
+    dm = run.build_datamodule(cfg)
+    dm.load_domains()
+    run.attach_backbone(cfg, dm, None)
+    dm.setup("fit")
+    ds, pools = dm.train_loaders()["train"].dataset, dm.samplers["tools"].pools
+    in_pool = 0
+    for idx, (_, ex) in enumerate(ds.entries):
+        in_pool += int(ex.target in pools[ex.user].tolist())
+        for epoch in range(3):
+            _, _, cands, pos = ds[(idx, epoch)]
+            assert cands.count(ex.target) == 1 and cands[pos] == ex.target, (idx, epoch, cands)
+    assert in_pool > 0  # the case that matters occurs in this data
+
+
+def test_sasrec_paper_defaults():
+    """The config's dropout is the class default (0.5), and the recipe's Adam has the paper's beta2 0.98."""
+    import hydra
+
+    cfg = config(Path("/tmp/unused"))
+    assert SASRecModule(num_items=5).net.drop.p == cfg.method.module.dropout == 0.5
+    opt = hydra.utils.instantiate(cfg.recipe.optimizer)([torch.nn.Parameter(torch.zeros(1))])
+    assert opt.defaults["betas"] == (0.9, 0.98) and opt.defaults["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("train_on", ["last", "sequence"])
+def test_bce_draws_one_negative_a_positive(train_on):
+    """loss=bce: the positive against ONE negative: under ``last`` the first non-target candidate decides
+    the loss, the other negatives do not; under ``sequence`` one negative a position."""
+    torch.manual_seed(0)
+    m = SASRecModule(num_items=30, max_len=5, hidden=8, loss="bce", train_on=train_on).eval()
+    a = IdCollator(5)([("d", (1, 2, 3), [4, 5, 6, 7], 0), ("d", (7,), [8, 9, 10, 11], 2)])
+    b = IdCollator(5)([("d", (1, 2, 3), [4, 5, 20, 21], 0), ("d", (7,), [8, 22, 10, 23], 2)])
+    if train_on == "last":
+        assert float(m.objective(a)) == pytest.approx(float(m.objective(b)))
+        c = IdCollator(5)([("d", (1, 2, 3), [4, 25, 6, 7], 0), ("d", (7,), [24, 9, 10, 11], 2)])
+        assert float(m.objective(a)) != pytest.approx(float(m.objective(c)))
+    else:
+        history, nexts = m.transitions(a)
+        neg = m.negatives(history, nexts)
+        assert neg.shape == nexts.shape
+        row = torch.cat([history, nexts[:, -1:]], 1)
+        assert not (neg.unsqueeze(-1) == row.unsqueeze(1)).any()
+
+
+def transitions_seen(dm, module) -> list[tuple]:
+    """The (user, previous item, next item) transitions a module trains on in one epoch of ``dm``."""
+    dm.setup("fit")
+    ds = dm.train_loaders()["train"].dataset
+    out = []
+    for idx, (_, ex) in enumerate(ds.entries):
+        batch = IdCollator(dm.max_history)([ds[(idx, 0)]])
+        if module.train_on == "last":
+            out.append((ex.user, int(batch["history"][0, -1]), int(batch["candidates"][0, batch["labels"][0]]) + 1))
+            continue
+        history, nexts = module.transitions(batch)
+        out += [(ex.user, int(h), int(n)) for h, n in zip(history[0], nexts[0]) if n > 0]
+    return sorted(out)
+
+
+@pytest.mark.parametrize("train_on_val", [False, True])
+def test_sequence_sees_the_same_transitions(train_on_val):
+    """train_on=sequence: one window a user (two for a user longer than max_history), the loss at every
+    position: exactly the transitions of every prefix (train_on=last), in fewer examples."""
+    synth = {"tools": {"source": "synthetic", "num_users": 40, "num_items": 50, "min_len": 4, "max_len": 14}}
+    seen, sizes = {}, {}
+    for train_on in ("last", "sequence"):
+        dm = RecDataModule(synth, target="tools", max_history=5, train_on_val=train_on_val, selection_share=0.1)
+        dm.load_domains()
+        module = SASRecModule(num_items=dm.domains["tools"].num_items, max_len=5, hidden=8, train_on=train_on)
+        dm.attach_ids().train_only(None, module.train_examples())
+        seen[train_on] = transitions_seen(dm, module)
+        sizes[train_on] = len(dm.train_entries["train"])
+    assert seen["sequence"] == seen["last"] and len(seen["last"]) == sizes["last"]
+    assert sizes["sequence"] * 2 < sizes["last"]
+    assert max(len(s) for s in dm.domains["tools"].sequences) > 5 + 3  # some user needs two windows
+
+
+def test_train_on_is_checked():
+    with pytest.raises(Exception, match="method.module.train_on"):
+        SASRecModule(num_items=5, train_on="all")
+
+
+@pytest.mark.parametrize("train_on", ["last", "sequence"])
+def test_both_modes_train_through_the_pipeline(train_on, tmp_path):
+    """Both modes train through the real pipeline (the loss falls) and evaluate; ``sequence`` trains on one
+    window a user, far fewer examples than the prefixes."""
+    cfg = config(tmp_path / "run", f"method.module.train_on={train_on}", "recipe.max_epochs=3")
+    _, metrics = run.train(cfg)
+    assert 0.0 <= metrics["test/ndcg@10"] <= 1.0
+    n = metrics["data/train_examples"]  # 60 users of 5-12 items: ~60 windows, ~300 prefixes
+    assert (n <= 60 * 2) == (train_on == "sequence"), n
+
+
+def test_sequence_benchmark_prints_the_ratio(capsys):
+    """benchmarks/sasrec_sequence.py: both modes timed in one process, the ratio of their epochs/s printed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sasrec_bench", REPO / "benchmarks" / "sasrec_sequence.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--num-users", "80", "--num-items", "60", "--steps", "1", "--rounds", "1", "--batch-size", "16"])
+    assert "ratio sequence / last" in capsys.readouterr().out
+    f = out["figures"]
+    assert f["sequence/examples"] == 80 and f["last/examples"] > 80
+    assert f["sequence_over_last_epochs_per_s"] == pytest.approx(f["sequence/epochs_per_s"] / f["last/epochs_per_s"])

@@ -15,6 +15,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -275,6 +276,50 @@ def test_each_branch_sees_its_examples_once_an_epoch(tmp_path):
     assert (m["branch0/train/steps"], m["branch1/train/steps"]) == (4.0, 8.0)
 
 
+class BranchLr(L.Callback):
+    """Each branch's learning rate at each step it takes: the lr of the param group holding its first LoRA weight."""
+
+    def __init__(self):
+        self.lrs: dict[int, list[float]] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        opt = trainer.optimizers[0]
+        for i, b in enumerate(module.branches):
+            if b.trained and batch.get(b.stream) is not None:
+                first = module.weave.params[b.adapter][0]
+                lr = next(g["lr"] for g in opt.param_groups if any(p is first for p in g["params"]))
+                self.lrs.setdefault(i, []).append(lr)
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "constant"])
+def test_each_branch_warms_up_and_decays_over_its_own_steps(tmp_path, monkeypatch, scheduler):
+    """Unequal streams (target 4 batches an epoch, hybrid 8), 2 epochs: each branch's lr over the steps it
+    takes is the schedule of a run of its own length (warm-up 25% of ITS steps, the cosine's end at ITS last
+    step), as the release trains each LoRA on its own schedule, not one schedule over the longest stream."""
+    from recsys.methods.base import warmup_cosine
+    from recsys.pipeline import run as pipeline
+
+    recorder, build = BranchLr(), pipeline.build_trainer
+
+    def with_recorder(cfg, **kw):
+        trainer = build(cfg, **kw)
+        trainer.callbacks.append(recorder)
+        return trainer
+
+    monkeypatch.setattr(pipeline, "build_trainer", with_recorder)
+    m = run_train(tmp_path, *weave_args("tiny_encoder", ["toys"]), "data.max_train_examples=16",
+                  "trainer.limit_train_batches=null", "trainer.max_epochs=2", "method.module.validate_branches=false",
+                  "recipe.warmup_ratio=0.25", f"recipe.scheduler={scheduler}", "recipe.optimizer.lr=0.01")
+    assert (m["branch0/train/steps"], m["branch1/train/steps"]) == (8.0, 16.0)
+    for i, n in ((0, 8), (1, 16)):
+        f = warmup_cosine(n, 0.25, 1.0 if scheduler == "constant" else 0.0)
+        assert recorder.lrs[i] == pytest.approx([0.01 * f(k) for k in range(n)]), i
+    warm = [sum(1 for a, b in zip(lrs, lrs[1:]) if b > a) + 1 for lrs in recorder.lrs.values()]
+    assert warm == [2, 4]  # its own warm-up: 25% of 8 and of 16 steps
+    if scheduler == "cosine":  # each ends at the cosine's tail, not the target half-way down the hybrid's
+        assert recorder.lrs[0][-1] == pytest.approx(0.01 * warmup_cosine(8, 0.25)(7)) and recorder.lrs[0][-1] < 0.0011
+
+
 # --------------------------------------------------------------------------------------------- reuse
 def test_store_reuses_a_hybrid_in_either_order(runs, tmp_path, caplog):
     _, store, _ = runs["encoder-1"]
@@ -336,6 +381,47 @@ def test_merge_sources_each_rule(lora_store, rule, tmp_path):
     assert metrics["params/trainable"] == 0 and metrics["time/train_s"] < 1
 
 
+@pytest.mark.parametrize("rule", ["task_arithmetic", pytest.param("ties", marks=pytest.mark.slow)])
+def test_merge_scale_is_the_validation_argmax(lora_store, tmp_path, monkeypatch, rule):
+    """merge.scaling_grid (x density_grid for ties): the merge tested is the grid's best on validation (the
+    first on ties), reported as merge/scale and merge/density; each pair's score equals the val/ndcg@10 of a
+    run at that fixed setting; no test batch is read before the choice is made."""
+    from recsys.data.datamodule import RecDataModule as DM
+    from recsys.methods.merge_sources import MergeSourcesModule
+
+    events, real_test, real_choose = [], DM.test_dataloader, MergeSourcesModule.choose
+    monkeypatch.setattr(DM, "test_dataloader", lambda self: events.append("test") or real_test(self))
+    monkeypatch.setattr(MergeSourcesModule, "choose", lambda self, b: events.append("choose") or real_choose(self, b))
+    grid = ["merge.scaling_grid=[0.2,1.0,3.0]", "merge.density_grid=" + ("[0.3,0.9]" if rule == "ties" else "null")]
+    args = ["backbone=tiny_encoder", "method=merge_sources", "data.sources=[toys,sports]", f"merge.rule={rule}",
+            "data.max_eval_users=24"]
+    tuned = run_train(tmp_path / "tuned", *args, *grid, store=lora_store)
+    assert events[0] == "choose" and events.count("choose") == 1 and "test" in events
+    pairs = [(c, d) for c in (0.2, 1.0, 3.0) for d in ((0.3, 0.9) if rule == "ties" else (0.5,))]
+    scores = {}
+    for c, d in pairs:
+        fixed = run_train(tmp_path / f"fixed-{c}-{d}", *args, f"merge.scaling={c}", f"merge.density={d}",
+                          "merge.scaling_grid=null", "merge.density_grid=null", store=lora_store)
+        scores[(c, d)] = fixed["val/ndcg@10"]
+        assert tuned[f"merge/grid/{c:g},{d:g}"] == pytest.approx(scores[(c, d)], abs=1e-6)
+    best = max(pairs, key=lambda p: (scores[p], -pairs.index(p)))
+    assert (tuned["merge/scale"], tuned["merge/density"]) == best
+    assert f"scaling {best[0]:g}, density {best[1]:g}" in (tmp_path / "tuned" / "results.txt").read_text()
+    assert tuned["val/ndcg@10"] == pytest.approx(scores[best], abs=1e-6)
+    assert len(set(scores.values())) > 1  # the grid matters on this data
+
+
+def test_merge_grid_of_each_rule():
+    from recsys.models.merging import MergeSettings
+
+    grids = {"scaling_grid": [0.1, 0.5], "density_grid": [0.2, 0.8]}
+    assert [(g.scaling, g.density) for g in MergeSettings.of({"rule": "weaverec", **grids}).grid()] == [(1.0, 0.5)]
+    assert [g.scaling for g in MergeSettings.of({"rule": "task_arithmetic", **grids}).grid()] == [0.1, 0.5]
+    assert len(MergeSettings.of({"rule": "dare_ties", **grids}).grid()) == 4
+    with pytest.raises(UserError, match="merge.density_grid"):
+        MergeSettings.of({"density_grid": [1.5]})
+
+
 def test_merge_sources_evaluate_reproduces(lora_store, tmp_path):
     metrics = run_train(tmp_path / "run", "backbone=tiny_encoder", "method=merge_sources",
                         "data.sources=[toys]", "merge.rule=dare_ties", store=lora_store)
@@ -350,6 +436,40 @@ def test_joint_trains_one_lora_on_pooled_data(tmp_path):
     assert metrics["data/train_examples"] == 128  # 64 a domain (data.max_train_examples), pooled
     names = {p.name for p in (tmp_path / "run" / "store" / "tiny-encoder").iterdir()}
     assert names == {"joint-tools-with-toys"}  # never the target's own LoRA slot
+
+
+@pytest.mark.parametrize("steps", ["epochs", "equal"])
+def test_joint_at_equal_steps_takes_target_only_steps(tmp_path, monkeypatch, steps):
+    """method.module.steps=equal: 16 target + 16 source examples pooled, batch 4, 2 epochs: 4 steps an epoch
+    (target-only's 16 / 4), not the pool's 8; the schedule spans those 8 steps (the lr's last value is the
+    cosine's end) and validation still runs each epoch; stored apart from the epochs-joint adapter."""
+    from recsys.methods.base import warmup_cosine
+    from recsys.pipeline import run as pipeline
+
+    lrs, build = [], pipeline.build_trainer
+
+    class Lr(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+        def on_validation_epoch_end(self, trainer, module):
+            lrs.append("val")
+
+    def with_recorder(cfg, **kw):
+        trainer = build(cfg, **kw)
+        trainer.callbacks.append(Lr())
+        return trainer
+
+    monkeypatch.setattr(pipeline, "build_trainer", with_recorder)
+    metrics = run_train(tmp_path / "run", "backbone=tiny_encoder", "method=joint", "data.sources=[toys]",
+                        f"method.module.steps={steps}", "data.max_train_examples=16", "trainer.limit_train_batches=null",
+                        "trainer.max_epochs=2", "recipe.optimizer.lr=0.01")
+    n = 4 if steps == "equal" else 8
+    assert metrics["data/train_examples"] == 32 and metrics["train/steps"] == 2 * n
+    assert lrs == [*(0.01 * warmup_cosine(2 * n, 0.1)(k) for k in range(n)), "val",
+                   *(0.01 * warmup_cosine(2 * n, 0.1)(k) for k in range(n, 2 * n)), "val"]
+    name = "joint-tools-with-toys" + ("-equal-steps" if steps == "equal" else "")
+    assert {p.name for p in (tmp_path / "run" / "store" / "tiny-encoder").iterdir()} == {name}
 
 
 # --------------------------------------------------------------------------------------------- errors

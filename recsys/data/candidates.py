@@ -67,8 +67,10 @@ class NegativeSampler:
         return out
 
     def candidates(self, ex: Example, k: int, rng: np.random.Generator) -> tuple[list[int], int]:
-        """Target + ``k`` negatives in shuffled order, and the target's position."""
-        items = [ex.target] + self.sample(ex.user, k, rng)
+        """Target + ``k`` negatives in shuffled order, and the target's position. The target is never its own
+        negative (``also``: a uniform draw excludes the whole sequence anyway; the hard negatives of
+        ``RetrievedNegatives`` would not, for a validation target trained under ``data.train_on_val``)."""
+        items = [ex.target] + self.sample(ex.user, k, rng, also=[ex.target])
         order = rng.permutation(len(items))
         return [items[j] for j in order], int(np.flatnonzero(order == 0)[0])
 

@@ -46,6 +46,8 @@ PROTOCOLS = ("ranking", "paper")  # our candidate ranking | WeaveRec's released 
 SOURCES = ("synthetic", "plain", "raw")
 CANDIDATES = ("sampled", "retrieved")  # evaluation candidates (recsys.data.candidates | recsys.data.retrieval)
 TRAIN_NEGATIVES = ("sampled", "retrieved")  # training negatives: fresh draws | the retriever's top K (hard)
+TRAIN_EXAMPLES = ("prefixes", "sequences")  # every prefix an example | a user's prefixes a window apart
+EPOCH_BATCHES = ("all", "target")  # every batch of a stream an epoch | as many as target-only training takes
 
 
 PLAIN_FILES = ("items.jsonl", "sequences.jsonl")  # what makes a folder a plain-format domain (readers.read_plain)
@@ -150,8 +152,10 @@ class EpochBatchSampler:
     """
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, pad: bool,
-                 lengths: list[int] | None = None, bucket_window: int = 50, drop_last: bool = False):
+                 lengths: list[int] | None = None, bucket_window: int = 50, drop_last: bool = False,
+                 max_batches: int | None = None):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.max_batches = max_batches  # an epoch's first batches only (of this epoch's shuffled order)
         self.pad, self.lengths, self.bucket_window, self.drop_last = pad, lengths, bucket_window, drop_last
         self.epoch = 0
         self._skip: tuple[int, int] | None = None  # (epoch, batches): where a resumed epoch goes on
@@ -192,7 +196,7 @@ class EpochBatchSampler:
         if self.lengths is not None and self.shuffle:
             rng = np.random.default_rng(stable_seed("buckets", self.seed, self.epoch))
             batches = [batches[j] for j in rng.permutation(len(batches))]
-        return batches
+        return batches if self.max_batches is None else batches[: self.max_batches]
 
     def __iter__(self):
         batches = self._batches()
@@ -231,6 +235,26 @@ class ResumableLoader(DataLoader):
         if batches >= len(self.batch_sampler):  # saved at the end of the epoch: the next one starts afresh
             epoch, batches = epoch + 1, 0
         self.batch_sampler.resume(epoch, batches)
+
+
+def train_options(examples: str = "prefixes", batches: str = "all") -> tuple[str, str]:
+    """What an epoch trains on. ``examples``: ``prefixes`` (every leave-one-out prefix) or ``sequences`` (a
+    user's prefixes ``max_history`` apart, ``selection.sequence_windows``); ``batches``: ``all`` or ``target``
+    (an epoch of a pooled stream stops after as many batches as its target examples alone make, the first
+    of the epoch's shuffled batches: a fresh subset of the pool each epoch, :func:`target_batches`)."""
+    if examples not in TRAIN_EXAMPLES or batches not in EPOCH_BATCHES:
+        raise DataError(f"training examples {examples!r} / epoch batches {batches!r}: use one of "
+                        f"{TRAIN_EXAMPLES} / {EPOCH_BATCHES}")
+    return examples, batches
+
+
+def target_batches(dm: "RecDataModule", entries) -> int | None:
+    """``epoch_batches=target``: the batches an epoch of the target's examples among ``entries`` alone makes
+    (a pooled stream's cap: the same sampler over as many examples), else None."""
+    if dm.epoch_batches != "target":
+        return None
+    n = sum(1 for dom, _ in entries if dom == dm.target)
+    return len(EpochBatchSampler(n, dm.rank_batch_size(), shuffle=False, seed=0, pad=True))
 
 
 def check_settings(dm: "RecDataModule") -> None:
@@ -351,6 +375,7 @@ class RecDataModule(L.LightningDataModule):
         self.item_ids = False  # attach_ids: batches of item ids, no text
         self.domains: dict[str, Domain] = {}
         self.skip_streams: set[str] = set()  # training streams the module does not train (``train_only``)
+        self.train_examples, self.epoch_batches = train_options()  # set by ``train_only``
         check_settings(self)
 
     def attach(self, tokenizer, kind: str, likelihood: bool = False) -> "RecDataModule":
@@ -371,10 +396,12 @@ class RecDataModule(L.LightningDataModule):
             return ["train"]
         return ["target"] + [f"hybrid/{s}" for s in self.sources]
 
-    def train_only(self, streams: set[str] | None) -> None:
-        """Load only these training streams (None: all), e.g. not the stream of a WeaveRec hybrid reused from
-        the store; the pipeline calls it with the module's ``train_streams()`` before ``setup``."""
+    def train_only(self, streams: set[str] | None, examples: str = "prefixes", batches: str = "all") -> None:
+        """Train only these streams (None: all; e.g. not a reused WeaveRec hybrid's), on ``examples`` and
+        ``batches`` an epoch (:func:`train_options`); the pipeline passes the module's ``train_streams()``,
+        ``train_examples()`` and ``epoch_batches()`` before ``setup``."""
         self.skip_streams = set() if streams is None else set(self.stream_names()) - set(streams)
+        self.train_examples, self.epoch_batches = train_options(examples, batches)
 
     @property
     def used_domains(self) -> list[str]:
@@ -447,10 +474,10 @@ class RecDataModule(L.LightningDataModule):
             return PaperCollator(self.paper_prompt())
         return Collator(self._text(), self.likelihood)
 
-    def _loader(self, ds: Dataset, batch_size: int, train: bool, lengths=None, seed_key: str = "") -> DataLoader:
-        sampler = EpochBatchSampler(
-            len(ds), batch_size, shuffle=train, seed=stable_seed(self.seed, seed_key), pad=train, lengths=lengths,
-        )
+    def _loader(self, ds: Dataset, batch_size: int, train: bool, lengths=None, seed_key: str = "",
+                max_batches: int | None = None) -> DataLoader:
+        sampler = EpochBatchSampler(len(ds), batch_size, shuffle=train, seed=stable_seed(self.seed, seed_key), pad=train,
+                                    lengths=lengths, max_batches=max_batches)
         # the loader's own generator: starting an iterator draws its worker seed from it, not from the
         # global RNG, so dropout does not depend on when loaders start (e.g. after a resume)
         generator = torch.Generator().manual_seed(stable_seed("loader", self.seed, seed_key))
@@ -484,7 +511,8 @@ class RecDataModule(L.LightningDataModule):
         out = {}
         for name, entries in self.train_entries.items():
             ds = TrainDataset(entries, self.samplers, self.num_train_negatives, stable_seed(self.seed, name))
-            out[name] = self._loader(ds, self.rank_batch_size(), True, self._lengths(entries), name)
+            out[name] = self._loader(ds, self.rank_batch_size(), True, self._lengths(entries), name,
+                                     target_batches(self, entries))
         return out
 
     def train_dataloader(self):

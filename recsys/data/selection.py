@@ -71,8 +71,32 @@ def hybrid_entries(dm, source: str) -> list[tuple[str, Example]]:
     return pick(tgt, n) + pick(src, n_src)
 
 
+def sequence_windows(entries: list[tuple[str, Example]], window: int) -> list[tuple[str, Example]]:
+    """A user's prefixes ``window`` apart, from the longest back (``train_examples=sequences``).
+
+    ``entries`` hold each user's examples in order of position (as ``domain_train`` makes them: target
+    t = 1, 2, ...). The longest prefix, read causally with the loss at every position, holds the
+    transitions of the last ``window`` prefixes; the one ``window`` positions earlier the ones before, and
+    so on: together exactly the transitions of every prefix, each once. (With ``data.max_train_examples``
+    capping the prefixes, the windows tile the kept ones only approximately.)"""
+    by_user: dict[tuple[str, int], list[int]] = {}
+    for i, (dom, ex) in enumerate(entries):
+        by_user.setdefault((dom, ex.user), []).append(i)
+    keep = sorted(i for idx in by_user.values() for i in idx[::-1][::window])
+    return [entries[i] for i in keep]
+
+
 def train_streams(dm) -> dict[str, list[tuple[str, Example]]]:
-    """Training streams: ``{"train": ...}`` or, for ``hybrid``, ``{"target": ..., "hybrid/<S>": ...}``."""
+    """Training streams: ``{"train": ...}`` or, for ``hybrid``, ``{"target": ..., "hybrid/<S>": ...}``;
+    under ``train_examples=sequences`` a user's prefixes a window apart (``sequence_windows``)."""
+    streams = mixed_streams(dm)
+    if getattr(dm, "train_examples", "prefixes") == "sequences":
+        streams = {name: sequence_windows(entries, dm.max_history) for name, entries in streams.items()}
+    return streams
+
+
+def mixed_streams(dm) -> dict[str, list[tuple[str, Example]]]:
+    """Every prefix of each training stream of the mix."""
     if dm.mix == "target":
         return {"train": domain_train(dm, dm.target)}
     if dm.mix == "joint":

@@ -22,6 +22,11 @@ class; CONTRIBUTING.md walks through it):
 
 Evaluations write their per-user ranks through the pipeline's callback
 (``recsys.evaluation.ranks.RankWriter``), never through a folder set on the module.
+- ``train_examples()``: ``prefixes`` (default: every leave-one-out prefix an example) or ``sequences``
+  (one window of ``data.max_history`` items a user and one each ``max_history`` items back, for a method
+  that trains at every position of a causal sequence, as SASRec's ``train_on=sequence``).
+- ``epoch_batches()``: ``all`` (default) or ``target``: a pooled stream's epoch capped at the batches of
+  target-only training (joint training at equal steps, ``method.module.steps=equal``).
 """
 
 from __future__ import annotations
@@ -67,6 +72,20 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, min_ratio: float = 0.0)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
 
     return f
+
+
+def stream_schedule(f: Callable[[int], float], steps: int, epoch_steps: int) -> Callable[[int], float]:
+    """The schedule ``f`` of a stream that trains ``steps`` of each epoch's ``epoch_steps`` optimizer steps
+    (its first ``steps``; a WeaveRec branch whose stream is shorter than the longest): global step -> ``f`` at
+    the stream's own step, so ``f`` (built for the stream's own total) warms up and decays over the steps the
+    stream takes. Past its ``steps`` in an epoch the stream takes no step; the value is then its last one's."""
+    steps, epoch_steps = max(1, steps), max(1, epoch_steps)
+
+    def g(step: int) -> float:
+        epoch, r = divmod(step, epoch_steps)
+        return f(epoch * steps + min(r, steps - 1))
+
+    return g
 
 
 @dataclass(frozen=True)
@@ -251,6 +270,16 @@ class RecModule(L.LightningModule):
         pipeline found for its ``required_adapters`` (``RunInfo.adapters``)."""
         return list(self.stored_inputs)
 
+    def train_examples(self) -> str:
+        """``prefixes`` (every prefix an example) or ``sequences`` (a user's prefixes a window apart,
+        ``recsys.data.selection.sequence_windows``); the pipeline passes it to ``RecDataModule.train_only``."""
+        return "prefixes"
+
+    def epoch_batches(self) -> str:
+        """``all`` (every batch of the training stream an epoch) or ``target`` (as many as target-only training
+        takes on the run's target examples: a pooled stream at equal steps); passed to ``RecDataModule.train_only``."""
+        return "all"
+
     # ------------------------------------------------------------------ hooks for train.py
     def extra_params(self) -> dict[str, float]:
         """Extra ``params/...`` entries of metrics.json."""
@@ -366,14 +395,18 @@ class RecModule(L.LightningModule):
         """What the optimizer gets: the trainable parameters, or groups with their own settings."""
         return self.trainable_parameters()
 
+    def lr_lambdas(self, total: int) -> Callable[[int], float] | list[Callable[[int], float]]:
+        """The LR multiplier of ``total`` optimizer steps (warm-up, then cosine or constant), or one a param
+        group (``param_groups``'s order) for a method whose groups train over different numbers of steps."""
+        return warmup_cosine(total, self.warmup_ratio, 1.0 if self.scheduler == "constant" else 0.0)
+
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.param_groups())
         if self.scheduler == "constant" and self.warmup_ratio <= 0:
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))
         self.warmup_steps = warmup_steps(total, self.warmup_ratio) if self.warmup_ratio > 0 else 0
-        lam = warmup_cosine(total, self.warmup_ratio, 1.0 if self.scheduler == "constant" else 0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_lambdas(total))
         # name "lr": LearningRateMonitor logs lr/<group name> (lr/integrators, lr/w ...), or lr for one group
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
 

@@ -32,9 +32,14 @@ Choices the paper leaves open, each **[ours]** with its config switch (``conf/me
   combined in Lightning's ``max_size`` mode (an epoch is one pass over the longest stream, a hybrid
   of up to twice the target's examples), and a branch whose stream is exhausted skips the
   remaining steps of the epoch (``branch<i>/train/steps`` in metrics.json says how many it took).
-- Gradient clipping (``trainer.gradient_clip_val``) is applied per branch, so that one branch's
-  gradients never rescale another's; with AdamW (per-parameter) and per-branch heads every branch
-  then follows exactly the updates it would get trained alone.
+- Each trained branch is its own optimizer param group with its own learning-rate schedule, over the
+  steps IT takes (``lr_lambdas``): warm-up for ``warmup_ratio`` of its own steps, then the cosine to
+  its end at its own last step, as the release trains each LoRA on its own schedule (one schedule
+  over the longest stream would stop a shorter branch half-way down the cosine). Gradient clipping
+  (``trainer.gradient_clip_val``) is applied per branch, so that one branch's gradients never rescale
+  another's. With AdamW (per-parameter) and per-branch heads a branch then follows the updates it
+  would get trained alone on its stream, up to random draws (dropout; the order of its batches).
+  (``head=shared``: the shared head follows the schedule of the longest stream.)
 - The target branch is not written to the store as T's LoRA (``<store>/<backbone>/<T>/seed-<seed>/`` belongs to
   ``method=lora``, which ``merge_sources`` reads); it is exported with every branch inside the
   WeaveRec folder (``branches/``). Hybrids are exported as ``<store>/<backbone>/hybrid-<a>+<b>/``.
@@ -48,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -55,7 +61,7 @@ from peft import get_peft_model
 from torch import nn
 
 from recsys.core.errors import UserError
-from recsys.methods.base import RecModule, RunInfo
+from recsys.methods.base import RecModule, RunInfo, stream_schedule, warmup_cosine
 from recsys.methods.lora import lora_config
 from recsys.models.adapter_store import (
     AdapterSpec, AdapterStore, hybrid_name, load_into, lora_record, save_head, weaverec_name,
@@ -91,6 +97,30 @@ def hybrid_specs(run: RunInfo, backbone: Backbone, r: int = 8, alpha: float = 16
             for s in run.sources]
 
 
+def branch_lr_lambdas(m: "WeaveRecModule", total: int) -> list:
+    """``WeaveRecModule.lr_lambdas``: each branch's schedule over its own optimizer steps, one a param group of
+    ``m.param_groups()`` (``Weave.param_groups``): a branch whose stream makes ``n_i`` batches an epoch
+    trains the first ``n_i`` of the epoch's steps, ``epochs * n_i`` in all, and warms up and decays over those
+    (``base.stream_schedule``); the rest (a shared head) follows the longest stream's ``total`` steps."""
+    floor = 1.0 if m.scheduler == "constant" else 0.0
+    accumulate = max(1, int(m.trainer.accumulate_grad_batches))
+    batches = int(m.trainer.num_training_batches)
+    epoch_steps = max(1, math.ceil(batches / accumulate))
+    epochs = max(1, math.ceil(total / epoch_steps))
+    loaders = m.trainer.train_dataloader  # {stream: loader} (a CombinedLoader's iterables)
+    loaders = loaders if isinstance(loaders, dict) else getattr(loaders, "iterables", None) or {}
+    out = []
+    for group in m.param_groups():
+        stream = group["stream"]
+        if stream is None or stream not in loaders:
+            out.append(warmup_cosine(total, m.warmup_ratio, floor))
+            continue
+        steps = math.ceil(min(len(loaders[stream]), batches) / accumulate)
+        own = min(total, epochs * steps)
+        out.append(stream_schedule(warmup_cosine(own, m.warmup_ratio, floor), steps, epoch_steps))
+    return out
+
+
 class WeaveRecModule(RecModule):
     """WeaveRec: branch 0 (target LoRA) and one hybrid LoRA per source, weave-trained, merged.
 
@@ -99,9 +129,7 @@ class WeaveRecModule(RecModule):
         target, sources: the target domain and the source domains (one hybrid each).
         r, alpha, dropout, target_modules: every branch's LoRA (None targets: the backbone's defaults).
         head: ``per_branch`` | ``shared`` (scoring=head only; see the module docstring).
-        merge: the merge settings (``rule``, ``weights``, ``scaling``, ``density``,
-            ``majority_sign_method``, ``seed``; AdaMerging: ``learn_weights``, ``learn_steps``,
-            ``learn_lr``, ``learn_batches``, ``granularity``).
+        merge: the merge settings (``merging.MergeSettings``: rule, weights, scaling, density; AdaMerging's).
         reuse: {source: stored hybrid folder} for hybrids taken from the store (frozen).
         validate_branches: also score every branch on validation (``branch<i>/val/...``).
         export_dense: also export the dense merged model (``merge_and_unload``) as ``dense/``.
@@ -122,7 +150,7 @@ class WeaveRecModule(RecModule):
         reuse = dict(reuse or {})
         self.target, self.sources = target, list(sources)
         self.head_mode, self.validate_branches, self.export_dense = head, validate_branches, export_dense
-        self.merge_cfg = MergeSettings.of(merge)
+        self.merge_cfg = MergeSettings.of(merge, grids=False)  # WeaveRec merges at merge.scaling, merge.density
         self.lora = lora_config(backbone, r, alpha, dropout, target_modules)
         self.branches = [Branch(TARGET, "target", None, True)] + [
             Branch(hybrid_name(target, s), f"hybrid/{s}", s, s not in reuse) for s in self.sources
@@ -148,9 +176,8 @@ class WeaveRecModule(RecModule):
         self.learned_weights: dict[str, list[float]] | None = None  # AdaMerging's per-module lambdas
         self._stale = True  # the merged adapter must be (re)computed before it is used
         self._relearn = True  # AdaMerging weights must be relearned (the branches changed)
-        log.info("WeaveRec branches: %s", ", ".join(
-            f"{i}={b.adapter} ({'trained' if b.trained else 'reused'} on {b.stream})" for i, b in enumerate(self.branches)
-        ))
+        log.info("WeaveRec branches: %s", ", ".join(f"{i}={b.adapter} ({'trained' if b.trained else 'reused'} on "
+                                                     f"{b.stream})" for i, b in enumerate(self.branches)))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -299,6 +326,10 @@ class WeaveRecModule(RecModule):
         if gradient_clip_algorithm not in (None, "norm"):
             return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)  # element-wise anyway
         self.weave.clip(self.heads, self.head_mode == "shared", gradient_clip_val)
+
+    def param_groups(self) -> list[dict]:  # one group a trained branch (Weave.param_groups), then the rest
+        return self.weave.param_groups(self.heads if self.head_mode == "per_branch" else None, self.trainable_parameters())
+    lr_lambdas = branch_lr_lambdas  # each branch its own schedule, over its own steps
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

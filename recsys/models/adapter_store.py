@@ -95,9 +95,10 @@ def hybrid_name(*domains: str) -> str:
     return "hybrid-" + "+".join(sorted(domains))
 
 
-def joint_name(target: str, sources) -> str:
-    """Store name of a joint adapter: ``joint-games-with-beauty+toys`` (sources sorted)."""
-    return f"joint-{target}-with-" + "+".join(sorted(sources))
+def joint_name(target: str, sources, steps: str = "epochs") -> str:
+    """Store name of a joint adapter: ``joint-games-with-beauty+toys`` (sources sorted); trained at the
+    target-only number of steps (``steps=equal``): ``joint-games-with-beauty+toys-equal-steps``."""
+    return f"joint-{target}-with-" + "+".join(sorted(sources)) + ("-equal-steps" if steps == "equal" else "")
 
 
 def weaverec_name(target: str, sources) -> str:

@@ -65,6 +65,7 @@ no longer describes them.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 import shutil
@@ -84,6 +85,7 @@ from recsys.core.progress import track
 MERGE_RULES = ("weaverec", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 _LOW_RANK_RULES = ("weaverec", "task_arithmetic")  # exact sums of products, via peft's "cat"
 GRANULARITIES = ("module", "block")
+DENSITY_RULES = ("ties", "dare_linear", "dare_ties")  # the rules that keep a share (``density``) of the entries
 MERGED = "merged"  # the peft adapter that holds a merge (merge_adapters' default new_name)
 
 Weights = Sequence[float] | Mapping[str, Sequence[float]] | None
@@ -105,28 +107,48 @@ class MergeSettings:
     learn_lr: float = 1e-3
     learn_batches: int = 8
     granularity: str = "module"  # AdaMerging: module | block
+    scaling_grid: list[float] | None = None  # merge_sources: the scalings validation chooses among (not rule weaverec)
+    density_grid: list[float] | None = None  # merge_sources: the densities validation chooses among (ties, dare)
 
     def __post_init__(self):
         if self.rule not in MERGE_RULES:
             raise UserError(f"merge.rule={self.rule!r} is unknown; known rules: {', '.join(MERGE_RULES)}")
+        for key, grid, top in (("scaling_grid", self.scaling_grid, math.inf), ("density_grid", self.density_grid, 1.0)):
+            if grid is not None and (not grid or any(not 0 < float(v) <= top for v in grid)):
+                raise UserError(f"merge.{key}={grid} must be null or a non-empty list of values in (0, {top}]")
         if self.granularity not in GRANULARITIES:
             raise UserError(f"merge.granularity={self.granularity!r} is unknown; known: {GRANULARITIES}")
         if self.weights is not None:
             object.__setattr__(self, "weights", [float(w) for w in self.weights])
 
     @classmethod
-    def of(cls, merge: "Mapping | MergeSettings | None") -> "MergeSettings":
-        """From the config's mapping (None: the defaults); UserError naming an unknown key or a wrong type."""
+    def of(cls, merge: "Mapping | MergeSettings | None", grids: bool = True) -> "MergeSettings":
+        """From the config's mapping (None: the defaults); UserError naming an unknown key or a wrong type, or
+        (``grids=False``: a method that merges at the set scale, WeaveRec) a ``scaling_grid``/``density_grid``."""
         if isinstance(merge, MergeSettings):
-            return merge
-        values = dict(merge or {})
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:  # the message tests and users know
-            raise UserError(f"unknown merge settings {unknown}; known: {sorted(f.name for f in fields(cls))}")
-        return checked(cls, values, "merge")
+            settings = merge
+        else:
+            values = dict(merge or {})
+            unknown = sorted(set(values) - {f.name for f in fields(cls)})
+            if unknown:  # the message tests and users know
+                raise UserError(f"unknown merge settings {unknown}; known: {sorted(f.name for f in fields(cls))}")
+            settings = checked(cls, values, "merge")
+        if not grids and (settings.scaling_grid or settings.density_grid):
+            raise UserError("merge.scaling_grid / density_grid choose merge_sources's scale on validation; this method "
+                            "merges at merge.scaling and merge.density: set the grids to null")
+        return settings
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def grid(self) -> list["MergeSettings"]:
+        """The settings validation chooses among (``merge_sources``): every ``scaling_grid`` x ``density_grid``
+        pair the rule uses (scaling: every rule but ``weaverec``, whose uniform lambdas are WeaveRec's own;
+        density: ``ties`` and the ``dare`` rules), scalings outer, in grid order; ``[self]`` without a grid."""
+        scalings = self.scaling_grid if self.scaling_grid and self.rule != "weaverec" else [self.scaling]
+        densities = self.density_grid if self.density_grid and self.rule in DENSITY_RULES else [self.density]
+        return [replace(self, scaling=float(c), density=float(d), scaling_grid=None, density_grid=None)
+                for c in scalings for d in densities]
 
     def global_weights(self, n: int) -> list[float]:
         """The global lambda_i of ``n`` adapters: ``weights``, or 1/n for rule weaverec, 1 for the others."""

@@ -64,6 +64,21 @@ class Weave:
             self.model.active_adapter = adapter
             self.restore_flags()  # ... so the branches get their own flags back
 
+    def param_groups(self, heads: Sequence[nn.Module] | None, trainable: Sequence[nn.Parameter]) -> list[dict]:
+        """One optimizer param group a trained branch (its LoRA weights, and ``heads[i]``'s trainable ones when
+        each branch has its own head), named by its ``stream``; then the rest of ``trainable`` (stream None)."""
+        groups, taken = [], set()
+        for i, b in enumerate(self.branches):
+            if not b.trained:
+                continue
+            params = list(self.params[b.adapter])
+            if heads is not None:
+                params += [p for p in heads[i].parameters() if p.requires_grad]
+            groups.append({"params": params, "stream": b.stream})
+            taken |= {id(p) for p in params}
+        rest = [p for p in trainable if id(p) not in taken]
+        return groups + ([{"params": rest, "stream": None}] if rest else [])
+
     def remerge(self, settings, weights, merged: str) -> None:
         """(Re)build adapter ``merged`` from the branches by ``settings`` (``MergeSettings``) with ``weights``,
         leaving every flag as it was and the new adapter's dropout in eval mode."""

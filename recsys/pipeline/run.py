@@ -68,6 +68,22 @@ def attach_backbone(cfg: DictConfig, dm: RecDataModule, backbone, scoring: str |
     return dm.attach(backbone.tokenizer, backbone.kind, likelihood=likelihood)
 
 
+RECIPE_KEYS = ("optimizer", "scheduler", "warmup_ratio")  # a method reads them from the recipe, never its own
+
+
+def check_recipe_keys(cfg: DictConfig) -> None:
+    """UserError when ``method.module`` sets its own optimizer, scheduler or warm-up instead of interpolating
+    the recipe's (``${recipe.optimizer}``): replacing the whole node would give one method its own learning
+    rate, which a comparison of methods under one recipe refuses (set ``recipe.optimizer.lr`` for all)."""
+    module = cfg.method.get("module") or {}
+    for key in RECIPE_KEYS:
+        if key in module and not (OmegaConf.is_interpolation(module, key)
+                                  and str(module._get_node(key)._value()).strip("${} ") == f"recipe.{key}"):
+            raise UserError(f"method.module.{key} is set by the method ({OmegaConf.to_container(module)[key]!r}); "
+                            f"every method trains with the recipe's: set recipe.{key} (e.g. recipe.optimizer.lr=...), "
+                            f"and keep method.module.{key}: ${{recipe.{key}}}")
+
+
 def method_class(cfg: DictConfig) -> tuple[type[RecModule], dict]:
     """The method's class (``method.module._target_``) and its own config keys, instantiated."""
     factory = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")
@@ -101,7 +117,7 @@ def build_module(cfg: DictConfig, backbone, dm: RecDataModule, store: AdapterSto
         found, absent = stages.provide(cfg, specs, getattr(backbone, "name", ""), store, train_missing, train)
         run = replace(run, adapters=found, absent=absent)
     module = cls.build(backbone, run, **kwargs)
-    dm.train_only(module.train_streams())
+    dm.train_only(module.train_streams(), module.train_examples(), module.epoch_batches())
     return module
 
 
@@ -147,6 +163,8 @@ def results_table(metrics: dict, title: str, split: str = "test") -> str:
             table.add_row(name, *[f"{metrics.get(prefix + k, math.nan):.4f}" for k in REPORT_KEYS])
     console = Console(width=130, record=True)
     console.print(table)
+    if "merge/scale" in metrics:  # merge_sources: the merge's scale chosen on validation
+        console.print(f"merge chosen on validation: scaling {metrics['merge/scale']:g}, density {metrics['merge/density']:g}")
     if f"{split}/gen/mrr" in metrics:  # the paper protocol: generated answers beside the likelihood ranking
         paper = Table(title="paper protocol (same candidates)")
         paper.add_column("row")
@@ -230,6 +248,7 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
         return float(done.get(cfg.optimized_metric, math.nan)), done
     if "recipe" in cfg:  # typed: a typo'd key or a wrong type fails now
         checked(Recipe, OmegaConf.to_container(cfg.recipe, resolve=True), "recipe")
+        check_recipe_keys(cfg)
     check_writable(out_dir, "the run folder", "hydra.run.dir")  # a read-only folder fails now, not after training
     if cfg.get("auto_resume") and not cfg.get("ckpt_path") and (out_dir / "checkpoints" / "config.json").is_file():
         scale.check_config(out_dir, cfg)  # this folder's checkpoints are of other settings: say so now
