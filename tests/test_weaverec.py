@@ -263,7 +263,7 @@ def test_hybrid_mixture_proportions_cap_and_skipped_streams():
     full = _datamodule(["toys"], hybrid_cap=10**6)
     full.setup("fit")
     n_t = len(full.train_entries["target"])
-    n_s = len(full._domain_train("toys"))
+    n_s = len(full.domain_train("toys"))
     assert Counter(d for d, _ in full.train_entries["hybrid/toys"]) == {"tools": n_t, "toys": n_s}  # released: min(cap, |S|)
     skip = _datamodule(["toys", "sports"], hybrid_cap=30)
     skip.skip_streams = {"hybrid/toys"}

@@ -54,9 +54,9 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
-from recsys.core.errors import UserError
+from recsys.core.errors import UserError, require
 from recsys.methods.base import RecModule, RunInfo
-from recsys.methods.lora import lora_config
+from recsys.methods.lora import check_lora, lora_config
 from recsys.models.adapter_store import (
     AdapterSpec, AdapterStore, hybrid_name, load_into, lora_record, save_head, weaverec_name,
 )
@@ -152,6 +152,19 @@ class WeaveRecModule(RecModule):
         ))
 
     # ------------------------------------------------------------------ construction
+    @classmethod
+    def check(cls, run: RunInfo, r: int = 8, alpha: float = 16, dropout: float = 0.05, head: str = "per_branch",
+              merge: dict | None = None, **kwargs) -> None:
+        """Sources, the data mix, the LoRA, the head mode and the merge settings, before anything loads."""
+        super().check(run, **kwargs)
+        if not run.sources:
+            raise UserError("WeaveRec needs at least one source domain: set data.sources (e.g. 'data.sources=[toys]')")
+        if run.mix != "hybrid":
+            raise UserError("method=weaverec needs the DataModule with data mix 'hybrid' (method.mix: hybrid)")
+        check_lora(r, alpha, dropout)
+        require("method.module.head", head, choices=HEAD_MODES)
+        MergeSettings.of(merge)
+
     @classmethod
     def required_adapters(cls, run: RunInfo, backbone: Backbone, retrain_hybrids: bool = False,
                           **kwargs) -> list[AdapterSpec]:

@@ -24,11 +24,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from recsys.evaluation import ranks
-from recsys.pipeline import scale, speed, stages, tracking
+from recsys.pipeline import checks, scale, speed, stages, tracking
 from recsys.data.datamodule import RecDataModule
-from recsys.core.errors import UserError, checked
+from recsys.core.errors import UserError
 from recsys.core.files import write_json
-from recsys.methods.base import Recipe, RecModule, RunInfo, paper_protocol_error
+from recsys.methods.base import RecModule, RunInfo
 from recsys.core.metrics import PAPER_KEYS, REPORT_KEYS
 from recsys.models import adapter_store
 from recsys.models.adapter_store import AdapterStore
@@ -57,7 +57,8 @@ def prompt_layout(backbone, scoring: str) -> bool:
 
 def build_datamodule(cfg: DictConfig, backbone=None) -> RecDataModule:
     """The DataModule (every data setting is checked on construction), attached to ``backbone``'s tokenizer."""
-    dm = hydra.utils.instantiate(cfg.data, mix=cfg.method.get("mix", "target"), seed=cfg.seed, _convert_="all")
+    dm = RecDataModule.from_config(OmegaConf.to_container(cfg.data, resolve=True), mix=cfg.method.get("mix", "target"),
+                                   seed=cfg.seed)
     return dm if backbone is None else attach_backbone(cfg, dm, backbone)
 
 
@@ -92,9 +93,7 @@ def build_module(cfg: DictConfig, backbone, dm: RecDataModule, store: AdapterSto
     """The method's module: its required stored adapters found (the missing ones trained first with
     ``method.module.train_missing``, ``recsys.pipeline.stages``), then ``cls.build(backbone, run, **its config keys)``;
     the DataModule then loads only the training streams the module trains."""
-    cls, kwargs = method_class(cfg)
-    if dm.protocol == "paper" and not cls.one_language_model:
-        raise UserError(paper_protocol_error(cls))  # before it trains missing source adapters
+    cls, kwargs = method_class(cfg)  # its keys were checked before anything loaded (recsys.pipeline.checks)
     train_missing = any([kwargs.pop(k, False) for k in stages.PIPELINE_KEYS])
     run = run_info(cfg, dm, store)
     specs = cls.required_adapters(run, backbone, **kwargs)
@@ -194,12 +193,11 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
         log.info("%s holds a finished run of these settings: nothing to do (metrics.json kept). A new "
                  "hydra.run.dir (or auto_resume=false) trains again", out_dir)
         return float(done.get(cfg.optimized_metric, math.nan)), done
-    if "recipe" in cfg:  # typed: a typo'd key or a wrong type fails now
-        checked(Recipe, OmegaConf.to_container(cfg.recipe, resolve=True), "recipe")
+    dm = checks.config(cfg)  # every setting checked (recsys.pipeline.checks), before anything heavy loads
     if cfg.get("auto_resume") and not cfg.get("ckpt_path") and (out_dir / "checkpoints" / "config.json").is_file():
         scale.check_config(out_dir, cfg)  # this folder's checkpoints are of other settings: say so now
-    dm = build_datamodule(cfg)  # bad data settings and files fail here, before the backbone loads
     dm.load_domains()
+    checks.data(dm)  # the data as read: still before the backbone loads
     L.seed_everything(cfg.seed, workers=True)
     backbone = build_backbone(cfg) if method_class(cfg)[0].needs_backbone else None
     attach_backbone(cfg, dm, backbone)
@@ -434,8 +432,9 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
     run_cfg, ckpt = evaluated_config(cfg)
     if ckpt:
         scale.load_checkpoint(ckpt)  # a clear error for a cut-short or unsafe file, before anything heavy
-    dm = build_datamodule(run_cfg)  # bad data settings and files fail here, before the backbone loads
+    dm = checks.config(run_cfg)  # every setting checked (recsys.pipeline.checks), before anything heavy loads
     dm.load_domains()
+    checks.data(dm)
     adapter_store.READ.clear()
     L.seed_everything(run_cfg.seed, workers=True)
     if cfg.get("adapter"):
