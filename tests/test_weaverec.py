@@ -184,7 +184,7 @@ def test_exported_merge_loads_in_plain_peft_and_scores_the_same(runs, key):
 
 # --------------------------------------------------------------------------------------------- weave step
 def _datamodule(sources, **kw) -> RecDataModule:
-    dm = RecDataModule(domains=SYNTH, target="tools", sources=sources, mix="hybrid", max_eval_users=4,
+    dm = RecDataModule.from_config(domains=SYNTH, target="tools", sources=sources, mix="hybrid", max_eval_users=4,
                        batch_size=4, eval_batch_size=4, **kw)
     return dm
 

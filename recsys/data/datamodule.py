@@ -244,8 +244,9 @@ class RecDataModule(L.LightningDataModule):
         self.selection_users: set[int] | None = None  # train_on_val: the held-out users (``setup``)
 
     @classmethod
-    def from_config(cls, data: Mapping, **given) -> "RecDataModule":
-        """From the ``data`` config as users write it (``conf/data/*.yaml``) and ``given`` keys (``seed``, ``mix``):
+    def from_config(cls, data: Mapping | None = None, **given) -> "RecDataModule":
+        """From the ``data`` config as users write it (``conf/data/*.yaml``) and ``given`` keys (``seed``, ``mix``,
+        or any data key, e.g. ``from_config(domains=..., target="tools")``):
         every setting checked first, a DataError naming ``data.<key>`` and what is allowed."""
         return cls(**settings.from_config(data, **given))
 

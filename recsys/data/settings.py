@@ -143,7 +143,7 @@ GROUPS = {"domains": DomainSettings, "candidates": CandidateSettings, "batching"
 NESTED = {"prompt": PromptTemplate, "paper": PaperTemplate}  # data.prompt, data.paper
 
 
-def from_config(data: Mapping, **given) -> dict:
+def from_config(data: Mapping | None = None, **given) -> dict:
     """The DataModule's arguments (``domains``, ``candidates``, ``batching``, ``prompt``, ``paper``) from the
     ``data`` config as written (flat keys, ``conf/data/*.yaml``) and ``given`` keys (the pipeline's ``seed``
     and the method's ``mix``); each checked, DataError naming ``data.<key>``."""

@@ -193,7 +193,8 @@ class RecModule(L.LightningModule):
 
     @classmethod
     def build(cls, backbone: Backbone | None, run: RunInfo, **kwargs) -> "RecModule":
-        """``from_config``, then the run's model-selection metric and protocol (what the pipeline calls)."""
+        """``check``, ``from_config``, then the run's model-selection metric and protocol (what the pipeline calls)."""
+        cls.check(run, **kwargs)
         module = cls.from_config(backbone, run, **kwargs)
         module.monitor = run.monitor
         if run.paper is not None:

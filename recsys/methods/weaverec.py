@@ -91,6 +91,18 @@ def hybrid_specs(run: RunInfo, backbone: Backbone, r: int = 8, alpha: float = 16
             for s in run.sources]
 
 
+def check_settings(run: RunInfo, r: int, alpha: float, dropout: float, head: str, merge: dict | None) -> None:
+    """WeaveRec's keys before anything loads (``WeaveRecModule.check``): sources, the data mix, the LoRA, the head
+    mode and the merge settings."""
+    if not run.sources:
+        raise UserError("WeaveRec needs at least one source domain: set data.sources (e.g. 'data.sources=[toys]')")
+    if run.mix != "hybrid":
+        raise UserError("method=weaverec needs the DataModule with data mix 'hybrid' (method.mix: hybrid)")
+    check_lora(r, alpha, dropout)
+    require("method.module.head", head, choices=HEAD_MODES)
+    MergeSettings.of(merge)
+
+
 class WeaveRecModule(RecModule):
     """WeaveRec: branch 0 (target LoRA) and one hybrid LoRA per source, weave-trained, merged.
 
@@ -113,10 +125,7 @@ class WeaveRecModule(RecModule):
                  merge: dict | None = None, reuse: dict[str, str] | None = None, validate_branches: bool = True,
                  export_dense: bool = False, **kwargs):
         super().__init__(backbone, **kwargs)
-        if not sources:
-            raise UserError("WeaveRec needs at least one source domain: set data.sources (e.g. 'data.sources=[toys]')")
-        if head not in HEAD_MODES:
-            raise UserError(f"method.module.head={head!r} is unknown: use one of {HEAD_MODES}")
+        require("method.module.head", head, choices=HEAD_MODES)
         reuse = dict(reuse or {})
         self.target, self.sources = target, list(sources)
         self.head_mode, self.validate_branches, self.export_dense = head, validate_branches, export_dense
@@ -155,15 +164,8 @@ class WeaveRecModule(RecModule):
     @classmethod
     def check(cls, run: RunInfo, r: int = 8, alpha: float = 16, dropout: float = 0.05, head: str = "per_branch",
               merge: dict | None = None, **kwargs) -> None:
-        """Sources, the data mix, the LoRA, the head mode and the merge settings, before anything loads."""
         super().check(run, **kwargs)
-        if not run.sources:
-            raise UserError("WeaveRec needs at least one source domain: set data.sources (e.g. 'data.sources=[toys]')")
-        if run.mix != "hybrid":
-            raise UserError("method=weaverec needs the DataModule with data mix 'hybrid' (method.mix: hybrid)")
-        check_lora(r, alpha, dropout)
-        require("method.module.head", head, choices=HEAD_MODES)
-        MergeSettings.of(merge)
+        check_settings(run, r, alpha, dropout, head, merge)
 
     @classmethod
     def required_adapters(cls, run: RunInfo, backbone: Backbone, retrain_hybrids: bool = False,
@@ -175,8 +177,6 @@ class WeaveRecModule(RecModule):
     def from_config(cls, backbone: Backbone, run: RunInfo, retrain_hybrids: bool = False,
                     **kwargs) -> "WeaveRecModule":
         """Target and sources from the run (``mix=hybrid``); the stored hybrids the pipeline found are reused."""
-        if run.mix != "hybrid":
-            raise UserError("method=weaverec needs the DataModule with data mix 'hybrid' (method.mix: hybrid)")
         reuse = {s: str(run.adapters[hybrid_name(run.target, s)]) for s in run.sources
                  if hybrid_name(run.target, s) in run.adapters}
         for folder in run.adapters.values():

@@ -25,6 +25,7 @@ from recsys.data.retrieval import RETRIEVED
 from recsys.data.settings import MIXES, PROTOCOLS
 from recsys.methods.base import Recipe, RunInfo, paper_protocol_error
 from recsys.models.merging import MergeSettings
+from recsys.pipeline.stages import PIPELINE_KEYS, method_class
 
 PRECISIONS = (*typing.get_args(_PRECISION_INPUT_STR), *map(str, typing.get_args(_PRECISION_INPUT_INT)))
 EVAL_CANDIDATES = ("sampled", "full")  # eval.candidates (recsys.evaluation.catalogue)
@@ -71,8 +72,6 @@ def folders(dm: RecDataModule) -> None:
 
 def method(cfg: DictConfig, dm: RecDataModule) -> None:
     """The method's own keys (``RecModule.check``) and what the protocol asks of it."""
-    from recsys.pipeline.run import method_class
-    from recsys.pipeline.stages import PIPELINE_KEYS
 
     cls, kwargs = method_class(cfg)
     if dm.protocol == "paper" and not cls.one_language_model:

@@ -15,7 +15,6 @@ import sys
 import time
 import traceback
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import hydra
@@ -25,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys.evaluation import ranks
 from recsys.pipeline import checks, scale, speed, stages, tracking
+from recsys.pipeline.stages import method_class
 from recsys.data.datamodule import RecDataModule
 from recsys.core.errors import UserError
 from recsys.core.files import write_json
@@ -68,15 +68,6 @@ def attach_backbone(cfg: DictConfig, dm: RecDataModule, backbone, scoring: str |
         return dm.attach_ids()
     likelihood = prompt_layout(backbone, scoring or cfg.method.module.get("scoring", "head"))
     return dm.attach(backbone.tokenizer, backbone.kind, likelihood=likelihood)
-
-
-def method_class(cfg: DictConfig) -> tuple[type[RecModule], dict]:
-    """The method's class (``method.module._target_``) and its own config keys, instantiated."""
-    factory = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")
-    if not isinstance(factory, partial) or not isinstance(factory.func, type) \
-            or not issubclass(factory.func, RecModule):  # pragma: no cover
-        raise ValueError("method.module must name a RecModule class in _target_")
-    return factory.func, dict(factory.keywords)
 
 
 def run_info(cfg: DictConfig, dm: RecDataModule, store: AdapterStore | None) -> RunInfo:

@@ -15,16 +15,29 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 
+import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
+
+from recsys.methods.base import RecModule
 
 from recsys.models.adapter_store import AdapterSpec, AdapterStore, SourceAdapterError, lora_command, mismatch
 
 log = logging.getLogger("recsys.pipeline.stages")
 
 PIPELINE_KEYS = ("train_missing",)  # method.module keys the pipeline reads; the module never gets them
+
+
+def method_class(cfg: DictConfig) -> tuple[type[RecModule], dict]:
+    """The method's class (``method.module._target_``) and its own config keys, instantiated."""
+    factory = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")
+    if not isinstance(factory, partial) or not isinstance(factory.func, type) \
+            or not issubclass(factory.func, RecModule):  # pragma: no cover
+        raise ValueError("method.module must name a RecModule class in _target_")
+    return factory.func, dict(factory.keywords)
 
 
 def lookup(store: AdapterStore, backbone: str, spec: AdapterSpec) -> tuple[Path | None, str]:
