@@ -45,9 +45,7 @@ def config(cfg: DictConfig) -> RecDataModule:
         checked(Recipe, _plain(cfg.recipe), "recipe")
     if "trainer" in cfg:
         require("trainer.precision", str(cfg.trainer.get("precision", "32-true")), choices=PRECISIONS)
-    options = _plain(cfg.get("eval")) or {}
-    require("eval.candidates", options.get("candidates"), choices=EVAL_CANDIDATES)
-    require("eval.retrieve_k", options.get("retrieve_k"), at_least=1)
+    eval_options(cfg)
     require("protocol", cfg.get("protocol"), choices=PROTOCOLS)
     require("method.mix", cfg.method.get("mix", "target"), choices=MIXES)
     dm = RecDataModule.from_config(_plain(cfg.data), mix=cfg.method.get("mix", "target"), seed=cfg.seed)
@@ -56,6 +54,13 @@ def config(cfg: DictConfig) -> RecDataModule:
         MergeSettings.of(_plain(cfg.merge))
     method(cfg, dm)
     return dm
+
+
+def eval_options(cfg: DictConfig) -> None:
+    """``eval.candidates`` and ``eval.retrieve_k`` (train.py's, and evaluate.py's own)."""
+    options = _plain(cfg.get("eval")) or {}
+    require("eval.candidates", options.get("candidates"), choices=EVAL_CANDIDATES)
+    require("eval.retrieve_k", options.get("retrieve_k"), at_least=1)
 
 
 def folders(dm: RecDataModule) -> None:

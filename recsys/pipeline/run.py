@@ -420,6 +420,7 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
     split = cfg.split
     if split not in ("val", "test"):
         raise UserError(f"split={split!r}: use val or test")
+    checks.eval_options(cfg)
     run_cfg, ckpt = evaluated_config(cfg)
     if ckpt:
         scale.load_checkpoint(ckpt)  # a clear error for a cut-short or unsafe file, before anything heavy

@@ -140,7 +140,7 @@ _RESUME_FREE = re.compile(
     r"^(paths|logger|hydra|auto_resume|ckpt_path|speed|run_name|group|tags|job_type"
     r"|callbacks\.(rich_progress_bar|learning_rate_monitor|slurm_requeue)|callbacks\.[^.]+\.dirpath"
     r"|trainer\.(devices|num_nodes|accelerator|strategy|enable_progress_bar|default_root_dir)"
-    r"|data\.(num_workers|cache_dir))(\.|$)"
+    r"|data\.(num_workers|cache_dir|_target_))(\.|$)"  # data._target_: in the configs of runs before typed data settings
 )
 
 
