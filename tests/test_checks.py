@@ -100,11 +100,14 @@ def _error_seconds(backbone: str) -> tuple[float, str]:
 @pytest.mark.slow
 def test_a_bad_setting_costs_no_more_with_a_large_backbone():
     """The issue's acceptance: with backbone=smollm2 a bad value fails no later than with tiny_encoder + 3 s
-    (the error comes before the backbone loads). Each measured twice, the faster kept."""
-    tiny = min(_error_seconds("tiny_encoder")[0] for _ in range(2))
-    runs = [_error_seconds("smollm2") for _ in range(2)]
-    large = min(t for t, _ in runs)
-    text = runs[0][1]
-    assert "error: seed=-1" in text and "Traceback" not in text, text[-2000:]
-    print(f"seed=-1: tiny_encoder {tiny:.2f} s, smollm2 {large:.2f} s")
-    assert large <= tiny + 3.0, (tiny, large)
+    (the error comes before the backbone loads). Measured in turns, three times each, the fastest of each kept
+    (a shared machine's noise only ever adds time)."""
+    times: dict[str, list[float]] = {"tiny_encoder": [], "smollm2": []}
+    for _ in range(3):
+        for backbone in times:
+            seconds, text = _error_seconds(backbone)
+            assert "error: seed=-1" in text and "Traceback" not in text, (backbone, text[-2000:])
+            times[backbone].append(seconds)
+    tiny, large = min(times["tiny_encoder"]), min(times["smollm2"])
+    print(f"seed=-1: tiny_encoder {tiny:.2f} s, smollm2 {large:.2f} s ({times})")
+    assert large <= tiny + 3.0, times
