@@ -43,6 +43,7 @@ TRIALS = [
     (["data.num_negatives=500"], "data.num_negatives"),
     (["data.num_train_negatives=500"], "data.num_train_negatives"),
     (["data.domains.tools.num_users=1"], "data.target"),
+    (["+data.domains.tools.min_len=3", "+data.domains.tools.max_len=3"], "data.target"),  # 3 items a user: nothing trains
 ]
 
 

@@ -103,6 +103,10 @@ def data(dm: RecDataModule) -> None:
         if d.num_users < 2:
             raise DataError(f"{key}: domain {name!r} has {d.num_users} user(s) left after reading, a run needs at "
                             "least 2 (check its sequences file and data.k_core, or pick another domain)")
+        trains = name == dm.target or dm.mix != "target"
+        if trains and not any(len(seq) >= 4 for seq in d.sequences):
+            raise DataError(f"{key}: domain {name!r} has no user with 4 or more items left after reading: no training "
+                            "example (the last two items of a user are for validation and test)")
         most = most_negatives(d)
         wants = [("data.num_train_negatives", c.num_train_negatives)]
         if name == dm.target and c.candidates == "sampled":
