@@ -273,6 +273,21 @@ def test_bad_input_fails_at_construction(kwargs, pattern):
         RecDataModule.from_config(**kw)
 
 
+def test_the_datamodule_takes_a_few_typed_settings():
+    """Issue 23: the DataModule is built from typed settings (at most 8 parameters), none only swallowed."""
+    import inspect
+
+    from recsys.data.settings import BatchSettings, CandidateSettings, DomainSettings
+
+    params = list(inspect.signature(RecDataModule.__init__).parameters)[1:]
+    assert len(params) <= 8 and params == ["domains", "candidates", "batching", "prompt", "paper"]
+    dm = RecDataModule.from_config(domains=DOMAINS, target="tools", batch_size=4, candidate_sampling="popularity",
+                                   prompt={"max_length": 64}, root=None, collection="synthetic", year=2014)
+    assert isinstance(dm.domain_settings, DomainSettings) and dm.batching == BatchSettings(batch_size=4)
+    assert dm.candidate_settings == CandidateSettings(candidate_sampling="popularity")
+    assert dm.template.max_length == 64
+
+
 def test_unknown_domain_lists_known_ones():
     with pytest.raises(DataError) as e:
         RecDataModule.from_config(domains=DOMAINS, target="garden")

@@ -147,7 +147,7 @@ def from_config(data: Mapping | None = None, **given) -> dict:
     """The DataModule's arguments (``domains``, ``candidates``, ``batching``, ``prompt``, ``paper``) from the
     ``data`` config as written (flat keys, ``conf/data/*.yaml``) and ``given`` keys (the pipeline's ``seed``
     and the method's ``mix``); each checked, DataError naming ``data.<key>``."""
-    values = {**{k: v for k, v in dict(data or {}).items() if k not in READ_ELSEWHERE}, **given}
+    values = {k: v for k, v in {**dict(data or {}), **given}.items() if k not in READ_ELSEWHERE}
     if "domains" in values and not isinstance(values["domains"], Mapping):
         raise DataError(f"data.domains={values['domains']!r} must be a mapping of name -> spec")
     if isinstance(values.get("domains"), Mapping):  # the domain specs: (also) the group's own field name
