@@ -159,6 +159,8 @@ def test_store_layout_and_manifest(sweep):
 def _datamodule(job: Path, tokenizer, kind: str, likelihood: bool):
     from omegaconf import OmegaConf
 
+    from recsys.data.datamodule import RecDataModule
+
     cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
     cfg.paths.output_dir = str(job)
     dm = RecDataModule.from_config(OmegaConf.to_container(cfg.data, resolve=True), mix="target", seed=cfg.seed)

@@ -183,10 +183,9 @@ def test_exported_merge_loads_in_plain_peft_and_scores_the_same(runs, key):
 
 
 # --------------------------------------------------------------------------------------------- weave step
-def _datamodule(sources, **kw) -> RecDataModule:
-    dm = RecDataModule.from_config(domains=SYNTH, target="tools", sources=sources, mix="hybrid", max_eval_users=4,
-                       batch_size=4, eval_batch_size=4, **kw)
-    return dm
+def _datamodule(sources) -> RecDataModule:
+    return RecDataModule.from_config(domains=SYNTH, target="tools", sources=sources, mix="hybrid", max_eval_users=4,
+                                     batch_size=4, eval_batch_size=4)
 
 
 def _module(kind="encoder", sources=("toys", "sports"), **kw):
@@ -197,7 +196,7 @@ def _module(kind="encoder", sources=("toys", "sports"), **kw):
         for n, p in module.model.named_parameters():
             if ".lora_B." in n:
                 p.normal_(0, 0.2)
-    dm = _datamodule(list(sources), likelihood=kw.get("scoring") == "likelihood")
+    dm = _datamodule(list(sources))
     dm.attach(backbone.tokenizer, backbone.kind, likelihood=kw.get("scoring") == "likelihood")
     dm.setup("fit")
     batch = {k: next(iter(v)) for k, v in dm.train_loaders().items()}
