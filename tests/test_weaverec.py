@@ -183,9 +183,9 @@ def test_exported_merge_loads_in_plain_peft_and_scores_the_same(runs, key):
 
 
 # --------------------------------------------------------------------------------------------- weave step
-def _datamodule(sources) -> RecDataModule:
+def _datamodule(sources, **kw) -> RecDataModule:
     return RecDataModule.from_config(domains=SYNTH, target="tools", sources=sources, mix="hybrid", max_eval_users=4,
-                                     batch_size=4, eval_batch_size=4)
+                                     batch_size=4, eval_batch_size=4, **kw)
 
 
 def _module(kind="encoder", sources=("toys", "sports"), **kw):
