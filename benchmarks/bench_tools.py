@@ -276,7 +276,7 @@ def make_batches(args, models: Models, likelihood: bool = False) -> tuple[list[d
 
     need_train = batches_needed(args, args.steps)
     need_eval = batches_needed(args, args.eval_steps)
-    dm = RecDataModule(
+    dm = RecDataModule.from_config(
         domains={"tools": {"source": "synthetic", "num_users": args.num_users, "num_items": 300, "seed": 0}},
         target="tools", max_history=args.max_history, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, bucket_by_length=args.bucket_by_length, seed=args.seed,

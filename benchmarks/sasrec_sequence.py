@@ -50,8 +50,9 @@ def datamodule(args, train_on: str) -> tuple[RecDataModule, SASRecModule]:
     else:
         domains = {args.domain: {"source": "synthetic", "num_users": args.num_users, "num_items": args.num_items,
                                  "min_len": 5, "max_len": 30}}
-    dm = RecDataModule(domains, target=args.domain, max_history=args.max_history, batch_size=args.batch_size,
-                       num_train_negatives=1 if args.loss == "bce" else 4, bucket_by_length=True, max_eval_users=10)
+    dm = RecDataModule.from_config(domains=domains, target=args.domain, max_history=args.max_history, batch_size=args.batch_size,
+                                   num_train_negatives=1 if args.loss == "bce" else 4, bucket_by_length=True,
+                                   max_eval_users=10)
     dm.load_domains()
     torch.manual_seed(0)
     module = SASRecModule(num_items=dm.domains[args.domain].num_items, max_len=args.max_history,

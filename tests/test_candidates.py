@@ -172,8 +172,8 @@ def tokenizer():
 
 
 def _dm(tokenizer, num_workers: int) -> RecDataModule:
-    dm = RecDataModule(
-        {"tools": {"source": "synthetic", "num_users": 60, "num_items": 80}}, target="tools",
+    dm = RecDataModule.from_config(
+        domains={"tools": {"source": "synthetic", "num_users": 60, "num_items": 80}}, target="tools",
         batch_size=8, max_eval_users=10, num_workers=num_workers, seed=5,
         prompt={"max_length": 96},
     )

@@ -28,7 +28,7 @@ def test_chance_check_by_hand():
 
 
 def fit(module, steps=6):
-    dm = RecDataModule({"tools": {"source": "synthetic", "num_users": 60, "num_items": 80, "seed": 0}},
+    dm = RecDataModule.from_config(domains={"tools": {"source": "synthetic", "num_users": 60, "num_items": 80, "seed": 0}},
                        target="tools", max_history=3, max_eval_users=8, batch_size=8)
     dm.attach(module.backbone.tokenizer, module.backbone.kind)
     trainer = L.Trainer(max_epochs=1, limit_train_batches=steps, limit_val_batches=0, logger=False,

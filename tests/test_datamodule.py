@@ -28,7 +28,7 @@ DOMAINS = {"tools": synth(), "toys": synth(), "sports": synth(40, 70)}
 def make(**kw) -> RecDataModule:
     kw.setdefault("domains", DOMAINS)
     kw.setdefault("target", "tools")
-    dm = RecDataModule(**kw)
+    dm = RecDataModule.from_config(**kw)
     dm.setup("fit")
     return dm
 
@@ -83,14 +83,14 @@ def test_plain_folder(tmp_path):
 
 
 def test_missing_plain_folder(tmp_path):
-    dm = RecDataModule({"a": {"source": "plain", "path": str(tmp_path / "nope")}}, target="a")
+    dm = RecDataModule.from_config(domains={"a": {"source": "plain", "path": str(tmp_path / "nope")}}, target="a")
     with pytest.raises(DataError, match="nope") as e:
         dm.setup("fit")
     assert "data.root" in str(e.value)
 
 
 def test_unknown_domain_source():
-    dm = RecDataModule({"a": {"source": "ftp"}}, target="a")
+    dm = RecDataModule.from_config(domains={"a": {"source": "ftp"}}, target="a")
     with pytest.raises(DataError, match="ftp"):
         dm.setup("fit")
 
@@ -270,12 +270,27 @@ def test_bad_input_fails_at_construction(kwargs, pattern):
     """Errors come from the constructor: before any data is read, let alone any training."""
     kw = {"domains": DOMAINS, "target": "tools", **kwargs}
     with pytest.raises(DataError, match=pattern):
-        RecDataModule(**kw)
+        RecDataModule.from_config(**kw)
+
+
+def test_the_datamodule_takes_a_few_typed_settings():
+    """Issue 23: the DataModule is built from typed settings (at most 8 parameters), none only swallowed."""
+    import inspect
+
+    from recsys.data.settings import BatchSettings, CandidateSettings, DomainSettings
+
+    params = list(inspect.signature(RecDataModule.__init__).parameters)[1:]
+    assert len(params) <= 8 and params == ["domains", "candidates", "batching", "prompt", "paper"]
+    dm = RecDataModule.from_config(domains=DOMAINS, target="tools", batch_size=4, candidate_sampling="popularity",
+                                   prompt={"max_length": 64}, root=None, collection="synthetic", year=2014)
+    assert isinstance(dm.domain_settings, DomainSettings) and dm.batching == BatchSettings(batch_size=4)
+    assert dm.candidate_settings == CandidateSettings(candidate_sampling="popularity")
+    assert dm.template.max_length == 64
 
 
 def test_unknown_domain_lists_known_ones():
     with pytest.raises(DataError) as e:
-        RecDataModule(DOMAINS, target="garden")
+        RecDataModule.from_config(domains=DOMAINS, target="garden")
     assert all(n in str(e.value) for n in DOMAINS)
 
 
@@ -381,7 +396,7 @@ def test_datamodule_bucketing_on():
 def test_shared_amazon_beauty():
     manifest = json.loads((SHARED_AMAZON / "beauty" / "manifest.json").read_text())
     t0 = time.time()
-    dm = RecDataModule({"beauty": {"source": "plain", "path": str(SHARED_AMAZON / "beauty")}}, target="beauty")
+    dm = RecDataModule.from_config(domains={"beauty": {"source": "plain", "path": str(SHARED_AMAZON / "beauty")}}, target="beauty")
     dm.setup("fit")
     took = time.time() - t0
     d = dm.domains["beauty"]
@@ -421,7 +436,7 @@ def test_domains_found_under_root(tmp_path, monkeypatch):
     """data=amazon with data.root=<folder>: every sub-folder with items.jsonl and sequences.jsonl is a
     domain; the root comes from RECSYS_DATA when set; a missing target lists the domains found."""
     from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
     for name, seed in (("garden", 0), ("kitchen", 1)):
         write_plain(tmp_path / name, 30, 40, seed)
@@ -432,14 +447,14 @@ def test_domains_found_under_root(tmp_path, monkeypatch):
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose("train", overrides=["data=amazon", "data.target=kitchen", "paths.output_dir=/tmp/x"])
     assert cfg.data.root == str(tmp_path)
-    dm = instantiate(cfg.data, _convert_="all")
+    dm = RecDataModule.from_config(OmegaConf.to_container(cfg.data, resolve=True))
     assert sorted(dm.domain_specs) == ["garden", "kitchen"]
     dm.setup("fit")
     assert dm.domains["kitchen"].num_users == 30
     with pytest.raises(DataError, match=r"unknown domain 'beauty'.*\['garden', 'kitchen'\].*found under data.root="):
-        RecDataModule({}, target="beauty", root=str(tmp_path))
+        RecDataModule.from_config(domains={}, target="beauty", root=str(tmp_path))
     # a spec in the config replaces the one found
-    dm = RecDataModule({"garden": {"source": "plain", "path": str(tmp_path / "kitchen")}}, target="garden", root=str(tmp_path))
+    dm = RecDataModule.from_config(domains={"garden": {"source": "plain", "path": str(tmp_path / "kitchen")}}, target="garden", root=str(tmp_path))
     assert dm.domain_specs["garden"]["path"] == str(tmp_path / "kitchen")
     monkeypatch.delenv("RECSYS_DATA")
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):

@@ -130,7 +130,7 @@ def test_plain_reader_and_datamodule_load_or_name_the_file(items, users, sizes):
         assert domain.stats["dropped_short_users"] == expect["sound"] - expect["kept"]
 
         try:
-            dm = RecDataModule({"d": {"source": "plain", "path": str(folder)}}, target="d", **sizes)
+            dm = RecDataModule.from_config(domains={"d": {"source": "plain", "path": str(folder)}}, target="d", **sizes)
             dm.setup("fit")
         except DataError as e:
             assert "data." in str(e) or "'d'" in str(e) or str(folder) in str(e), str(e)

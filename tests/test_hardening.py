@@ -60,7 +60,7 @@ def tree(folder: Path) -> dict[str, bytes]:
                                        ("max_eval_users", 0), ("max_eval_users", -1)])
 def test_bad_sizes_fail_at_construction(key, value):
     with pytest.raises(DataError, match=f"data.{key}={value}"):
-        RecDataModule(SYNTH, target="tools", **{key: value})
+        RecDataModule.from_config(domains=SYNTH, target="tools", **{key: value})
 
 
 def test_a_run_without_an_optimizer_step_fails_and_exports_nothing(tmp_path):

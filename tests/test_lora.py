@@ -159,12 +159,13 @@ def test_store_layout_and_manifest(sweep):
 
 # ------------------------------------------------------------------------------- plain peft round trip
 def _datamodule(job: Path, tokenizer, kind: str, likelihood: bool):
-    import hydra
     from omegaconf import OmegaConf
+
+    from recsys.data.datamodule import RecDataModule
 
     cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
     cfg.paths.output_dir = str(job)
-    dm = hydra.utils.instantiate(cfg.data, mix="target", seed=cfg.seed, _convert_="all")
+    dm = RecDataModule.from_config(OmegaConf.to_container(cfg.data, resolve=True), mix="target", seed=cfg.seed)
     dm.attach(tokenizer, kind, likelihood=likelihood)
     dm.setup("test")
     return dm

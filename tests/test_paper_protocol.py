@@ -97,18 +97,20 @@ def test_history_is_cut_oldest_first_and_candidates_never(dec):
 
 
 def test_bad_settings_fail_clearly(dec):
+    from recsys.core.errors import checked
+
     enc = load_backbone("tiny:encoder")
     te = TextEncoder(enc.tokenizer, "encoder", PromptTemplate())
     with pytest.raises(DataError, match="decoder"):
         PaperPrompt(te, enc.tokenizer, PaperTemplate())
-    with pytest.raises(DataError, match="answer_size"):
-        prompt_of(dec, answer_size=0)
+    with pytest.raises(DataError, match=r"data.paper.answer_size=0 must be >= 1"):
+        checked(PaperTemplate, {"answer_size": 0}, "data.paper", DataError)
     from recsys.data.datamodule import RecDataModule
 
     with pytest.raises(DataError, match="data.paper has unknown keys"):
-        RecDataModule({"a": {"source": "synthetic"}}, target="a", paper={"answr_size": 5})
+        RecDataModule.from_config(domains={"a": {"source": "synthetic"}}, target="a", paper={"answr_size": 5})
     with pytest.raises(DataError, match="data.protocol"):
-        RecDataModule({"a": {"source": "synthetic"}}, target="a", protocol="generate")
+        RecDataModule.from_config(domains={"a": {"source": "synthetic"}}, target="a", protocol="generate")
 
 
 def test_collator_answer_labels_and_alignment(dec):

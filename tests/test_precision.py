@@ -46,7 +46,7 @@ def test_head_with_bf16_weights_and_inputs_scores_in_fp32():
 def test_minilm_candidates_never_tie_under_bf16_mixed():
     """A real backbone under ``bf16-mixed``: the 20 candidates of each user get 20 distinct scores."""
     backbone = load_backbone("embedded:minilm-l6")
-    dm = RecDataModule({"tools": {"source": "synthetic", "num_users": 40, "num_items": 80, "seed": 0}},
+    dm = RecDataModule.from_config(domains={"tools": {"source": "synthetic", "num_users": 40, "num_items": 80, "seed": 0}},
                        target="tools", max_history=5, max_eval_users=8, eval_batch_size=8)
     dm.attach(backbone.tokenizer, backbone.kind)
     dm.setup("test")
@@ -68,7 +68,7 @@ def test_untrained_rows_have_no_ties_and_chance_hr10():
     negatives' (it shares words with the history), and a random head puts outliers on top, so
     untrained rows sit below chance at the top of the list without any tie (README, default run)."""
     backbone = load_backbone("embedded:minilm-l6")
-    dm = RecDataModule({"tools": {"source": "synthetic", "num_users": 400, "num_items": 300, "seed": 0}},
+    dm = RecDataModule.from_config(domains={"tools": {"source": "synthetic", "num_users": 400, "num_items": 300, "seed": 0}},
                        target="tools", max_history=5, max_eval_users=32, eval_batch_size=16)
     dm.attach(backbone.tokenizer, backbone.kind)
     dm.setup("test")

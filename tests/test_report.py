@@ -217,14 +217,14 @@ def test_report_on_a_local_executor_sweep(tmp_path):
     assert f"sweep {sweep}: 1 job(s) failed\n  {sweep}/1: UserError: method.r=0 must be >= 1" in p.stderr
     assert len([d for d in (sweep / ".submitit").iterdir() if d.name.isdigit()]) == 2  # two submitit jobs
     assert (sweep / "0" / "metrics.json").is_file()
-    assert "method.r=0 must be >= 1" in json.loads((sweep / "1" / "failed.json").read_text())["error"]
+    assert "method.module.r=0 must be >= 1" in json.loads((sweep / "1" / "failed.json").read_text())["error"]
 
     out = tmp_path / "report"
     p = subprocess.run([sys.executable, "-m", "recsys.evaluation.tables", str(sweep), "--out", str(out), "--wandb", "off"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     md = (out / "report.md").read_text()
-    assert "2 jobs (1 failed, 1 ok)" in md and "method.r=0 must be >= 1" in md
+    assert "2 jobs (1 failed, 1 ok)" in md and "method.module.r=0 must be >= 1" in md
     df = pd.read_csv(out / "results.csv")
     assert set(df.row) == {"lora", "zero-shot", "random", "popularity"}
     ok = df[(df.row == "lora") & (df.variant == "method.module.r=4")].iloc[0]

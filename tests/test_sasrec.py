@@ -139,8 +139,8 @@ def test_two_stage_candidates_from_the_retriever(retriever):
 def test_retrieved_needs_a_retriever(tmp_path):
     synth = {"tools": {"source": "synthetic", "num_users": 20, "num_items": 30}}
     with pytest.raises(DataError, match="data.retriever"):
-        RecDataModule(synth, target="tools", candidates="retrieved")
-    dm = RecDataModule(synth, target="tools", candidates="retrieved", retriever=str(tmp_path))
+        RecDataModule.from_config(domains=synth, target="tools", candidates="retrieved")
+    dm = RecDataModule.from_config(domains=synth, target="tools", candidates="retrieved", retriever=str(tmp_path))
     with pytest.raises(DataError, match="no retrieved.npz"):
         dm.setup()
 
@@ -189,7 +189,7 @@ def test_hard_negatives_from_the_retriever(retriever, tmp_path):
         _, _, cands, pos = ds[(idx, 0)]
         negatives = [c for j, c in enumerate(cands) if j != pos]
         pool = {index[i] for i in top[dom.user_ids[ex.user]]} - {ex.target}
-        assert len(negatives) == dm.num_train_negatives == 4 and cands[pos] == ex.target
+        assert len(negatives) == dm.candidate_settings.num_train_negatives == 4 and cands[pos] == ex.target
         assert set(negatives) <= pool or set(pool) <= set(negatives), (negatives, pool)  # K = 5: four from the pool
         assert ds[(idx, 0)][2] == cands  # the same draw again
     # an old file (ranked with the whole sequence excluded) is refused for hard negatives
@@ -200,7 +200,7 @@ def test_hard_negatives_from_the_retriever(retriever, tmp_path):
     with pytest.raises(DataError, match="store it again"):
         RetrievedNegatives(dom, old)
     with pytest.raises(DataError, match="train_negatives=retrieved needs data.retriever"):
-        RecDataModule({"tools": {"source": "synthetic"}}, target="tools", train_negatives="retrieved")
+        RecDataModule.from_config(domains={"tools": {"source": "synthetic"}}, target="tools", train_negatives="retrieved")
 
 
 def test_evaluate_full_catalogue(retriever, tmp_path):
@@ -292,7 +292,7 @@ def test_sequence_sees_the_same_transitions(train_on_val):
     synth = {"tools": {"source": "synthetic", "num_users": 40, "num_items": 50, "min_len": 4, "max_len": 14}}
     seen, sizes = {}, {}
     for train_on in ("last", "sequence"):
-        dm = RecDataModule(synth, target="tools", max_history=5, train_on_val=train_on_val, selection_share=0.1)
+        dm = RecDataModule.from_config(domains=synth, target="tools", max_history=5, train_on_val=train_on_val, selection_share=0.1)
         dm.load_domains()
         module = SASRecModule(num_items=dm.domains["tools"].num_items, max_len=5, hidden=8, train_on=train_on)
         dm.attach_ids().train_only(None, module.train_examples())

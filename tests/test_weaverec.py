@@ -181,9 +181,8 @@ def test_exported_merge_loads_in_plain_peft_and_scores_the_same(runs, key):
 
 # --------------------------------------------------------------------------------------------- weave step
 def _datamodule(sources, **kw) -> RecDataModule:
-    dm = RecDataModule(domains=SYNTH, target="tools", sources=sources, mix="hybrid", max_eval_users=4,
-                       batch_size=4, eval_batch_size=4, **kw)
-    return dm
+    return RecDataModule.from_config(domains=SYNTH, target="tools", sources=sources, mix="hybrid", max_eval_users=4,
+                                     batch_size=4, eval_batch_size=4, **kw)
 
 
 def _module(kind="encoder", sources=("toys", "sports"), **kw):
@@ -194,7 +193,7 @@ def _module(kind="encoder", sources=("toys", "sports"), **kw):
         for n, p in module.model.named_parameters():
             if ".lora_B." in n:
                 p.normal_(0, 0.2)
-    dm = _datamodule(list(sources), likelihood=kw.get("scoring") == "likelihood")
+    dm = _datamodule(list(sources))
     dm.attach(backbone.tokenizer, backbone.kind, likelihood=kw.get("scoring") == "likelihood")
     dm.setup("fit")
     batch = {k: next(iter(v)) for k, v in dm.train_loaders().items()}
@@ -260,7 +259,7 @@ def test_hybrid_mixture_proportions_cap_and_skipped_streams():
     full = _datamodule(["toys"], hybrid_cap=10**6)
     full.setup("fit")
     n_t = len(full.train_entries["target"])
-    n_s = len(full._domain_train("toys"))
+    n_s = len(full.domain_train("toys"))
     assert Counter(d for d, _ in full.train_entries["hybrid/toys"]) == {"tools": n_t, "toys": n_s}  # released: min(cap, |S|)
     skip = _datamodule(["toys", "sports"], hybrid_cap=30)
     skip.skip_streams = {"hybrid/toys"}

@@ -20,46 +20,30 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from recsys.data import selection
+from recsys.data import selection, settings
 from recsys.data.candidates import NegativeSampler, eval_candidates, stable_seed
 from recsys.data.domain import DataError, Domain, Example
 from recsys.data.paper_prompt import PaperCollator, PaperPrompt, PaperTemplate
 from recsys.data.ids import IdCollator
 from recsys.data.retrieval import recall as retrieval_recall
 from recsys.data.retrieval import RetrievedNegatives, retrieved_candidates
+from recsys.data.settings import BatchSettings, CandidateSettings, DomainSettings, plain_domains  # noqa: F401
 from recsys.data.text import Collator, PromptTemplate, TextEncoder
-from recsys.core.errors import checked
 from recsys.core.metrics import reference_metrics
 
 log = logging.getLogger("recsys.data")
 
-MIXES = ("target", "joint", "hybrid")
-PROTOCOLS = ("ranking", "paper")  # our candidate ranking | WeaveRec's released prompt (recsys/data/paper_prompt.py)
-SOURCES = ("synthetic", "plain", "raw")
-CANDIDATES = ("sampled", "retrieved")  # evaluation candidates (recsys.data.candidates | recsys.data.retrieval)
-TRAIN_NEGATIVES = ("sampled", "retrieved")  # training negatives: fresh draws | the retriever's top K (hard)
+SOURCES = ("synthetic", "plain", "raw")  # a domain spec's ``source``
 TRAIN_EXAMPLES = ("prefixes", "sequences")  # every prefix an example | a user's prefixes a window apart
 EPOCH_BATCHES = ("all", "target")  # every batch of a stream an epoch | as many as target-only training takes
-
-
-PLAIN_FILES = ("items.jsonl", "sequences.jsonl")  # what makes a folder a plain-format domain (readers.read_plain)
-
-
-def plain_domains(root: str | Path | None) -> dict[str, dict]:
-    """The plain-format domains under ``root``: ``{name: {source: plain, path}}`` for each sub-folder that
-    holds items.jsonl and sequences.jsonl (``data.root``: a folder of your own domains just works)."""
-    if not root or not Path(root).is_dir():
-        return {}
-    return {p.name: {"source": "plain", "path": str(p)} for p in sorted(Path(root).iterdir())
-            if p.is_dir() and all((p / f).is_file() for f in PLAIN_FILES)}
 
 
 def load_domain(name: str, spec: dict, cache_dir: str | None = None) -> Domain:
@@ -257,126 +241,48 @@ def target_batches(dm: "RecDataModule", entries) -> int | None:
     return len(EpochBatchSampler(n, dm.rank_batch_size(), shuffle=False, seed=0, pad=True))
 
 
-def check_settings(dm: "RecDataModule") -> None:
-    """Every data setting of ``dm`` checked on construction: a DataError naming the key and the fix."""
-    known = sorted(dm.domain_specs)
-    for key, name in [("data.target", dm.target)] + [("data.sources", s) for s in dm.sources]:
-        if name not in dm.domain_specs:
-            raise DataError(f"{key}: unknown domain {name!r}; the data config defines {known}"
-                            + (f" (with the plain domains found under data.root={dm.root})" if dm.root else ""))
-    if dm.target in dm.sources:
-        raise DataError(
-            f"data.sources={dm.sources} lists the target {dm.target!r}: a target cannot be its own "
-            "source; remove it from data.sources"
-        )
-    if len(set(dm.sources)) != len(dm.sources):
-        raise DataError(f"data.sources={dm.sources} repeats a domain")
-    if not (0.0 < dm.target_fraction <= 1.0):
-        raise DataError(f"data.target_fraction={dm.target_fraction} must be in (0, 1]")
-    if dm.mix not in MIXES:
-        raise DataError(f"data.mix={dm.mix!r} is unknown: use one of {MIXES}")
-    if dm.mix in ("joint", "hybrid") and not dm.sources:
-        raise DataError(f"data.mix={dm.mix} needs data.sources (e.g. 'data.sources=[toys]')")
-    if dm.protocol not in PROTOCOLS:
-        raise DataError(f"data.protocol={dm.protocol!r} is unknown: use one of {PROTOCOLS}")
-    if dm.num_negatives < 1 or dm.num_train_negatives < 1:
-        raise DataError("data.num_negatives and data.num_train_negatives must be >= 1")
-    for key, value, least in [("batch_size", dm.batch_size, 1), ("eval_batch_size", dm.eval_batch_size, 1),
-                              ("hybrid_cap", dm.hybrid_cap, 1), ("max_history", dm.max_history, 1),
-                              ("num_workers", dm.num_workers, 0)]:
-        if value < least:
-            raise DataError(f"data.{key}={value} must be >= {least}")
-    for key, value in [("max_train_examples", dm.max_train_examples), ("max_eval_users", dm.max_eval_users)]:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise DataError(f"data.{key}={value!r} must be null (all) or an integer >= 1")
-    if dm.train_on_val and not (0.0 < dm.selection_share < 1.0):
-        raise DataError(f"data.selection_share={dm.selection_share} must be in (0, 1) with data.train_on_val=true")
-    if dm.candidates not in CANDIDATES:
-        raise DataError(f"data.candidates={dm.candidates!r} is unknown: use one of {CANDIDATES}")
-    if dm.candidates == "retrieved" and not dm.retriever:
-        raise DataError("data.candidates=retrieved needs data.retriever=<a retriever run folder> (e.g. a method=sasrec run)")
-    if dm.train_negatives not in TRAIN_NEGATIVES:
-        raise DataError(f"data.train_negatives={dm.train_negatives!r} is unknown: use one of {TRAIN_NEGATIVES}")
-    if dm.train_negatives == "retrieved" and not dm.retriever:
-        raise DataError("data.train_negatives=retrieved needs data.retriever=<a retriever run folder> (e.g. a method=sasrec run)")
-    if dm.candidates == "retrieved" and dm.protocol == "paper":
-        raise DataError("data.candidates=retrieved works with protocol=ranking (the paper protocol needs its target among the candidates)")
-
-
 class RecDataModule(L.LightningDataModule):
     """One DataModule over Amazon-like domains for every method (see the module docstring).
 
-    Args:
-        domains: name -> spec (``source`` and its settings).
-        target: the target domain; ``sources``: the source domains (never the target).
-        target_fraction: share of target training users kept, in (0, 1].
-        mix: ``target`` | ``joint`` | ``hybrid``; ``hybrid_cap``: examples a side in a hybrid.
-        max_history: most recent items kept in a history.
-        num_negatives: evaluation negatives (19 -> 20 candidates); ``num_train_negatives``: per
-            training example, fresh each epoch; ``candidate_sampling``: uniform | popularity.
-        max_eval_users: evaluate on a seeded subset of this many users (None: all), the same
-            subset for every method.
-        max_train_examples: cap on training examples per domain (seeded subset; None: all).
-        cap_scales_with_fraction: the target's cap is ``target_fraction * max_train_examples`` (a
-            data-efficiency sweep under a budget: 25% of the data is 25% of the capped examples).
-        train_on_val: train on the target's validation examples too, as WeaveRec's release does;
-            model selection then uses the validation examples of a held-out ``selection_share`` of
-            the users (seeded), which never train. Off by default (docs/methods.md, differences).
-        prompt: PromptTemplate fields. ``bucket_by_length``: length-bucketed training batches.
-        tokenizer, kind: set by ``train.py`` from the backbone (``attach``); ``likelihood``:
-            batches for the decoder likelihood mode.
-        protocol: ``ranking`` (pairs or likelihood batches) | ``paper`` (WeaveRec's released prompt,
-            decoders; ``paper``: its ``PaperTemplate`` settings).
-        collection: the name of this set of domains (synthetic, amazon, raw2014-k5...): the default
-            adapter store is one folder a collection, so same-named domains never share adapters.
-        root, year, k_core: data-config settings that the domain specs interpolate
-            (``conf/data/raw.yaml``); the domains' own specs are what is read.
-        candidates: ``sampled`` (the fixed negatives) | ``retrieved`` (two-stage: each user's candidates are
-            the top ``retrieve_k`` of the ``retriever`` run folder, ``recsys.data.retrieval``; None: the K it stored).
-        train_negatives: ``sampled`` (fresh ``candidate_sampling`` draws) | ``retrieved`` (hard negatives from
-            the ``retriever``'s top K of each target user, ``recsys.data.retrieval.RetrievedNegatives``).
+    Args (typed settings, ``recsys.data.settings``; ``from_config`` builds them from the ``data`` config):
+        domains: which domains are read and which examples train and evaluate (``DomainSettings``).
+        candidates: evaluation candidates and training negatives, and the protocol (``CandidateSettings``).
+        batching: batch sizes, workers, length bucketing (``BatchSettings``).
+        prompt: the text layout (``PromptTemplate``); ``paper``: the paper protocol's (``PaperTemplate``).
+
+    The backbone's tokenizer arrives later (``attach``; ``attach_ids`` for a method without a backbone).
     """
 
-    def __init__(
-        self, domains: dict[str, dict], target: str, sources: list[str] | None = None, target_fraction: float = 1.0,
-        mix: str = "target", hybrid_cap: int = 40_000, max_history: int = 10,
-        num_negatives: int = 19, num_train_negatives: int = 4, candidate_sampling: str = "uniform",
-        max_eval_users: int | None = None, max_train_examples: int | None = None, cap_scales_with_fraction: bool = False,
-        train_on_val: bool = False, selection_share: float = 0.02, seed: int = 0,
-        batch_size: int = 16, eval_batch_size: int = 8, num_workers: int = 0, bucket_by_length: bool = False,
-        prompt: dict | None = None, cache_dir: str | None = None,
-        tokenizer: Any = None, kind: str = "encoder", likelihood: bool = False,
-        root: str | None = None, year: int | None = None, k_core: int | None = None,
-        protocol: str = "ranking", paper: dict | None = None, collection: str | None = None,
-        candidates: str = "sampled", retriever: str | None = None, retrieve_k: int | None = None,
-        train_negatives: str = "sampled",
-    ):
+    def __init__(self, domains: DomainSettings, candidates: CandidateSettings | None = None,
+                 batching: BatchSettings | None = None, prompt: PromptTemplate | None = None,
+                 paper: PaperTemplate | None = None):
         super().__init__()
-        # the config's domains, and the plain-format ones found under root (the config's own specs win)
-        self.domain_specs = {**plain_domains(root), **{k: dict(v or {}) for k, v in dict(domains or {}).items()}}
-        self.target, self.sources = target, list(sources or [])
-        self.target_fraction, self.mix, self.hybrid_cap = float(target_fraction), mix, int(hybrid_cap)
-        self.max_history, self.num_negatives = int(max_history), int(num_negatives)
-        self.num_train_negatives, self.candidate_sampling = int(num_train_negatives), candidate_sampling
-        self.max_eval_users, self.max_train_examples = max_eval_users, max_train_examples
-        self.cap_scales_with_fraction = bool(cap_scales_with_fraction)
-        self.train_on_val, self.selection_share = bool(train_on_val), float(selection_share)
-        self.seed, self.batch_size, self.eval_batch_size = int(seed), int(batch_size), int(eval_batch_size)
-        self.num_workers, self.bucket_by_length = int(num_workers), bool(bucket_by_length)
-        self.template = checked(PromptTemplate, prompt, "data.prompt", DataError)  # typed: a typo'd key or type fails here
-        self.protocol, self.paper_template = protocol, checked(PaperTemplate, paper, "data.paper", DataError)
-        self.collection = collection  # the name of this set of domains (it names the adapter store)
-        # evaluation candidates: sampled (fixed negatives) | retrieved (a retriever run's top K, recsys.data.retrieval)
-        self.candidates, self.retriever, self.train_negatives = candidates, retriever, train_negatives
-        self.retrieve_k = None if retrieve_k is None else int(retrieve_k)  # None: the K the retriever stored
-        self.cache_dir, self.root = cache_dir, root
-        self.kind, self.likelihood = kind, likelihood
-        self.tokenizer = tokenizer
+        self.domain_settings = domains
+        self.candidate_settings = candidates or CandidateSettings()
+        self.batching = batching or BatchSettings()
+        self.template, self.paper_template = prompt or PromptTemplate(), paper or PaperTemplate()
+        self.tokenizer, self.kind, self.likelihood = None, "encoder", False  # attach: the backbone's
         self.item_ids = False  # attach_ids: batches of item ids, no text
         self.domains: dict[str, Domain] = {}
         self.skip_streams: set[str] = set()  # training streams the module does not train (``train_only``)
         self.train_examples, self.epoch_batches = train_options()  # set by ``train_only``
-        check_settings(self)
+        self.selection_users: set[int] | None = None  # train_on_val: the held-out users (``setup``)
+
+    @classmethod
+    def from_config(cls, data: Mapping | None = None, **given) -> "RecDataModule":
+        """From the ``data`` config as users write it (``conf/data/*.yaml``) and ``given`` keys (``seed``, ``mix``,
+        or any data key, e.g. ``from_config(domains=..., target="tools")``):
+        every setting checked first, a DataError naming ``data.<key>`` and what is allowed."""
+        return cls(**settings.from_config(data, **given))
+
+    # the settings the pipeline and the evaluation read (recsys.pipeline.run, recsys.evaluation)
+    target = property(lambda self: self.domain_settings.target)
+    sources = property(lambda self: list(self.domain_settings.sources))
+    mix = property(lambda self: self.domain_settings.mix)
+    seed = property(lambda self: self.domain_settings.seed)
+    max_history = property(lambda self: self.domain_settings.max_history)
+    domain_specs = property(lambda self: self.domain_settings.specs)
+    protocol = property(lambda self: self.candidate_settings.protocol)
 
     def attach(self, tokenizer, kind: str, likelihood: bool = False) -> "RecDataModule":
         """Give the DataModule the backbone's tokenizer (the text layout depends on it); ``attach(None,
@@ -405,42 +311,44 @@ class RecDataModule(L.LightningDataModule):
 
     @property
     def used_domains(self) -> list[str]:
-        return [self.target] + [s for s in self.sources]
+        return self.domain_settings.used
 
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
         """Once per node: build (and cache) the raw-dump domains, so ``setup`` only reads caches."""
         for name in self.used_domains:
             if self.domain_specs[name].get("source") == "raw":
-                load_domain(name, self.domain_specs[name], self.cache_dir)
+                load_domain(name, self.domain_specs[name], self.domain_settings.cache_dir)
 
     def load_domains(self) -> None:
         """Read the used domains (once); ``train.py`` calls it before loading the backbone, so bad data fails fast."""
         for name in self.used_domains:
             if name not in self.domains:
-                self.domains[name] = load_domain(name, self.domain_specs[name], self.cache_dir)
+                self.domains[name] = load_domain(name, self.domain_specs[name], self.domain_settings.cache_dir)
                 log.info("domain %s: %s", name, self.domains[name].summary())
 
     def setup(self, stage: str | None = None) -> None:
         if getattr(self, "train_entries", None) is not None:
             return
         self.load_domains()
-        self.samplers = {n: NegativeSampler(d, self.candidate_sampling) for n, d in self.domains.items()}
-        if self.train_negatives == "retrieved":  # hard negatives for the target's examples
-            self.samplers[self.target] = RetrievedNegatives(self.domains[self.target], self.retriever, self.candidate_sampling)
+        s, c = self.domain_settings, self.candidate_settings
+        self.samplers = {n: NegativeSampler(d, c.candidate_sampling) for n, d in self.domains.items()}
+        if c.train_negatives == "retrieved":  # hard negatives for the target's examples
+            self.samplers[self.target] = RetrievedNegatives(self.domains[self.target], c.retriever, c.candidate_sampling)
         tgt = self.domains[self.target]
-        self.eval_users = selection.eval_users(self, tgt)
-        self.selection_users = selection.selection_users(self, tgt) if self.train_on_val else None
+        self.eval_users = selection.eval_users(s, tgt)
+        self.selection_users = selection.selection_users(s, tgt) if s.train_on_val else None
         self.eval_sets: dict[str, EvalDataset] = {}
         for split in ("val", "test"):
-            users = self.selection_users if split == "val" and self.train_on_val else self.eval_users
+            users = self.selection_users if split == "val" and s.train_on_val else self.eval_users
             exs = [e for e in tgt.examples(split, self.max_history) if e.user in users]
-            if self.candidates == "retrieved":  # two-stage: the retriever's top K (target absent: position -1)
-                cands, pos = retrieved_candidates(tgt, exs, split, self.retriever, self.retrieve_k)
+            if c.candidates == "retrieved":  # two-stage: the retriever's top K (target absent: position -1)
+                cands, pos = retrieved_candidates(tgt, exs, split, c.retriever, c.retrieve_k)
             else:
-                cands, pos = eval_candidates(tgt, exs, split, self.num_negatives, self.seed, self.candidate_sampling)
+                cands, pos = eval_candidates(tgt, exs, split, c.num_negatives, self.seed, c.candidate_sampling)
             self.eval_sets[split] = EvalDataset(self.target, exs, cands, pos)
-        self.train_entries = selection.train_streams(self)
+        self.train_entries = selection.train_streams(s, self.domains, self.selection_users, self.skip_streams,
+                                                     self.train_examples)
         if self.tokenizer is not None:
             self._text()
 
@@ -454,11 +362,9 @@ class RecDataModule(L.LightningDataModule):
         return self.text
 
     # ------------------------------------------------------------------ example selection (recsys/data/selection.py)
-    def _domain_train(self, name: str) -> list[tuple[str, Example]]:
-        return selection.domain_train(self, name)
-
-    def hybrid_entries(self, source: str) -> list[tuple[str, Example]]:
-        return selection.hybrid_entries(self, source)
+    def domain_train(self, name: str) -> list[tuple[str, Example]]:
+        """``name``'s training examples under these settings (``recsys.data.selection.domain_train``)."""
+        return selection.domain_train(self.domain_settings, self.domains, name, self.selection_users)
 
     # ------------------------------------------------------------------ loaders
     def paper_prompt(self) -> PaperPrompt:
@@ -483,11 +389,11 @@ class RecDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(stable_seed("loader", self.seed, seed_key))
         return (ResumableLoader if train else DataLoader)(
             ds, batch_sampler=sampler, collate_fn=self._collator(),
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0, generator=generator,
+            num_workers=self.batching.num_workers, persistent_workers=self.batching.num_workers > 0, generator=generator,
         )
 
     def _lengths(self, entries) -> list[int] | None:
-        if not self.bucket_by_length:
+        if not self.batching.bucket_by_length:
             return None
         if self.item_ids:  # every history item is one position
             return [len(ex.history) for _, ex in entries]
@@ -499,18 +405,19 @@ class RecDataModule(L.LightningDataModule):
         (``trainer.devices`` x ``trainer.num_nodes``) each takes ``batch_size / W`` of every step's
         examples, so a config trains the same optimisation on 1 process or 64."""
         world = self.trainer.world_size if self.trainer is not None else _dist()[1]
-        if self.batch_size % world:
+        if self.batching.batch_size % world:
             raise DataError(
-                f"data.batch_size={self.batch_size} is the global training batch and must divide evenly over "
+                f"data.batch_size={self.batching.batch_size} is the global training batch and must divide evenly over "
                 f"the {world} processes (trainer.devices x trainer.num_nodes): use a multiple of {world}"
             )
-        return self.batch_size // world
+        return self.batching.batch_size // world
 
     def train_loaders(self) -> dict[str, DataLoader]:
         """One loader per training stream (a module training several adapters gets one stream each)."""
         out = {}
         for name, entries in self.train_entries.items():
-            ds = TrainDataset(entries, self.samplers, self.num_train_negatives, stable_seed(self.seed, name))
+            ds = TrainDataset(entries, self.samplers, self.candidate_settings.num_train_negatives,
+                              stable_seed(self.seed, name))
             out[name] = self._loader(ds, self.rank_batch_size(), True, self._lengths(entries), name,
                                      target_batches(self, entries))
         return out
@@ -528,10 +435,10 @@ class RecDataModule(L.LightningDataModule):
         return CombinedLoader(loaders, mode="max_size")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_sets["val"], self.eval_batch_size, False)
+        return self._loader(self.eval_sets["val"], self.batching.eval_batch_size, False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_sets["test"], self.eval_batch_size, False)
+        return self._loader(self.eval_sets["test"], self.batching.eval_batch_size, False)
 
     def eval_dataloader(self, split: str) -> DataLoader:
         return self.val_dataloader() if split == "val" else self.test_dataloader()
@@ -542,7 +449,7 @@ class RecDataModule(L.LightningDataModule):
         ds = self.eval_sets[split]
         counts = np.asarray(self.domains[self.target].train_item_counts())
         out = reference_metrics(ds.candidates, ds.target, counts, seed=self.seed)
-        if self.candidates == "retrieved":  # metrics.json: retrieval/<split>/recall@K
+        if self.candidate_settings.candidates == "retrieved":  # metrics.json: retrieval/<split>/recall@K
             out["retrieval"] = {f"recall@{ds.candidates.shape[1]}": retrieval_recall(ds.target)}
         return out
 

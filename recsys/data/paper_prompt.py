@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from recsys.core.errors import setting
 from recsys.data.candidates import stable_seed
 from recsys.data.domain import DataError
 from recsys.data.text import TextEncoder, pad
@@ -40,9 +41,9 @@ class PaperTemplate:
     candidates_intro: str = ". Select the top 5 items the user will buy next from these candidates: "
     answer_intro: str = ". Answer: "
     sep: str = " || "
-    answer_size: int = 5            # titles in the trained answer: the true one first, then others
-    max_prompt_length: int = 1024   # prompt tokens; the oldest history titles are dropped first
-    max_new_tokens: int | None = None   # generation budget (None: answer_size titles at full length + separators)
+    answer_size: int = setting(5, at_least=1)            # titles in the trained answer: the true one first, then others
+    max_prompt_length: int = setting(1024, at_least=1)   # prompt tokens; the oldest history titles are dropped first
+    max_new_tokens: int | None = setting(None, at_least=1)   # generation budget (None: answer_size titles at full length + separators)
     generate_val: bool = False      # also generate on validation (model selection uses the likelihood ranking)
 
 
@@ -52,8 +53,6 @@ class PaperPrompt:
     def __init__(self, text: TextEncoder, tokenizer, template: PaperTemplate):
         if text.kind != "decoder":
             raise DataError("data.protocol=paper generates text: it needs a decoder backbone (e.g. backbone=smollm2)")
-        if template.answer_size < 1:
-            raise DataError(f"data.paper.answer_size={template.answer_size} must be >= 1")
         enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
         self.text, self.t, self.tokenizer = text, template, tokenizer
         self.instruction, self.cands_intro = enc(template.instruction), enc(template.candidates_intro)

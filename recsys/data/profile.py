@@ -20,7 +20,7 @@ ROWS = REPORT_KEYS  # the results tables' metrics (recsys.core.metrics)
 
 
 def domain_report(domains: dict, name: str, seed: int = 0, num_negatives: int = 19, max_history: int = 10) -> dict:
-    dm = RecDataModule(domains=domains, target=name, seed=seed, num_negatives=num_negatives, max_history=max_history)
+    dm = RecDataModule.from_config(domains=domains, target=name, seed=seed, num_negatives=num_negatives, max_history=max_history)
     t0 = time.time()
     dm.setup("test")
     load_s = time.time() - t0

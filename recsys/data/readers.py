@@ -213,10 +213,13 @@ def read_plain(folder: str | Path, name: str | None = None) -> Domain:
             f"fill {seq_path.name} with users of >= 3 items whose item_ids are the item_id values of {items_path.name}"
         )
     domain = drop_short_users(name, item_ids, titles, user_ids, sequences, min_len=3, stats=stats)
-    log.info(
-        "read plain domain %r from %s: %d users, %d items, %d interactions; dropped %s",
-        name, folder, domain.num_users, domain.num_items, domain.num_interactions, domain.stats,
-    )
+    # data the reader left out (unknown item ids, items without a title) is the user's to know: a warning
+    lost = dropped_untitled + dropped_unknown
+    sequences_total = lost + sum(len(seq) for seq in sequences)
+    log.log(logging.WARNING if lost else logging.INFO,
+            "read plain domain %r from %s: %d users, %d items, %d interactions; dropped %s%s",
+            name, folder, domain.num_users, domain.num_items, domain.num_interactions, domain.stats,
+            f" ({lost} interactions of {sequences_total} left out: see {seq_path.name})" if lost else "")
     return domain
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from recsys.core.errors import setting
 from recsys.data.domain import DataError
 
 
@@ -27,8 +28,8 @@ class PromptTemplate:
     history_prefix: str = "User bought: "
     title_sep: str = " ; "
     candidate_prefix: str = "Next item: "
-    title_max_tokens: int = 24
-    max_length: int = 256
+    title_max_tokens: int = setting(24, at_least=1)  # each title is cut to this many tokens
+    max_length: int = setting(256, at_least=1)  # pair length cap; the oldest history titles are dropped first
 
 
 class TextEncoder:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys.evaluation import ranks
-from recsys.core.errors import UserError
+from recsys.core.errors import UserError, require, setting
 from recsys.core.metrics import ChanceCheck, RankingMetrics, eval_ranks
 from recsys.models.adapter_store import AdapterSpec, AdapterStore
 from recsys.models.backbone import Backbone
@@ -118,21 +118,30 @@ class RunInfo:
     paper: Any = None
 
 
+SCHEDULERS = ("cosine", "constant")  # the learning rate after warm-up
+SCORINGS = ("head", "likelihood")  # how a candidate is scored (recsys.models.scoring)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """The training recipe every method shares, typed: ``recsys.pipeline.run.train`` checks ``cfg.recipe``
     against it first, so a typo'd key, a missing key or a wrong type fails before anything loads.
 
     The values live in one place, ``conf/recipe/default.yaml`` (:meth:`default` reads it: a module built
-    without the pipeline takes them from there); this class holds only their names and types."""
+    without the pipeline takes them from there); this class holds only their names, types and allowed ranges."""
 
     optimizer: Mapping[str, Any]  # a partial optimizer (_target_, lr, ...)
-    scheduler: str  # cosine | constant (after warm-up)
-    warmup_ratio: float  # share of the steps with linear warm-up
-    max_epochs: int  # epochs (trainer.max_epochs)
-    batch_size: int  # training users a batch (data.batch_size)
-    gradient_clip_val: float | None  # gradient-norm clipping (trainer.gradient_clip_val)
-    patience: int  # validations without a better monitored metric before early stopping (callbacks.early_stopping)
+    scheduler: str = setting(choices=SCHEDULERS)  # cosine | constant (after warm-up)
+    warmup_ratio: float = setting(at_least=0, below=1)  # share of the steps with linear warm-up
+    max_epochs: int = setting(at_least=0)  # epochs (trainer.max_epochs; 0: evaluate only)
+    batch_size: int = setting(at_least=1)  # training users a batch (data.batch_size)
+    gradient_clip_val: float | None = setting(at_least=0)  # gradient-norm clipping (trainer.gradient_clip_val)
+    patience: int = setting(at_least=0)  # validations without a better monitored metric before early stopping
+
+    def __post_init__(self):
+        for key in ("lr", "weight_decay"):
+            if key in self.optimizer:
+                require(f"recipe.optimizer.{key}", self.optimizer[key], **({"above": 0} if key == "lr" else {"at_least": 0}))
 
     @staticmethod
     @functools.cache
@@ -201,15 +210,13 @@ class RecModule(L.LightningModule):
         recipe = Recipe.default() if None in (optimizer, scheduler, warmup_ratio) else None
         scheduler = recipe.scheduler if scheduler is None else scheduler
         warmup_ratio = recipe.warmup_ratio if warmup_ratio is None else warmup_ratio
-        if scoring not in ("head", "likelihood"):
-            raise UserError(f"method.scoring={scoring!r} is unknown: use head or likelihood")
+        require("method.module.scoring", scoring, choices=SCORINGS)
         if scoring == "likelihood" and (backbone is None or backbone.kind != "decoder"):
             raise UserError(
                 f"method.scoring=likelihood needs a decoder backbone; {getattr(backbone, 'name', 'none')} is not one: "
                 "use scoring=head"
             )
-        if scheduler not in ("cosine", "constant"):
-            raise UserError(f"method.scheduler={scheduler!r} is unknown: use cosine or constant")
+        require("method.module.scheduler", scheduler, choices=SCHEDULERS)
         self.backbone = backbone
         self.kind = backbone.kind if backbone is not None else None
         self.scoring = scoring
@@ -240,6 +247,16 @@ class RecModule(L.LightningModule):
 
     # ------------------------------------------------------------------ the method contract
     @classmethod
+    def check(cls, run: RunInfo, scoring: str = "head", scheduler: str = "cosine", warmup_ratio: float = 0.1,
+              **kwargs) -> None:
+        """The method's own keys (``method.module``) and the run checked before anything loads (no backbone,
+        no data read; ``run.num_items`` is 0): a UserError naming ``method.module.<key>`` and what is allowed.
+        A method with keys of its own overrides this and calls ``super().check``."""
+        require("method.module.scoring", scoring, choices=SCORINGS)
+        require("method.module.scheduler", scheduler, choices=SCHEDULERS)
+        require("method.module.warmup_ratio", warmup_ratio, at_least=0, below=1)
+
+    @classmethod
     def required_adapters(cls, run: RunInfo, backbone: Backbone | None, **kwargs) -> list[AdapterSpec]:
         """The stored adapters this method needs for ``run`` (``kwargs``: its config keys); none by default."""
         return []
@@ -251,8 +268,9 @@ class RecModule(L.LightningModule):
 
     @classmethod
     def build(cls, backbone: Backbone | None, run: RunInfo, **kwargs) -> "RecModule":
-        """``from_config``, then the run's model-selection metric, stored adapters and protocol (what the pipeline
-        calls)."""
+        """``check``, ``from_config``, then the run's model-selection metric, stored adapters and protocol (what
+        the pipeline calls)."""
+        cls.check(run, **kwargs)
         module = cls.from_config(backbone, run, **kwargs)
         module.monitor = run.monitor
         module.stored_inputs = [Path(f) for f in run.adapters.values()]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from recsys.core.errors import UserError
+from recsys.core.errors import UserError, require
 from recsys.methods.base import RecModule, RunInfo
 from recsys.models.adapter_store import AdapterStore, load_into, lora_record, mismatch
 from recsys.models.backbone import Backbone, default_lora_targets
@@ -20,11 +20,17 @@ from recsys.models.head import ScoringHead
 from recsys.models.scoring import likelihood_scores, pair_scores
 
 
+def check_lora(r: int, alpha: float, dropout: float) -> None:
+    """The LoRA keys of every LoRA method (lora, joint, weaverec): UserError naming ``method.module.<key>``."""
+    require("method.module.r", r, at_least=1)
+    require("method.module.alpha", alpha, above=0)
+    require("method.module.dropout", dropout, at_least=0, below=1)
+
+
 def lora_config(backbone: Backbone, r: int, alpha: float, dropout: float, target_modules) -> LoraConfig:
     """A peft LoraConfig with docs/methods.md's defaults (targets: q/v on encoders, all linear on decoders)."""
     targets = list(target_modules) if target_modules else default_lora_targets(backbone)
-    if r < 1:
-        raise UserError(f"method.r={r} must be >= 1")
+    check_lora(r, alpha, dropout)
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
 
 
@@ -51,6 +57,11 @@ class LoRAModule(RecModule):
         else:
             self.model = get_peft_model(backbone.model, self.lora)
         self.head = ScoringHead(backbone.hidden_size) if self.scoring == "head" else None
+
+    @classmethod
+    def check(cls, run: RunInfo, r: int = 8, alpha: float = 16, dropout: float = 0.05, **kwargs) -> None:
+        super().check(run, **kwargs)
+        check_lora(r, alpha, dropout)
 
     @classmethod
     def from_config(cls, backbone: Backbone, run: RunInfo, **kwargs) -> "LoRAModule":

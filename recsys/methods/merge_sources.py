@@ -27,7 +27,7 @@ import logging
 import torch
 from lightning.pytorch.utilities import move_data_to_device
 
-from recsys.core.errors import UserError
+from recsys.core.errors import UserError, require
 from recsys.core.metrics import RankingMetrics
 from recsys.methods.base import RecModule, RunInfo
 from recsys.models.adapter_store import AdapterSpec, AdapterStore
@@ -94,10 +94,19 @@ class MergeSourcesModule(RecModule):
         self.skip_training = True
 
     @classmethod
-    def required_adapters(cls, run: RunInfo, backbone: Backbone, scoring: str = "head", **kwargs) -> list[AdapterSpec]:
-        """The target's and each source's LoRA adapter, of this backbone and scoring."""
+    def check(cls, run: RunInfo, merge: dict | None = None, head: str = "target", **kwargs) -> None:
+        """Source domains, the head mode and the merge settings (``merge.*``), before anything loads."""
+        super().check(run, **kwargs)
         if not run.sources:
             raise UserError("merge_sources needs source domains: set data.sources (e.g. 'data.sources=[toys]')")
+        require("method.module.head", head, choices=HEAD_MODES)
+        if MergeSettings.of(merge).learn_weights:
+            raise UserError("merge.learn_weights is a WeaveRec option; merge_sources takes fixed merge.weights")
+
+    @classmethod
+    def required_adapters(cls, run: RunInfo, backbone: Backbone, scoring: str = "head", **kwargs) -> list[AdapterSpec]:
+        """The target's and each source's LoRA adapter, of this backbone and scoring."""
+        cls.check(run, scoring=scoring, **kwargs)
         return [AdapterSpec(d, expect={"backbone": backbone.name, "scoring": scoring})
                 for d in (run.target, *run.sources)]
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.core.errors import UserError
+from recsys.core.errors import UserError, require
 from recsys.methods.base import RecModule
 
 LOSSES = ("ce", "bce")
@@ -113,6 +113,17 @@ class SASRecModule(RecModule):
             raise UserError(f"method.module.hidden={hidden} must divide by method.module.heads={heads}")
         self.loss_kind, self.train_on = loss, train_on
         self.net = SASRec(num_items, max_len, hidden, blocks, heads, dropout)
+
+    @classmethod
+    def check(cls, run, hidden: int = 64, heads: int = 1, loss: str = "ce", dropout: float = 0.2,
+              blocks: int = 2, **kwargs) -> None:
+        super().check(run, **{k: v for k, v in kwargs.items() if k != "scoring"})
+        require("method.module.loss", loss, choices=LOSSES)
+        for key, value in (("hidden", hidden), ("heads", heads), ("blocks", blocks)):
+            require(f"method.module.{key}", value, at_least=1)
+        require("method.module.dropout", dropout, at_least=0, below=1)
+        if hidden % heads:
+            raise UserError(f"method.module.hidden={hidden} must divide by method.module.heads={heads}")
 
     @classmethod
     def from_config(cls, backbone, run, **kwargs) -> "SASRecModule":

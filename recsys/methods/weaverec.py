@@ -60,9 +60,9 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
-from recsys.core.errors import UserError
+from recsys.core.errors import UserError, require
 from recsys.methods.base import RecModule, RunInfo, stream_schedule, warmup_cosine
-from recsys.methods.lora import lora_config
+from recsys.methods.lora import check_lora, lora_config
 from recsys.models.adapter_store import (
     AdapterSpec, AdapterStore, hybrid_name, load_into, lora_record, save_head, weaverec_name,
 )
@@ -121,6 +121,18 @@ def branch_lr_lambdas(m: "WeaveRecModule", total: int) -> list:
     return out
 
 
+def check_settings(run: RunInfo, r: int, alpha: float, dropout: float, head: str, merge: dict | None) -> None:
+    """WeaveRec's keys before anything loads (``WeaveRecModule.check``): sources, the data mix, the LoRA, the head
+    mode and the merge settings."""
+    if not run.sources:
+        raise UserError("WeaveRec needs at least one source domain: set data.sources (e.g. 'data.sources=[toys]')")
+    if run.mix != "hybrid":
+        raise UserError("method=weaverec needs the DataModule with data mix 'hybrid' (method.mix: hybrid)")
+    check_lora(r, alpha, dropout)
+    require("method.module.head", head, choices=HEAD_MODES)
+    MergeSettings.of(merge)
+
+
 class WeaveRecModule(RecModule):
     """WeaveRec: branch 0 (target LoRA) and one hybrid LoRA per source, weave-trained, merged.
 
@@ -143,10 +155,7 @@ class WeaveRecModule(RecModule):
                  merge: dict | None = None, reuse: dict[str, str] | None = None, validate_branches: bool = True,
                  export_dense: bool = False, **kwargs):
         super().__init__(backbone, **kwargs)
-        if not sources:
-            raise UserError("WeaveRec needs at least one source domain: set data.sources (e.g. 'data.sources=[toys]')")
-        if head not in HEAD_MODES:
-            raise UserError(f"method.module.head={head!r} is unknown: use one of {HEAD_MODES}")
+        require("method.module.head", head, choices=HEAD_MODES)
         reuse = dict(reuse or {})
         self.target, self.sources = target, list(sources)
         self.head_mode, self.validate_branches, self.export_dense = head, validate_branches, export_dense
@@ -181,6 +190,12 @@ class WeaveRecModule(RecModule):
 
     # ------------------------------------------------------------------ construction
     @classmethod
+    def check(cls, run: RunInfo, r: int = 8, alpha: float = 16, dropout: float = 0.05, head: str = "per_branch",
+              merge: dict | None = None, **kwargs) -> None:
+        super().check(run, **kwargs)
+        check_settings(run, r, alpha, dropout, head, merge)
+
+    @classmethod
     def required_adapters(cls, run: RunInfo, backbone: Backbone, retrain_hybrids: bool = False,
                           **kwargs) -> list[AdapterSpec]:
         """The stored hybrids it would reuse (:func:`hybrid_specs`), none with ``retrain_hybrids``."""
@@ -190,8 +205,6 @@ class WeaveRecModule(RecModule):
     def from_config(cls, backbone: Backbone, run: RunInfo, retrain_hybrids: bool = False,
                     **kwargs) -> "WeaveRecModule":
         """Target and sources from the run (``mix=hybrid``); the stored hybrids the pipeline found are reused."""
-        if run.mix != "hybrid":
-            raise UserError("method=weaverec needs the DataModule with data mix 'hybrid' (method.mix: hybrid)")
         reuse = {s: str(run.adapters[hybrid_name(run.target, s)]) for s in run.sources
                  if hybrid_name(run.target, s) in run.adapters}
         for folder in run.adapters.values():

@@ -150,15 +150,23 @@ class XCrossModule(RecModule):
             )
 
     @classmethod
-    def required_adapters(cls, run: RunInfo, backbone: Backbone, adapters=None, **kwargs) -> list[AdapterSpec]:
-        """One stored LoRA adapter of this backbone a source (none when ``adapters`` names folders)."""
-        if adapters:
-            return []
-        if len(run.sources) < 2:
+    def check(cls, run: RunInfo, adapters=None, **kwargs) -> None:
+        """At least two source domains (``data.sources``) unless ``adapters`` names the folders; scoring=head."""
+        super().check(run, **kwargs)
+        if kwargs.get("scoring", "head") != "head":
+            raise SourceAdapterError("method.module.scoring: X-Cross scores with its head; use scoring=head")
+        if not adapters and len(run.sources) < 2:
             raise SourceAdapterError(
                 f"X-Cross needs at least two source domains, got data.sources={list(run.sources)}: "
                 "e.g. 'data.sources=[toys,beauty]'"
             )
+
+    @classmethod
+    def required_adapters(cls, run: RunInfo, backbone: Backbone, adapters=None, **kwargs) -> list[AdapterSpec]:
+        """One stored LoRA adapter of this backbone a source (none when ``adapters`` names folders)."""
+        if adapters:
+            return []
+        cls.check(run, **kwargs)
         return [AdapterSpec(s, expect={"backbone": backbone.name}) for s in run.sources]
 
     @classmethod

@@ -14,7 +14,6 @@ import sys
 import time
 import traceback
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import hydra
@@ -23,11 +22,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from recsys.evaluation import ranks
-from recsys.pipeline import scale, speed, stages, sweeps, tracking
+from recsys.pipeline import checks, scale, speed, stages, sweeps, tracking
+from recsys.pipeline.stages import method_class
 from recsys.data.datamodule import RecDataModule
-from recsys.core.errors import UserError, checked
+from recsys.core.errors import UserError
 from recsys.core.files import check_writable, read_json, write_json, write_text
-from recsys.methods.base import Recipe, RecModule, RunInfo, method_classes, paper_protocol_error
+from recsys.methods.base import RecModule, RunInfo, method_classes
 from recsys.core.metrics import PAPER_KEYS, REPORT_KEYS
 from recsys.models import adapter_store
 from recsys.models.adapter_store import AdapterStore
@@ -56,7 +56,8 @@ def prompt_layout(backbone, scoring: str) -> bool:
 
 def build_datamodule(cfg: DictConfig, backbone=None) -> RecDataModule:
     """The DataModule (every data setting is checked on construction), attached to ``backbone``'s tokenizer."""
-    dm = hydra.utils.instantiate(cfg.data, mix=cfg.method.get("mix", "target"), seed=cfg.seed, _convert_="all")
+    dm = RecDataModule.from_config(OmegaConf.to_container(cfg.data, resolve=True), mix=cfg.method.get("mix", "target"),
+                                   seed=cfg.seed)
     return dm if backbone is None else attach_backbone(cfg, dm, backbone)
 
 
@@ -84,15 +85,6 @@ def check_recipe_keys(cfg: DictConfig) -> None:
                             f"and keep method.module.{key}: ${{recipe.{key}}}")
 
 
-def method_class(cfg: DictConfig) -> tuple[type[RecModule], dict]:
-    """The method's class (``method.module._target_``) and its own config keys, instantiated."""
-    factory = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")
-    if not isinstance(factory, partial) or not isinstance(factory.func, type) \
-            or not issubclass(factory.func, RecModule):  # pragma: no cover
-        raise ValueError("method.module must name a RecModule class in _target_")
-    return factory.func, dict(factory.keywords)
-
-
 def run_info(cfg: DictConfig, dm: RecDataModule, store: AdapterStore | None) -> RunInfo:
     """The narrow view of the run a method is built from (``RecModule.from_config``)."""
     target = dm.domains.get(dm.target)
@@ -107,9 +99,7 @@ def build_module(cfg: DictConfig, backbone, dm: RecDataModule, store: AdapterSto
     """The method's module: its required stored adapters found (the missing ones trained first with
     ``method.module.train_missing``, ``recsys.pipeline.stages``), then ``cls.build(backbone, run, **its config keys)``;
     the DataModule then loads only the training streams the module trains."""
-    cls, kwargs = method_class(cfg)
-    if dm.protocol == "paper" and not cls.one_language_model:
-        raise UserError(paper_protocol_error(cls))  # before it trains missing source adapters
+    cls, kwargs = method_class(cfg)  # its keys were checked before anything loaded (recsys.pipeline.checks)
     train_missing = any([kwargs.pop(k, False) for k in stages.PIPELINE_KEYS])
     run = run_info(cfg, dm, store)
     specs = cls.required_adapters(run, backbone, **kwargs)
@@ -246,14 +236,13 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
         log.info("%s holds a finished run of these settings: nothing to do (metrics.json kept). A new "
                  "hydra.run.dir (or auto_resume=false) trains again", out_dir)
         return float(done.get(cfg.optimized_metric, math.nan)), done
-    if "recipe" in cfg:  # typed: a typo'd key or a wrong type fails now
-        checked(Recipe, OmegaConf.to_container(cfg.recipe, resolve=True), "recipe")
-        check_recipe_keys(cfg)
+    check_recipe_keys(cfg)  # a method never sets its own optimizer, scheduler or warm-up
+    dm = checks.config(cfg)  # every setting checked (recsys.pipeline.checks), before anything heavy loads
     check_writable(out_dir, "the run folder", "hydra.run.dir")  # a read-only folder fails now, not after training
     if cfg.get("auto_resume") and not cfg.get("ckpt_path") and (out_dir / "checkpoints" / "config.json").is_file():
         scale.check_config(out_dir, cfg)  # this folder's checkpoints are of other settings: say so now
-    dm = build_datamodule(cfg)  # bad data settings and files fail here, before the backbone loads
     dm.load_domains()
+    checks.data(dm)  # the data as read: still before the backbone loads
     store = run_store(cfg, dm)  # domain names checked, the store's folder derived from the data
     if exports(cfg):
         check_writable(store.root, "the adapter store", "paths.adapter_store")
@@ -496,11 +485,13 @@ def evaluate(cfg: DictConfig) -> tuple[float, dict]:
     split = cfg.split
     if split not in ("val", "test"):
         raise UserError(f"split={split!r}: use val or test")
+    checks.eval_options(cfg)
     run_cfg, ckpt = evaluated_config(cfg)
     if ckpt:
         scale.load_checkpoint(ckpt)  # a clear error for a cut-short or unsafe file, before anything heavy
-    dm = build_datamodule(run_cfg)  # bad data settings and files fail here, before the backbone loads
+    dm = checks.config(run_cfg)  # every setting checked (recsys.pipeline.checks), before anything heavy loads
     dm.load_domains()
+    checks.data(dm)
     L.seed_everything(run_cfg.seed, workers=True)
     if cfg.get("adapter"):
         module = adapter_module(cfg, run_cfg, dm)

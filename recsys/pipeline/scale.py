@@ -143,7 +143,7 @@ _RESUME_FREE = re.compile(
     r"|callbacks\.(rich_progress_bar|learning_rate_monitor|slurm_requeue)|callbacks\.[^.]+\.dirpath"
     r"|callbacks\.(model_checkpoint|resume_checkpoint)\._target_"
     r"|trainer\.(devices|num_nodes|accelerator|strategy|enable_progress_bar|default_root_dir)"
-    r"|data\.(num_workers|cache_dir))(\.|$)"
+    r"|data\.(num_workers|cache_dir|_target_))(\.|$)"  # data._target_: in the configs of runs before typed data settings
 )
 
 

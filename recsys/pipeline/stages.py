@@ -26,14 +26,17 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
+import hydra
 import numpy as np
 import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from recsys.core.files import write_json
+from recsys.methods.base import RecModule
 from recsys.models.adapter_store import (AdapterSpec, AdapterStore, SourceAdapterError, StoreError, lora_command,
                                          mismatch)
 from recsys.pipeline import scale, tracking
@@ -41,6 +44,15 @@ from recsys.pipeline import scale, tracking
 log = logging.getLogger("recsys.pipeline.stages")
 
 PIPELINE_KEYS = ("train_missing",)  # method.module keys the pipeline reads; the module never gets them
+
+
+def method_class(cfg: DictConfig) -> tuple[type[RecModule], dict]:
+    """The method's class (``method.module._target_``) and its own config keys, instantiated."""
+    factory = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")
+    if not isinstance(factory, partial) or not isinstance(factory.func, type) \
+            or not issubclass(factory.func, RecModule):  # pragma: no cover
+        raise ValueError("method.module must name a RecModule class in _target_")
+    return factory.func, dict(factory.keywords)
 
 
 def lookup(store: AdapterStore, backbone: str, spec: AdapterSpec) -> tuple[Path | None, str]:
