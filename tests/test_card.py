@@ -86,3 +86,17 @@ def test_hub_backbones_get_their_hub_name_and_embedded_ones_say_so():
                      repo_id="me/weaverec-sports")
     assert "base_model: Qwen/Qwen2-7B-Instruct" in card and "protocol=paper" in card and "30 candidates" in card
     assert "huggingface-cli upload me/weaverec-sports" in card and "| gen/ndcg@1 |" in card
+
+
+def test_adapter_config_is_the_same_bytes_whatever_the_hash_seed(tmp_path):
+    """peft keeps target_modules as a set, so its JSON order followed PYTHONHASHSEED; the card writer sorts it."""
+    from recsys.models.card import write_card
+
+    texts = []
+    for order in (["value", "query"], ["query", "value"]):
+        folder = tmp_path / "-".join(order)
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({"target_modules": order, "r": 4}))
+        write_card(folder, {"backbone": "tiny:encoder", "method": "lora", "domain": "tools"})
+        texts.append((folder / "adapter_config.json").read_text())
+    assert texts[0] == texts[1] and json.loads(texts[0])["target_modules"] == ["query", "value"]

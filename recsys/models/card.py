@@ -115,11 +115,14 @@ def card_text(manifest: Mapping, repo_id: str = "<user>/<repo>") -> str:
 
 
 def write_card(folder: str | Path, manifest: Mapping) -> None:
-    """``README.md`` (the card) in an adapter folder, and the base model's hub name in its adapter_config.json."""
+    """``README.md`` (the card) in an adapter folder, and the base model's hub name in its adapter_config.json
+    (written with sorted keys and target modules: the same adapter gives the same bytes in every process)."""
     folder = Path(folder)
     config = folder / "adapter_config.json"
     if config.is_file():
         cfg = json.loads(config.read_text())
         cfg["base_model_name_or_path"] = base_model(manifest["backbone"])[0]
+        if isinstance(cfg.get("target_modules"), list):  # peft writes a set: its order follows PYTHONHASHSEED
+            cfg["target_modules"] = sorted(cfg["target_modules"])
         config.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     (folder / "README.md").write_text(card_text(manifest))
