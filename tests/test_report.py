@@ -214,7 +214,7 @@ def test_report_on_a_local_executor_sweep(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     # the failed job did not stop the other; the sweep names it and exits 1 (recsys.pipeline.sweeps)
     assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-5000:]
-    assert f"sweep {sweep}: 1 job(s) failed\n  {sweep}/1: UserError: method.r=0 must be >= 1" in p.stderr
+    assert f"sweep {sweep}: 1 job(s) failed\n  {sweep}/1: UserError: method.module.r=0 must be >= 1" in p.stderr
     assert len([d for d in (sweep / ".submitit").iterdir() if d.name.isdigit()]) == 2  # two submitit jobs
     assert (sweep / "0" / "metrics.json").is_file()
     assert "method.module.r=0 must be >= 1" in json.loads((sweep / "1" / "failed.json").read_text())["error"]

@@ -489,14 +489,9 @@ def efficiency_plots(df: pd.DataFrame, out: Path, metric: str) -> list[Path]:
                 ax.text(sub["target_fraction"].min(), ref_rows[f"{metric}_mean"].mean(), f" {ref}", va="bottom",
                         fontsize=8, color="grey")
         ax.set_xlabel("target fraction (share of the target's training users)")
-        ax.set_ylabel(f"test {metric.upper()}")
-        ax.set_title(f"{data} (sources {sources or '-'}, {backbone})", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
-        path = out / f"efficiency_{_slug(data)}_{_slug(sources or 'none')}_{_slug(backbone)}.png"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_plot(fig, ax, out / f"efficiency_{_slug(data)}_{_slug(sources or 'none')}_{_slug(backbone)}.png",
+                                f"{data} (sources {sources or '-'}, {backbone})", metric, -0.15))
     return paths
 
 
@@ -523,15 +518,23 @@ def bar_plots(df: pd.DataFrame, out: Path, metric: str) -> list[Path]:
             ax.bar(x + (i - (len(labels) - 1) / 2) * width, y, width, yerr=e, capsize=2, label=label)
         ax.set_xticks(x)
         ax.set_xticklabels([s.replace(", ", "\n") for s in settings], fontsize=8)
-        ax.set_ylabel(f"test {metric.upper()}")
-        ax.set_title(f"target {data_name(collection, target)}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
-        path = out / f"bars_{_slug(data_name(collection, target))}.png"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_plot(fig, ax, out / f"bars_{_slug(data_name(collection, target))}.png",
+                                f"target {data_name(collection, target)}", metric, -0.18))
     return paths
+
+
+def _save_plot(fig, ax, path: Path, title: str, metric: str, legend_y: float) -> Path:
+    """Label, title and legend ``ax`` (test ``metric`` on the y axis), write ``fig`` to ``path`` atomically
+    (a temporary file, then a rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel(f"test {metric.upper()}")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, legend_y), ncol=2, frameon=False)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
+    plt.close(fig)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- report

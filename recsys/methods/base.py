@@ -162,6 +162,21 @@ class Recipe:
         return hydra.utils.instantiate(dict(self.optimizer), _convert_="all")
 
 
+def health_metrics(chance: ChanceCheck) -> dict[str, float]:
+    """metrics.json entries of a chance check (``<stream>/loss_after_warmup``, ``chance_loss``, ``collapsed``;
+    the stream of a one-stream method is ``train``), warning on a collapse."""
+    out = {}
+    for stream, values in chance.report().items():
+        out.update({f"{stream}/{k}": v for k, v in values.items()})
+        if values["collapsed"]:
+            log.warning(
+                "%s: the training loss stayed at chance after warm-up (mean %.4f, ln C = %.4f): the model "
+                "did not learn (scores of the candidates nearly equal, see %s/score_std); lower the learning "
+                "rate or raise recipe.warmup_ratio", stream, values["loss_after_warmup"], values["chance_loss"],
+                stream)
+    return out
+
+
 KINDS = ("lora", "integrators", "merge", "ids")  # what a method trains (RecModule.kind)
 
 
@@ -308,18 +323,8 @@ class RecModule(L.LightningModule):
         return {}
 
     def training_health(self) -> dict[str, float]:
-        """metrics.json entries of the chance check (``<stream>/loss_after_warmup``, ``chance_loss``,
-        ``collapsed``; the stream of a one-stream method is ``train``), warning on a collapse."""
-        out = {}
-        for stream, values in self.chance.report().items():
-            out.update({f"{stream}/{k}": v for k, v in values.items()})
-            if values["collapsed"]:
-                log.warning(
-                    "%s: the training loss stayed at chance after warm-up (mean %.4f, ln C = %.4f): the model "
-                    "did not learn (scores of the candidates nearly equal, see %s/score_std); lower the learning "
-                    "rate or raise recipe.warmup_ratio", stream, values["loss_after_warmup"], values["chance_loss"],
-                    stream)
-        return out
+        """metrics.json entries of the chance check (:func:`health_metrics`)."""
+        return health_metrics(self.chance)
 
     def export(self, store, manifest: dict):
         """Write what was trained to the adapter store; returns the folder (None: nothing to export)."""

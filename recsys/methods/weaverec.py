@@ -234,11 +234,9 @@ class WeaveRecModule(RecModule):
         return self.merge_cfg.global_weights(len(self.branches))
 
     def ensure_merged(self, batches=None) -> None:
-        """(Re)build the merged adapter (and head) from the current branches, if they changed.
-
-        With ``merge.learn_weights``, the per-module lambdas are first learned on ``batches``
-        (unlabeled target validation batches) unless the current ones still hold.
-        """
+        """(Re)build the merged adapter (and head) from the current branches, if they changed; with
+        ``merge.learn_weights`` the per-module lambdas are first learned on ``batches`` (unlabeled target
+        validation batches) unless the current ones still hold."""
         if not self._stale and MERGED in self.model.peft_config:
             return
         weights = self.merge_weights()
