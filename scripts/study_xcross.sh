@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The X-Cross study of docs/results.md for one direction (SOURCE_A + SOURCE_B -> TARGET), on the CPU presets:
 # for each seed, the per-domain LoRA of the target and of both sources (the target LoRA row, and the source
-# adapters X-Cross fuses), X-Cross trained, and X-Cross at start (the fused model before training). Each run
+# adapters X-Cross fuses) and X-Cross (its zero_shot row is X-Cross at start: the fused model before
+# training, the integrators and w at their initial values). Each run
 # is archived into results/xcross/<run>/ (metrics, per-user ranks, resolved config); a run already archived
 # is skipped, so the script resumes. Any plain-format domains work: EXTRA passes more overrides, e.g.
 #   EXTRA="data.root=/my/domains data.collection=mine" scripts/study_xcross.sh shoes boots sandals 0
@@ -26,6 +27,4 @@ for s in $seeds; do
     run "lora-$d-s$s" experiment=amazon_lora_cpu "data.target=$d" "seed=$s"
   done
   run "xcross-$target-s$s" experiment=xcross_amazon_cpu "data.target=$target" "data.sources=[$a,$b]" "seed=$s"
-  run "start-$target-s$s" experiment=xcross_amazon_cpu "data.target=$target" "data.sources=[$a,$b]" "seed=$s" \
-    trainer.max_epochs=0 export_adapter=false zero_shot=false
 done
