@@ -47,7 +47,7 @@ install() {
 write_config() {
   local host cpus mem_mb
   host=$(hostname -s)
-  cpus=$(nproc)
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc alone honours OMP_NUM_THREADS (.ci/run sets 1)
   mem_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
   mkdir -p "$DIR"/{state,spool,log,run}
   chmod 700 "$DIR"
