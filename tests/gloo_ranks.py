@@ -16,6 +16,7 @@ def _run(rank: int, worker, world: int, port: int, args: tuple) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         worker(rank, world, *args)
+        dist.barrier()  # every rank done before any tears the group down (else gloo may abort at exit)
     finally:
         dist.destroy_process_group()
 
