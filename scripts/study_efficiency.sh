@@ -10,26 +10,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 target=$1 a=$2 b=$3; shift 3
 seeds=${*:-0 1 2}
-runs=${RUNS:-outputs/study}
-read -r -a extra <<< "${EXTRA:-}"
-
-archive() {  # archive RUN_FOLDER NAME
-  [ -f "results/efficiency/$2/metrics.json" ] || python -m recsys.evaluation.studies "$1" "results/efficiency/$2"
-}
+source scripts/study_lib.sh
 
 for s in $seeds; do
-  STUDY=xcross scripts/study_xcross.sh "$target" "$a" "$b" "$s"
-  archive "$runs/xcross/lora-$target-s$s" "lora-f1.0-$target-s$s"
-  archive "$runs/xcross/xcross-$target-s$s" "xcross-f1.0-$target-s$s"
+  scripts/study_xcross.sh "$target" "$a" "$b" "$s"  # the 100% rows: the X-Cross study's archived runs
+  mkdir -p results/efficiency
+  for m in lora xcross; do
+    [ -d "results/efficiency/$m-f1.0-$target-s$s" ] || cp -r "results/xcross/$m-$target-s$s" "results/efficiency/$m-f1.0-$target-s$s"
+  done
   for f in 0.25 0.5 0.75; do
-    for m in lora xcross; do
-      name="$m-f$f-$target-s$s"
-      [ -f "results/efficiency/$name/metrics.json" ] && continue
-      if [ "$m" = lora ]; then set -- experiment=amazon_lora_cpu "data.target=$target"
-      else set -- experiment=xcross_amazon_cpu "data.target=$target" "data.sources=[$a,$b]"; fi
-      python train.py "$@" "seed=$s" "data.target_fraction=$f" data.cap_scales_with_fraction=true \
-        export_adapter=false zero_shot=false "${extra[@]}" "hydra.run.dir=$runs/efficiency/$name"
-      archive "$runs/efficiency/$name" "$name"
-    done
+    fraction=("seed=$s" "data.target_fraction=$f" data.cap_scales_with_fraction=true export_adapter=false zero_shot=false)
+    study_run efficiency "lora-f$f-$target-s$s" experiment=amazon_lora_cpu "data.target=$target" "${fraction[@]}"
+    study_run efficiency "xcross-f$f-$target-s$s" experiment=xcross_amazon_cpu "data.target=$target" \
+      "data.sources=[$a,$b]" "${fraction[@]}"
   done
 done
