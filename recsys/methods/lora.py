@@ -46,6 +46,7 @@ class LoRAModule(RecModule):
 
     name = "lora"
     kind = "lora"
+    loads_sharded = True  # trainer=fsdp2: one peft model on self.backbone.model (RecModule.configure_model)
 
     def __init__(self, backbone: Backbone, r: int = 8, alpha: float = 16, dropout: float = 0.05,
                  target_modules: list[str] | None = None, adapter: str | None = None, **kwargs):

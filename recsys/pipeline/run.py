@@ -41,10 +41,13 @@ HF_OPTIONS = ("revision", "trust_remote_code", "attn_implementation")  # backbon
 
 
 def build_backbone(cfg: DictConfig):
+    """The frozen backbone; under ``trainer=fsdp2`` hollow (no weights read: each rank reads its shard once the
+    module is sharded, ``RecModule.configure_model``)."""
     b = cfg.backbone
     options = {k: b[k] for k in HF_OPTIONS if b.get(k) is not None}
     return load_backbone(b.name, dtype=b.get("dtype", "float32"), cache_dir=os.path.join(cfg.paths.cache_dir, "backbones"),
-                         tokenizer=b.get("tokenizer"), lora_targets=b.get("lora_target_modules"), **options)
+                         tokenizer=b.get("tokenizer"), lora_targets=b.get("lora_target_modules"),
+                         sharded=scale.sharded_loading(cfg), **options)
 
 
 def prompt_layout(backbone, scoring: str) -> bool:
@@ -266,6 +269,7 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
     metrics.update(module.extra_metrics())
     if trained:
         metrics.update(module.training_health())
+    module.gather_trainable()  # a sharded run (trainer=fsdp2): the trainable weights whole again, for the export
     if trainer.is_global_zero:
         report_and_export(cfg, trainer, module, store, metrics, best, trained)
     return float(metrics.get(cfg.optimized_metric, math.nan)), metrics
