@@ -25,6 +25,10 @@ Evaluations write their per-user ranks through the pipeline's callback
 - ``train_examples()``: ``prefixes`` (default: every leave-one-out prefix an example) or ``sequences``
   (one window of ``data.max_history`` items a user and one each ``max_history`` items back, for a method
   that trains at every position of a causal sequence, as SASRec's ``train_on=sequence``).
+- ``loads_sharded`` (class attribute, default False): True for a method whose only language model is
+  ``backbone.model`` with its LoRA, scored by ``score``, and whose ``configure_model`` is
+  ``recsys.models.sharded_load.shard_module``: ``trainer=fsdp2`` builds the backbone hollow, and that hook shards
+  it and reads each rank's rows (the pipeline refuses ``trainer=fsdp2`` for the other methods).
 - ``epoch_batches()``: ``all`` (default) or ``target``: a pooled stream's epoch capped at the batches of
   target-only training (joint training at equal steps, ``method.module.steps=equal``).
 """
@@ -218,8 +222,6 @@ class RecModule(L.LightningModule):
     #   a stored one) | integrators (on frozen stored adapters) | merge (adapters merged into one) | ids (no language model)
     one_language_model: ClassVar[bool] = True  # the paper protocol generates with ``self.model`` (X-Cross: False)
     needs_backbone: ClassVar[bool] = True  # False: no language model; the pipeline passes backbone=None
-    loads_sharded: ClassVar[bool] = False  # True: trains on a hollow backbone that ``configure_model`` shards and
-    #   reads rank by rank (trainer=fsdp2); a method whose language models are all ``self.backbone.model``
 
     def __init__(self, backbone: Backbone | None, optimizer: Callable | None = None, scheduler: str | None = None,
                  warmup_ratio: float | None = None, scoring: str = "head"):
@@ -434,37 +436,6 @@ class RecModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_lambdas(total))
         # name "lr": LearningRateMonitor logs lr/<group name> (lr/integrators, lr/w ...), or lr for one group
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
-
-    # ------------------------------------------------------------------ sharded loading (trainer=fsdp2)
-    def configure_model(self) -> None:
-        """Under ``trainer=fsdp2`` (Lightning calls it on every rank before each fit/test): a hollow backbone
-        (``backbone.checkpoint``) is sharded with FSDP2, each transformer block a unit and this module the root
-        (``score`` gathers it), and every rank reads only its rows of the frozen weights; the trainable ones
-        (LoRA, head) keep this rank's rows of their initial values. Once: later calls find it done. Nothing for
-        a loaded backbone."""
-        if self.backbone is None or self.backbone.checkpoint is None or getattr(self, "_sharded", False):
-            return
-        from recsys.models.sharded_load import rss_bytes, shard_and_load
-
-        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
-        before = rss_bytes()
-        read = shard_and_load(self, self.backbone.model, self.backbone.checkpoint, mesh=mesh,
-                              device=self.trainer.strategy.root_device, forward_methods=("score",))
-        self._sharded = True
-        log.info("sharded loading: rank %d read %.1f MiB of frozen weights (whole model %.1f MiB); resident "
-                 "memory %+.1f MiB", self.global_rank, read / 2**20,
-                 sum(p.numel() * p.element_size() for p in self.backbone.model.parameters()) / 2**20,
-                 (rss_bytes() - before) / 2**20)
-
-    def gather_trainable(self) -> None:
-        """After the last evaluation of a sharded run, on every rank: each trainable weight made whole again (a
-        plain tensor, gathered from the ranks) so that ``export`` writes full adapters; frozen ones stay sharded."""
-        if not getattr(self, "_sharded", False):
-            return
-        for module in self.modules():
-            for key, p in list(module._parameters.items()):
-                if p is not None and p.requires_grad and hasattr(p, "full_tensor"):
-                    module._parameters[key] = nn.Parameter(p.full_tensor().detach().cpu(), requires_grad=True)
 
     # ------------------------------------------------------------------ checkpoints: only what trains
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -39,8 +39,8 @@ class Backbone:
     tokenizer: object  # a transformers tokenizer; right padding, pad token set
     kind: str  # "encoder" | "decoder"
     lora_targets: list[str] | None = None  # the preset's LoRA target modules (None: default_lora_targets' choice)
-    checkpoint: str | None = None  # hollow (load_backbone(sharded=True)): the safetensors folder whose weights
-    #   each rank reads after sharding (recsys.models.sharded_load.shard_and_load); None: the weights are loaded
+    checkpoint: str | None = None  # a hollow backbone (recsys.models.sharded_load.hollow_backbone): the safetensors
+    #   folder each rank reads its shard from once sharded (shard_and_load); None: the weights are loaded
 
     @property
     def hidden_size(self) -> int:
@@ -186,7 +186,7 @@ DECODER_MODEL_TYPES = frozenset({
 
 def load_backbone(
     name: str, dtype: str = "float32", cache_dir: str | None = None, kind: str | None = None,
-    tokenizer: str | None = None, lora_targets: list[str] | None = None, sharded: bool = False, **kwargs
+    tokenizer: str | None = None, lora_targets: list[str] | None = None, **kwargs
 ) -> Backbone:
     """Load a frozen backbone in eval mode, with a right-padding tokenizer that has a pad token.
 
@@ -201,8 +201,6 @@ def load_backbone(
         tokenizer: HF names: the tokenizer's hub name or folder (None: the model's own).
         lora_targets: the LoRA target modules this backbone is used with (a preset's choice), kept on
             the Backbone for :func:`default_lora_targets`.
-        sharded: HF names only: the model hollow, weights unread (``recsys.models.sharded_load.hollow``), its
-            ``checkpoint`` the folder of safetensors each rank reads its shard from (``trainer=fsdp2``).
         **kwargs: for ``tiny:*``, :func:`build_tiny`'s ``seed``, ``hidden_size``, ``num_layers``;
             for HF names, passed on to ``from_pretrained`` (``revision``, ``trust_remote_code``,
             ``attn_implementation``...).
@@ -220,10 +218,6 @@ def load_backbone(
             raise UserError(f"backbone {name!r} is of kind {known[name]!r}, cannot load it as {kind!r}")
         if prefix == "embedded:" and (kwargs or tokenizer):
             raise TypeError(f"backbone {name!r} takes no extra arguments, got {sorted(kwargs) or ['tokenizer']}")
-    if sharded and prefix in ("tiny:", "embedded:"):
-        raise UserError(f"trainer=fsdp2 reads the backbone's safetensors shard by shard: backbone.name={name} has none "
-                        "(built in); use backbone=hf backbone.name=<a hub name or save_pretrained folder>, or "
-                        "trainer=ddp / trainer=cpu for this backbone")
     if name in TINY:
         backbone = build_tiny(name, **kwargs)
         if dtype not in ("float32", "auto"):
@@ -237,7 +231,7 @@ def load_backbone(
         )
         backbone = _load_pretrained(name, path, "decoder", dtype)
     else:
-        backbone = _load_hf(name, dtype, kind, tokenizer=tokenizer, sharded=sharded, **kwargs)
+        backbone = _load_hf(name, dtype, kind, tokenizer=tokenizer, **kwargs)
     backbone.lora_targets = list(lora_targets) if lora_targets else None
     backbone.model.requires_grad_(False)
     backbone.model.eval()
@@ -262,10 +256,8 @@ def _load_pretrained(name: str, path: str, kind: str, dtype: str, tokenizer: str
     return Backbone(name=name, model=model, tokenizer=tok, kind=kind)
 
 
-def _load_hf(name: str, dtype: str, kind: str | None, tokenizer: str | None = None, sharded: bool = False,
-             **kwargs) -> Backbone:
-    """A hub name or a local folder; the kind comes from the config unless given; ``sharded``: hollow
-    (:func:`_hollow_pretrained`)."""
+def _load_hf(name: str, dtype: str, kind: str | None, tokenizer: str | None = None, **kwargs) -> Backbone:
+    """A hub name or a local folder; the kind comes from the config unless given."""
     from transformers import AutoConfig
 
     path = os.path.expanduser(name)
@@ -285,39 +277,10 @@ def _load_hf(name: str, dtype: str, kind: str | None, tokenizer: str | None = No
         raise UserError(f"backbone {name!r} is an encoder-decoder model ({config.model_type}); "
                          "only encoder-only and decoder-only backbones are supported")
     kind = kind or config_kind(config)
-    if sharded:
-        return _hollow_pretrained(name, path, config, kind, dtype, tokenizer, looks_local, **kwargs)
     try:
         return _load_pretrained(name, path, kind, dtype, tokenizer=tokenizer, **kwargs)
     except OSError as e:
         raise UserError(f"cannot load the weights or tokenizer of backbone {name!r} ({e}). {_BUILTIN_HINT}") from e
-
-
-def _hollow_pretrained(name: str, path: str, config, kind: str, dtype: str, tokenizer: str | None, local: bool,
-                       **kwargs) -> Backbone:
-    """The backbone with its weights unread (``recsys.models.sharded_load.hollow``: shapes and dtypes, no memory)
-    and its tokenizer; ``checkpoint`` names the folder of safetensors (a hub name: its snapshot in the local cache,
-    fetched if missing) each rank reads its shard from once sharded."""
-    from recsys.models.sharded_load import hollow, safetensors_index
-    from recsys.models.shapes import meta_model
-
-    folder = path
-    if not local:
-        from huggingface_hub import snapshot_download
-
-        folder = snapshot_download(name, revision=kwargs.get("revision"),
-                                   allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
-    try:
-        safetensors_index(folder)
-    except OSError as e:
-        raise UserError(f"trainer=fsdp2 reads backbone {name!r} from its safetensors files, and {folder} has none "
-                        f"({e}); use trainer=ddp or trainer=fsdp for it") from None
-    own = getattr(config, "dtype", None) or torch.float32  # "auto": the checkpoint's own
-    own = getattr(torch, own.replace("torch.", "")) if isinstance(own, str) else own
-    config.dtype = own if dtype == "auto" else DTYPES[dtype]
-    model = meta_model(config, kind).to(config.dtype)
-    tok = _tokenizer(os.path.expanduser(tokenizer) if tokenizer else folder, kind, **_hub_kwargs(kwargs))
-    return Backbone(name=name, model=hollow(model), tokenizer=tok, kind=kind, checkpoint=folder)
 
 
 def _hub_kwargs(kwargs: dict) -> dict:

@@ -13,19 +13,28 @@
    from the config.
 
 So a rank's host memory holds at most its shard of the frozen weights, and no rank waits on another's read (unlike
-a rank-0 load and broadcast, where rank 0 holds the whole model and the others idle). Chosen over Lightning's
-``configure_model``, which says where to build the model but not how to read a checkpoint shard by shard.
-``benchmarks/loading.py`` measures the peak resident memory a rank, both ways.
+a rank-0 load and broadcast, where rank 0 holds the whole model and the others idle). ``benchmarks/loading.py``
+measures the peak resident memory a rank, both ways.
+
+The training path (``trainer=fsdp2``, Lightning's ModelParallelStrategy) reads the same way, one rule for both
+(:func:`shard_blocks`, :func:`read_frozen_rows`): :func:`hollow_backbone` builds the backbone before any process
+group exists, with CPU weights that hold no memory (:func:`hollow`), so the method puts its LoRA and head on it as
+on a loaded one (peft draws the same random numbers); the module's ``configure_model`` then calls
+:func:`shard_module`: the hollow weights go to meta, blocks and root become FSDP2 units, each rank allocates and
+reads its shards, and the trainable weights keep this rank's rows of their initial values (:func:`shard_and_load`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
+
+log = logging.getLogger("recsys")
 
 
 def safetensors_index(folder: str | Path) -> dict[str, Path]:
@@ -199,6 +208,55 @@ def hollow(model: nn.Module) -> nn.Module:
     return model
 
 
+def hollow_backbone(name: str, dtype: str = "auto", tokenizer: str | None = None,
+                    lora_targets: list[str] | None = None, **kwargs):
+    """``backbone.name`` (a hub name or a ``save_pretrained`` folder) as a hollow :class:`Backbone` (:func:`hollow`:
+    shapes and dtypes, no weights read) with its tokenizer; its ``checkpoint`` is the folder of safetensors (a hub
+    name: its snapshot, from the local cache or fetched) each rank reads its shard from in :func:`shard_and_load`.
+    ``kwargs``: ``revision``, ``trust_remote_code`` (``attn_implementation`` is the config's)."""
+    from transformers import AutoConfig
+
+    from recsys.core.errors import UserError
+    from recsys.models.backbone import (DTYPES, EMBEDDED, TINY, Backbone, _hub_kwargs, _tokenizer,
+                                        config_kind)
+    from recsys.models.shapes import meta_model
+
+    if name in TINY or name in EMBEDDED:
+        raise UserError(f"trainer=fsdp2 reads the backbone's safetensors shard by shard: backbone.name={name} is built "
+                        "in, with none; use backbone=hf backbone.name=<a hub name or save_pretrained folder>, or "
+                        "trainer=ddp for this backbone")
+    if dtype not in DTYPES:
+        raise UserError(f"backbone.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    folder = os.path.expanduser(name)
+    if not os.path.isdir(folder):
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = snapshot_download(name, revision=kwargs.get("revision"),
+                                       allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        except Exception as e:  # offline and not cached, no such repository...
+            raise UserError(f"cannot find backbone {name!r}: not a folder, and not on the hub or in its local cache "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    try:
+        safetensors_index(folder)
+        config = AutoConfig.from_pretrained(folder, **_hub_kwargs(kwargs))
+    except (OSError, ValueError) as e:
+        raise UserError(f"trainer=fsdp2 reads backbone {name!r} from its config.json and safetensors files, which "
+                        f"{folder} lacks ({str(e).splitlines()[0]}); use trainer=fsdp for it") from None
+    if kwargs.get("attn_implementation"):
+        config._attn_implementation = kwargs["attn_implementation"]
+    kind = config_kind(config)
+    own = getattr(config, "dtype", None) or torch.float32  # dtype auto: the checkpoint's own
+    own = getattr(torch, own.replace("torch.", "")) if isinstance(own, str) else own
+    config.dtype = own if dtype == "auto" else DTYPES[dtype]
+    model = hollow(meta_model(config, kind).to(config.dtype))
+    model.requires_grad_(False)
+    model.eval()
+    tok = _tokenizer(os.path.expanduser(tokenizer) if tokenizer else folder, kind, **_hub_kwargs(kwargs))
+    return Backbone(name=name, model=model, tokenizer=tok, kind=kind,
+                    lora_targets=list(lora_targets) if lora_targets else None, checkpoint=str(folder))
+
+
 def shard_and_load(root: nn.Module, model: nn.Module, folder: str | Path, mesh=None, device="cpu",
                    forward_methods: tuple[str, ...] = ()) -> int:
     """Shard ``root`` (a module holding the hollow ``model`` and its trainable weights) with FSDP2 and fill it:
@@ -222,6 +280,36 @@ def shard_and_load(root: nn.Module, model: nn.Module, folder: str | Path, mesh=N
     for method in forward_methods:
         register_fsdp_forward_method(root, method)
     return read
+
+
+def shard_module(module: nn.Module, forward_methods: tuple[str, ...] = ("score",)) -> None:
+    """A method module's ``configure_model`` under ``trainer=fsdp2`` (Lightning calls it on every rank before each
+    fit and test): a hollow ``module.backbone`` (``checkpoint`` set) is sharded with ``module`` as the root and read,
+    each rank its rows (:func:`shard_and_load`), once; later calls and a loaded backbone change nothing. Logs the
+    bytes read and this rank's growth in resident memory."""
+    backbone = getattr(module, "backbone", None)
+    if backbone is None or backbone.checkpoint is None or getattr(module, "_sharded", False):
+        return
+    mesh = module.device_mesh["data_parallel"] if module.device_mesh is not None else None
+    before = rss_bytes()
+    read = shard_and_load(module, backbone.model, backbone.checkpoint, mesh=mesh,
+                          device=module.trainer.strategy.root_device, forward_methods=forward_methods)
+    module._sharded = True
+    whole = sum(p.numel() * p.element_size() for p in backbone.model.parameters())
+    log.info("sharded loading: rank %d read %.1f MiB of frozen weights (whole model %.1f MiB); resident memory "
+             "%+.1f MiB", module.global_rank, read / 2**20, whole / 2**20, (rss_bytes() - before) / 2**20)
+
+
+def gather_trainable(module: nn.Module) -> None:
+    """After the last evaluation of a sharded run (:func:`shard_module`), on every rank: each trainable weight made
+    whole again (a plain tensor gathered from the ranks), so that the adapter export writes full weights; the
+    frozen ones stay sharded. Nothing for a module that was not sharded."""
+    if not getattr(module, "_sharded", False):
+        return
+    for sub in module.modules():
+        for key, p in list(sub._parameters.items()):
+            if p is not None and p.requires_grad and hasattr(p, "full_tensor"):
+                sub._parameters[key] = nn.Parameter(p.full_tensor().detach().cpu(), requires_grad=True)
 
 
 def rss_bytes() -> int:

@@ -95,8 +95,8 @@ def method(cfg: DictConfig, dm: RecDataModule) -> None:
 def sharded(cfg: DictConfig, cls, dm: RecDataModule) -> None:
     """``trainer=fsdp2`` (each rank reads its shard of the backbone, ``RecModule.configure_model``): a method that
     supports it, a backbone read from safetensors, the ranking protocol."""
-    able = sorted(n for n, c in method_classes().items() if c.loads_sharded)
-    if not cls.loads_sharded:
+    able = sorted(n for n, c in method_classes().items() if getattr(c, "loads_sharded", False))
+    if not getattr(cls, "loads_sharded", False):
         raise UserError(f"trainer=fsdp2 does not support method={cls.name or cls.__name__} yet (only "
                         f"{', '.join(able)}): use trainer=fsdp for it (every rank loads the whole backbone first)")
     name = str(cfg.backbone.name)

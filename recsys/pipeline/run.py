@@ -32,6 +32,7 @@ from recsys.core.metrics import PAPER_KEYS, REPORT_KEYS
 from recsys.models import adapter_store
 from recsys.models.adapter_store import AdapterStore
 from recsys.models.backbone import load_backbone
+from recsys.models.sharded_load import gather_trainable, hollow_backbone
 
 log = logging.getLogger("recsys")
 
@@ -45,9 +46,11 @@ def build_backbone(cfg: DictConfig):
     module is sharded, ``RecModule.configure_model``)."""
     b = cfg.backbone
     options = {k: b[k] for k in HF_OPTIONS if b.get(k) is not None}
+    if scale.sharded_loading(cfg):
+        return hollow_backbone(b.name, dtype=b.get("dtype", "float32"), tokenizer=b.get("tokenizer"),
+                               lora_targets=b.get("lora_target_modules"), **options)
     return load_backbone(b.name, dtype=b.get("dtype", "float32"), cache_dir=os.path.join(cfg.paths.cache_dir, "backbones"),
-                         tokenizer=b.get("tokenizer"), lora_targets=b.get("lora_target_modules"),
-                         sharded=scale.sharded_loading(cfg), **options)
+                         tokenizer=b.get("tokenizer"), lora_targets=b.get("lora_target_modules"), **options)
 
 
 def prompt_layout(backbone, scoring: str) -> bool:
@@ -269,7 +272,7 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
     metrics.update(module.extra_metrics())
     if trained:
         metrics.update(module.training_health())
-    module.gather_trainable()  # a sharded run (trainer=fsdp2): the trainable weights whole again, for the export
+    gather_trainable(module)  # a sharded run (trainer=fsdp2): the trainable weights whole again, for the export
     if trainer.is_global_zero:
         report_and_export(cfg, trainer, module, store, metrics, best, trained)
     return float(metrics.get(cfg.optimized_metric, math.nan)), metrics
