@@ -158,3 +158,25 @@ def test_fsdp2_two_processes_train_as_one_and_each_rank_loads_half(tmp_path):
     assert len(grown) == 2, logs[-2000:]
     print(f"whole model {size / 2**20:.1f} MiB; resident memory grown while loading, by rank: {grown} MiB")
     assert all(g < 0.75 * size / 2**20 for g in grown)
+
+
+@pytest.mark.slow  # two train.py runs of 2 processes: ~45 s on a loaded 2-core machine
+def test_fsdp2_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path):
+    """A checkpoint of trainer=fsdp2 (trainable weights and AdamW state, gathered by FSDP2Strategy) read back by
+    trainer=fsdp2: training on from epoch 0's checkpoint ends with the uninterrupted run's weights, exactly."""
+    save_decoder(tmp_path / "decoder")
+    base = [f"backbone=hf", f"backbone.name={tmp_path / 'decoder'}", "backbone.dtype=float32",
+            "trainer.precision=32-true", "method.module.dropout=0", "data.max_eval_users=16", "data.eval_batch_size=8",
+            "trainer.max_epochs=2", "trainer.limit_train_batches=3", "callbacks.rich_progress_bar=null",
+            "logger=none", "export_adapter=false", "zero_shot=false", "trainer=fsdp2", "trainer.accelerator=cpu",
+            "trainer.devices=2"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train(*base, "callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.monitor=null",
+          f"hydra.run.dir={whole}")
+    train(*base, f"ckpt_path={whole / 'checkpoints' / 'epoch00.ckpt'}", f"hydra.run.dir={resumed}")
+    state = torch.load(whole / "checkpoints" / "epoch00.ckpt", map_location="cpu", weights_only=True)
+    assert state["optimizer_states"][0]["state"]  # the AdamW moments are in it
+    a, b = trained_weights(whole), trained_weights(resumed)
+    assert a.keys() == b.keys()
+    for name, w in a.items():
+        assert torch.equal(b[name], w), name
