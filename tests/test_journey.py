@@ -206,7 +206,7 @@ def test_cluster_page_commands_compose():
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     commands = page_commands(REPO / "docs" / "cluster.md")
-    assert len(commands) == 5, commands  # sources, X-Cross + WeaveRec, several nodes, Optuna, the journey
+    assert len(commands) == 6, commands  # sources (DDP, 7B with FSDP2), X-Cross + WeaveRec, several nodes, Optuna, the journey
     journey = commands[-1]  # the test's sweep, word for word
     assert sorted(a for a in journey if not a.startswith("hydra.sweep.dir=")) == sorted([*SWEEP, *TINY])
     parser = OverridesParser.create()

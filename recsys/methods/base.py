@@ -25,6 +25,10 @@ Evaluations write their per-user ranks through the pipeline's callback
 - ``train_examples()``: ``prefixes`` (default: every leave-one-out prefix an example) or ``sequences``
   (one window of ``data.max_history`` items a user and one each ``max_history`` items back, for a method
   that trains at every position of a causal sequence, as SASRec's ``train_on=sequence``).
+- ``loads_sharded`` (class attribute, default False): True for a method whose only language model is
+  ``backbone.model`` with its LoRA, scored by ``score``, and whose ``configure_model`` is
+  ``recsys.models.sharded_load.shard_module``: ``trainer=fsdp2`` builds the backbone hollow, and that hook shards
+  it and reads each rank's rows (the pipeline refuses ``trainer=fsdp2`` for the other methods).
 - ``epoch_batches()``: ``all`` (default) or ``target``: a pooled stream's epoch capped at the batches of
   target-only training (joint training at equal steps, ``method.module.steps=equal``).
 """

@@ -37,6 +37,7 @@ class JointLoRAModule(LoRAModule):
         self.steps, self.target, self.sources = steps, None, []
 
     name = "joint"
+    loads_sharded = False  # trainer=fsdp2 is tested with method=lora only
 
     @classmethod
     def from_config(cls, backbone: Backbone, run: RunInfo, **kwargs) -> "JointLoRAModule":

@@ -18,6 +18,7 @@ from recsys.models.adapter_store import AdapterStore, load_into, lora_record, mi
 from recsys.models.backbone import Backbone, default_lora_targets
 from recsys.models.head import ScoringHead
 from recsys.models.scoring import likelihood_scores, pair_scores
+from recsys.models.sharded_load import shard_module
 
 
 def check_lora(r: int, alpha: float, dropout: float) -> None:
@@ -46,6 +47,8 @@ class LoRAModule(RecModule):
 
     name = "lora"
     kind = "lora"
+    loads_sharded = True  # trainer=fsdp2: one peft model on self.backbone.model, sharded and read by
+    configure_model = shard_module  # each rank (Lightning calls it before fit and test; nothing for a loaded one)
 
     def __init__(self, backbone: Backbone, r: int = 8, alpha: float = 16, dropout: float = 0.05,
                  target_modules: list[str] | None = None, adapter: str | None = None, **kwargs):

@@ -39,6 +39,8 @@ class Backbone:
     tokenizer: object  # a transformers tokenizer; right padding, pad token set
     kind: str  # "encoder" | "decoder"
     lora_targets: list[str] | None = None  # the preset's LoRA target modules (None: default_lora_targets' choice)
+    checkpoint: str | None = None  # a hollow backbone (recsys.models.sharded_load.hollow_backbone): the safetensors
+    #   folder each rank reads its shard from once sharded (shard_and_load); None: the weights are loaded
 
     @property
     def hidden_size(self) -> int:

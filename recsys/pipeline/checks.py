@@ -23,8 +23,9 @@ from recsys.data.datamodule import RecDataModule
 from recsys.data.domain import DataError, Domain
 from recsys.data.retrieval import RETRIEVED
 from recsys.data.settings import MIXES, PROTOCOLS
-from recsys.methods.base import Recipe, RunInfo, paper_protocol_error
+from recsys.methods.base import Recipe, RunInfo, method_classes, paper_protocol_error
 from recsys.models.merging import MergeSettings
+from recsys.pipeline.scale import sharded_loading
 from recsys.pipeline.stages import PIPELINE_KEYS, method_class
 
 PRECISIONS = (*typing.get_args(_PRECISION_INPUT_STR), *map(str, typing.get_args(_PRECISION_INPUT_INT)))
@@ -84,9 +85,28 @@ def method(cfg: DictConfig, dm: RecDataModule) -> None:
     if dm.protocol == "paper" and kwargs.get("scoring", "head") != "likelihood":
         raise UserError("protocol=paper ranks by likelihood and generates: set method.module.scoring=likelihood "
                         "(and a decoder backbone)")
+    if sharded_loading(cfg):
+        sharded(cfg, cls, dm)
     run = RunInfo(target=dm.target, sources=tuple(dm.sources), mix=dm.mix, seed=dm.seed,
                   data=_plain(cfg.data), monitor=cfg.get("optimized_metric") or "val/ndcg@10")
     cls.check(run, **{k: v for k, v in kwargs.items() if k not in PIPELINE_KEYS})
+
+
+def sharded(cfg: DictConfig, cls, dm: RecDataModule) -> None:
+    """``trainer=fsdp2`` (each rank reads its shard of the backbone, ``RecModule.configure_model``): a method that
+    supports it, a backbone read from safetensors, the ranking protocol."""
+    able = sorted(n for n, c in method_classes().items() if getattr(c, "loads_sharded", False))
+    if not getattr(cls, "loads_sharded", False):
+        raise UserError(f"trainer=fsdp2 does not support method={cls.name or cls.__name__} yet (only "
+                        f"{', '.join(able)}): use trainer=fsdp for it (every rank loads the whole backbone first)")
+    name = str(cfg.backbone.name)
+    if name.startswith(("tiny:", "embedded:")):
+        raise UserError(f"trainer=fsdp2 reads the backbone's safetensors shard by shard: backbone.name={name} is "
+                        "built in, with none; use backbone=hf backbone.name=<a hub name or save_pretrained folder> "
+                        "(or a preset such as backbone=qwen2_7b_instruct), or trainer=ddp for this backbone")
+    if dm.protocol == "paper":
+        raise UserError("trainer=fsdp2 supports protocol=ranking only (protocol=paper generates with the whole "
+                        "model): use trainer=fsdp with protocol=paper")
 
 
 def most_negatives(domain: Domain) -> int:

@@ -92,6 +92,7 @@ class Setting:
     accumulate: int
     examples: list          # training examples an epoch, a stream (None: unknown)
     plan: dict
+    sharded_load: bool = False   # trainer=fsdp2: each rank reads only its shard of the frozen weights
 
 
 def block_bytes_per_token(s: Shape, st: Setting) -> float:
@@ -215,7 +216,8 @@ def setting_of(cfg, shape: Shape, targets: list[str]) -> Setting:
         scoring=module.get("scoring", "head"), heads=heads, ranks=ranks, batch=-(-int(cfg.data.batch_size) // ranks),
         tokens=tokens, answer_tokens=answer, weight_bytes=weight_b, train_bytes=train_b, act_bytes=act_b,
         fsdp="FSDP" in target or target == "fsdp", checkpointing=bool(cfg.get("speed", {}).get("activation_checkpointing")),
-        accumulate=int(t.get("accumulate_grad_batches") or 1), examples=_examples(cfg, n, opts["examples"]), plan=opts)
+        accumulate=int(t.get("accumulate_grad_batches") or 1), examples=_examples(cfg, n, opts["examples"]), plan=opts,
+        sharded_load=target.endswith(("FSDP2Strategy", "ModelParallelStrategy")))
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -252,8 +254,9 @@ def estimate(s: Shape, st: Setting) -> dict:
     total = sum(rows.values())
     device = st.plan["device_gb"] * GIB
     per_node = st.ranks // max(1, st.plan.get("nodes", 1))
+    host = frozen * st.weight_bytes // (st.ranks if st.sharded_load else 1)  # fsdp2: a rank's rows only
     return {"rows": rows, "total": total, "device": device, "fits": total <= st.plan["headroom"] * device,
-            "host_rank": frozen * st.weight_bytes, "host_node": per_node * frozen * st.weight_bytes,
+            "host_rank": host, "host_node": per_node * host,
             "params": {"frozen": frozen, "trainable": trained},
             "activations_other": activation_bytes(s, st, not st.checkpointing), **work(s, st, trained)}
 
@@ -307,7 +310,8 @@ def format_plan(cfg, shape: Shape, st: Setting, est: dict) -> str:
     verdict = "fits" if est["fits"] else "DOES NOT FIT"
     lines.append(f"  {'total a GPU':<32}{_gib(est['total'])} of {_gib(est['device']).strip()} "
                  f"(plan.device_gb; headroom {st.plan['headroom']:.0%}): {verdict}")
-    lines.append(f"  host memory while loading (from_pretrained on every rank): {_gib(est['host_rank']).strip()} a rank, "
+    how = "each rank reads its shard, trainer=fsdp2" if st.sharded_load else "from_pretrained on every rank"
+    lines.append(f"  host memory while loading ({how}): {_gib(est['host_rank']).strip()} a rank, "
                  f"{_gib(est['host_node']).strip()} a node (SLURM: hydra.launcher.mem_gb)")
     if est["steps"] is None:
         lines.append("  epoch: domain sizes unknown (data.max_train_examples=null): give +plan.examples=<users>")

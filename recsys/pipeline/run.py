@@ -32,6 +32,7 @@ from recsys.core.metrics import PAPER_KEYS, REPORT_KEYS
 from recsys.models import adapter_store
 from recsys.models.adapter_store import AdapterStore
 from recsys.models.backbone import load_backbone
+from recsys.models.sharded_load import gather_trainable, hollow_backbone
 
 log = logging.getLogger("recsys")
 
@@ -41,8 +42,13 @@ HF_OPTIONS = ("revision", "trust_remote_code", "attn_implementation")  # backbon
 
 
 def build_backbone(cfg: DictConfig):
+    """The frozen backbone; under ``trainer=fsdp2`` hollow (no weights read: each rank reads its shard once the
+    module is sharded, ``RecModule.configure_model``)."""
     b = cfg.backbone
     options = {k: b[k] for k in HF_OPTIONS if b.get(k) is not None}
+    if scale.sharded_loading(cfg):
+        return hollow_backbone(b.name, dtype=b.get("dtype", "float32"), tokenizer=b.get("tokenizer"),
+                               lora_targets=b.get("lora_target_modules"), **options)
     return load_backbone(b.name, dtype=b.get("dtype", "float32"), cache_dir=os.path.join(cfg.paths.cache_dir, "backbones"),
                          tokenizer=b.get("tokenizer"), lora_targets=b.get("lora_target_modules"), **options)
 
@@ -266,6 +272,7 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
     metrics.update(module.extra_metrics())
     if trained:
         metrics.update(module.training_health())
+    gather_trainable(module)  # a sharded run (trainer=fsdp2): the trainable weights whole again, for the export
     if trainer.is_global_zero:
         report_and_export(cfg, trainer, module, store, metrics, best, trained)
     return float(metrics.get(cfg.optimized_metric, math.nan)), metrics

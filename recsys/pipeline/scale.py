@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from recsys.core.errors import UserError
 from recsys.core.files import read_json, write_json, write_text, write_with
@@ -455,6 +456,48 @@ class SlurmRequeue(Callback):
             log.warning("%s: saved %s at step %d; scontrol requeue %s -> %s", self.signum.name, path,
                         trainer.global_step, job, "requeued" if code == 0 else f"failed ({code})")
         raise SIGTERMException  # job_scope: exit 143 (SLURM ends the job anyway on requeue)
+
+
+# ---------------------------------------------------------------------------------------------- FSDP2 (trainer=fsdp2)
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy (FSDP2; the module shards itself in ``configure_model``,
+    ``RecModule.configure_model``) whose checkpoints gather only the trainable weights: Lightning's own gathers
+    the whole model on rank 0 (the frozen backbone too, 15 GB for a bf16 7B) before ``on_save_checkpoint`` drops
+    it. Loading a checkpoint hands its ``state_dict`` on to ``on_load_checkpoint`` (which checks that it holds
+    every trainable weight); Lightning's would drop it once loaded."""
+
+    def __init__(self, data_parallel_size="all", tensor_parallel_size=1, **kwargs):
+        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size, **kwargs)
+
+    def _setup_distributed(self) -> None:
+        super()._setup_distributed()
+        if self._data_parallel_size == "all":  # every rank of every node (Lightning's "auto": one a node)
+            self._data_parallel_size = self.world_size // int(self._tensor_parallel_size)
+
+    def lightning_module_state_dict(self) -> dict:
+        out = {}
+        for name, p in self.lightning_module.named_parameters():  # every rank: full_tensor gathers
+            if p.requires_grad:
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p
+                if self.global_rank == 0:
+                    out[name] = full.detach().cpu()
+        return out
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        path = self.broadcast(checkpoint_path)
+        weights = {}
+        if Path(path).is_file():
+            weights = torch.load(path, mmap=True, map_location="cpu", weights_only=bool(weights_only))["state_dict"]
+        out = super().load_checkpoint(path, weights_only=weights_only)
+        out.setdefault("state_dict", weights)
+        return out
+
+
+def sharded_loading(cfg) -> bool:
+    """Whether the run's trainer loads the backbone rank by rank (``trainer=fsdp2``: an FSDP2 strategy)."""
+    strategy = (cfg.get("trainer") or {}).get("strategy") or {}
+    target = str(strategy.get("_target_", "")) if hasattr(strategy, "get") else ""
+    return target.endswith(("FSDP2Strategy", "ModelParallelStrategy"))
 
 
 def slurm_plugins() -> list:
