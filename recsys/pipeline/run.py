@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys.evaluation import ranks
 from recsys.pipeline import checks, scale, speed, stages, sweeps, tracking
-from recsys.pipeline.stages import method_class
+from recsys.pipeline.stages import exports, force_export, method_class
 from recsys.data.datamodule import RecDataModule
 from recsys.core.errors import UserError
 from recsys.core.files import check_writable, read_json, write_json, write_text
@@ -218,20 +218,6 @@ def run_store(cfg: DictConfig, dm: RecDataModule) -> AdapterStore:
                         data={n: d.fingerprint for n, d in dm.domains.items()}, settings=data,
                         monitor=cfg.get("optimized_metric") or "val/ndcg@10",
                         force=force_export(cfg))
-
-
-def force_export(cfg: DictConfig) -> bool:
-    """``export_adapter=force``: export even a collapsed run, even over a stored adapter of better validation."""
-    return str(cfg.get("export_adapter")).lower() == "force"
-
-
-def exports(cfg: DictConfig) -> bool:
-    """Whether this run writes its adapter to the store (``export_adapter``: true, false or force)."""
-    value = str(cfg.get("export_adapter")).lower()
-    if value not in ("true", "false", "force"):
-        raise UserError(f"export_adapter={cfg.get('export_adapter')!r}: use true, false or force (force: replace a "
-                        "stored adapter even of better validation)")
-    return value != "false" and bool(cfg.method.get("export", False))
 
 
 def train(cfg: DictConfig) -> tuple[float, dict]:

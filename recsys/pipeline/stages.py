@@ -35,6 +35,7 @@ import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
+from recsys.core.errors import UserError
 from recsys.core.files import write_json
 from recsys.methods.base import RecModule
 from recsys.models.adapter_store import (AdapterSpec, AdapterStore, SourceAdapterError, StoreError, lora_command,
@@ -182,6 +183,20 @@ def kept_rng_state():
             torch.cuda.set_rng_state_all(cuda)
 
 
+def force_export(cfg: DictConfig) -> bool:
+    """``export_adapter=force``: export even a collapsed run, even over a stored adapter of better validation."""
+    return str(cfg.get("export_adapter")).lower() == "force"
+
+
+def exports(cfg: DictConfig) -> bool:
+    """Whether this run writes its adapter to the store (``export_adapter``: true, false or force)."""
+    value = str(cfg.get("export_adapter")).lower()
+    if value not in ("true", "false", "force"):
+        raise UserError(f"export_adapter={cfg.get('export_adapter')!r}: use true, false or force (force: replace a "
+                        "stored adapter even of better validation)")
+    return value != "false" and bool(cfg.method.get("export", False))
+
+
 def _train_each(cfg: DictConfig, sources: list[str], lora: DictConfig, train: Callable[[DictConfig], object]) -> None:
     for s in sources:
         sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
@@ -189,7 +204,7 @@ def _train_each(cfg: DictConfig, sources: list[str], lora: DictConfig, train: Ca
         sub.data.target, sub.data.sources, sub.data.target_fraction = s, [], 1.0
         sub.paths.output_dir = str(Path(cfg.paths.output_dir) / "sources" / s)
         sub.zero_shot, sub.ckpt_path = False, None
-        sub.export_adapter = "force" if str(cfg.get("export_adapter")).lower() == "force" else True
+        sub.export_adapter = "force" if force_export(cfg) else True
         sub.group, sub.job_type = cfg.group, "source-adapter"  # the caller's group, resolved before method changes
         sub.run_name = f"{cfg.run_name}-source-{s}"
         one_process(sub)
