@@ -2,7 +2,7 @@
 # The GPU acceptance run, in one call on a lent GPU machine (no network), within 8 minutes:
 #   1. offline install of what the image lacks, from .gpu/wheels (benchmarks/gpu_prepare.sh builds .gpu/);
 #   2. the environment: nvidia-smi name and memory, torch / CUDA / transformers / peft / lightning versions;
-#   3. pytest -m gpu (tests/test_gpu.py: also the plan's estimates against this GPU's peaks, and Lightning FSDP);
+#   3. pytest -m gpu (tests/test_gpu.py: also the plan's estimates against this GPU's peaks, Lightning FSDP, trainer=fsdp2);
 #   3b. the paper presets' plans (python -m recsys.plan) at this GPU's memory, DDP and FSDP;
 #   4. the speed benchmark on the Qwen2-0.5B shape (random weights from a config): tokens/s, MFU,
 #      shared-prompt training, shared-prompt likelihood, X-Cross and WeaveRec ratios, peak memory;
@@ -112,7 +112,7 @@ PY
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 
 # ---------------------------------------------------------------- 3. CUDA-only tests
-step pytest_gpu "${LIMIT_PYTEST:-140}" $PY -m pytest -q -m gpu tests/test_gpu.py --junitxml "$OUT/pytest-gpu.xml" -p no:cacheprovider
+step pytest_gpu "${LIMIT_PYTEST:-170}" $PY -m pytest -q -m gpu tests/test_gpu.py --junitxml "$OUT/pytest-gpu.xml" -p no:cacheprovider
 
 # ---------------------------------------------------------------- 3b. the plan of the paper presets on this GPU
 # (tests/test_gpu.py::test_plan_estimate_within_tolerance_of_the_cuda_peak, in step 3, checks the estimates against

@@ -189,3 +189,21 @@ def test_plan_estimate_within_tolerance_of_the_cuda_peak(checkpointing):
     print(f"cuda, checkpointing={checkpointing}: estimated {est / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB, "
           f"ratio {est / measured:.2f}")
     assert abs(est / measured - 1) <= 0.25, est / measured
+
+
+def test_fsdp2_on_one_gpu_equals_the_plain_gpu_run(tmp_path):
+    """trainer=fsdp2 (hollow backbone, sharded read, CUDA to_empty) on one GPU in bf16-true: the same zero-shot
+    metrics as trainer=gpu on the same saved decoder (the same weights read, the same LoRA and head drawn), and test
+    metrics within bf16's noise after 3 steps."""
+    from test_fsdp2_train import save_decoder
+
+    save_decoder(tmp_path / "decoder")
+    base = [f"backbone=hf", f"backbone.name={tmp_path / 'decoder'}", "backbone.dtype=bfloat16",
+            "method.module.dropout=0", "trainer.limit_train_batches=3", "zero_shot=true"]
+    for run in "ab":
+        (tmp_path / run).mkdir()
+    plain = train(tmp_path / "a", *base, "trainer=gpu")
+    sharded = train(tmp_path / "b", *base, "trainer=fsdp2", "trainer.devices=1")
+    zero = sorted(k for k in plain if k.startswith("zero_shot/test/"))
+    assert zero and all(sharded[k] == pytest.approx(plain[k], abs=1e-3) for k in zero)
+    assert sharded["test/ndcg@10"] == pytest.approx(plain["test/ndcg@10"], abs=0.05)
