@@ -141,6 +141,21 @@ def test_a_slurm_sweep_that_does_not_fit_is_refused(capsys):
     assert len(err.splitlines()) == 1 and "hydra.launcher.mem_gb=64" in err and "Set hydra.launcher.mem_gb=" in err
 
 
+def test_the_plan_refuses_what_trainer_fsdp2_refuses(capsys):
+    """A plan of a run train.py would refuse is no plan: recsys.plan and the SLURM check say why, in one line."""
+    from recsys.plan import main
+
+    assert main(["experiment=weaverec_paper_lora", "trainer=fsdp2", "trainer.devices=8"]) == 2  # protocol=paper
+    assert "trainer=fsdp2 supports protocol=ranking only" in capsys.readouterr().err
+    assert main(["experiment=xcross_paper_source", "trainer=fsdp2", "trainer.devices=8"]) in (0, 1)
+    assert "each rank reads its shard" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        PlanCheck().on_multirun_start(compose_cfg("experiment=xcross_paper", "trainer=fsdp2", "hydra/launcher=slurm"))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert "refused before submission" in err and "method=xcross" in err
+
+
 @pytest.mark.slow
 def test_train_py_refuses_the_sweep_before_sbatch(tmp_path):
     p = subprocess.run([sys.executable, "train.py", "-m", "experiment=weaverec_paper", "hydra/launcher=slurm",

@@ -86,15 +86,15 @@ def method(cfg: DictConfig, dm: RecDataModule) -> None:
         raise UserError("protocol=paper ranks by likelihood and generates: set method.module.scoring=likelihood "
                         "(and a decoder backbone)")
     if sharded_loading(cfg):
-        sharded(cfg, cls, dm)
+        sharded(cfg, cls, dm.protocol)
     run = RunInfo(target=dm.target, sources=tuple(dm.sources), mix=dm.mix, seed=dm.seed,
                   data=_plain(cfg.data), monitor=cfg.get("optimized_metric") or "val/ndcg@10")
     cls.check(run, **{k: v for k, v in kwargs.items() if k not in PIPELINE_KEYS})
 
 
-def sharded(cfg: DictConfig, cls, dm: RecDataModule) -> None:
+def sharded(cfg: DictConfig, cls, protocol: str) -> None:
     """``trainer=fsdp2`` (each rank reads its shard of the backbone, ``RecModule.configure_model``): a method that
-    supports it, a backbone read from safetensors, the ranking protocol."""
+    supports it, a backbone read from safetensors, the ranking protocol (train.py and ``recsys.plan`` both ask)."""
     able = sorted(n for n, c in method_classes().items() if getattr(c, "loads_sharded", False))
     if not getattr(cls, "loads_sharded", False):
         raise UserError(f"trainer=fsdp2 does not support method={cls.name or cls.__name__} yet (only "
@@ -104,7 +104,7 @@ def sharded(cfg: DictConfig, cls, dm: RecDataModule) -> None:
         raise UserError(f"trainer=fsdp2 reads the backbone's safetensors shard by shard: backbone.name={name} is "
                         "built in, with none; use backbone=hf backbone.name=<a hub name or save_pretrained folder> "
                         "(or a preset such as backbone=qwen2_7b_instruct), or trainer=ddp for this backbone")
-    if dm.protocol == "paper":
+    if protocol == "paper":
         raise UserError("trainer=fsdp2 supports protocol=ranking only (protocol=paper generates with the whole "
                         "model): use trainer=fsdp with protocol=paper")
 

@@ -278,11 +278,19 @@ def work(s: Shape, st: Setting, trained: int) -> dict:
     return out
 
 
+def check_sharded(cfg) -> None:
+    """UserError for what ``trainer=fsdp2`` does not support (``checks.sharded``), without reading any data."""
+    from recsys.pipeline import checks, scale, stages
+
+    if scale.sharded_loading(cfg):
+        checks.sharded(cfg, stages.method_class(cfg)[0], cfg.data.get("protocol", "ranking"))
+
+
 def plan_config(cfg) -> tuple[Shape, Setting, dict]:
     """Compose-free entry: the shape (meta device), the setting and the estimate of a composed train config."""
     from recsys.models.backbone import config_kind, default_lora_targets
     from recsys.models.shapes import meta_model, shape_config
-
+    check_sharded(cfg)  # a plan of what train.py would refuse is no plan
     config = shape_config(cfg.backbone.name)
     kind = config_kind(config)
     model = meta_model(config, kind)
@@ -339,6 +347,11 @@ class PlanCheck(Callback):
         launcher = str(config.hydra.launcher.get("_target_", ""))
         if "Slurm" not in launcher or not plan_options(config)["check"]:
             return
+        try:
+            check_sharded(config)
+        except UserError as e:
+            print(f"error: refused before submission: {e}", file=sys.stderr)
+            raise SystemExit(2)
         try:
             _, st, est = plan_config(config)
         except UserError as e:
