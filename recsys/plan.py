@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from recsys import CONFIG_DIR
     from recsys.core.errors import UserError
-    from recsys.pipeline.plan import format_plan, plan_config
+    from recsys.pipeline.plan import check_sharded, format_plan, plan_config
 
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose("train", overrides=[a for a in args if a not in ("-m", "--multirun")],
                           return_hydra_config=True)
+        check_sharded(cfg)
         shape, st, est = plan_config(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,9 +14,8 @@ source scripts/study_lib.sh
 
 for s in $seeds; do
   scripts/study_xcross.sh "$target" "$a" "$b" "$s"  # the 100% rows: the X-Cross study's archived runs
-  mkdir -p results/efficiency
   for m in lora xcross; do
-    [ -d "results/efficiency/$m-f1.0-$target-s$s" ] || cp -r "results/xcross/$m-$target-s$s" "results/efficiency/$m-f1.0-$target-s$s"
+    study_reuse "xcross/$m-$target-s$s" "efficiency/$m-f1.0-$target-s$s"
   done
   for f in 0.25 0.5 0.75; do
     fraction=("seed=$s" "data.target_fraction=$f" data.cap_scales_with_fraction=true export_adapter=false zero_shot=false)

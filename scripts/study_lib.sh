@@ -14,3 +14,7 @@ study_run() {  # study_run STUDY NAME ARGS...: train.py ARGS into $runs/STUDY/NA
 study_lora() {  # study_lora DOMAIN SEED: the per-domain LoRA (a target-LoRA row, a source adapter), results/xcross/
   study_run xcross "lora-$1-s$2" experiment=amazon_lora_cpu "data.target=$1" "seed=$2"
 }
+
+study_reuse() {  # study_reuse FROM TO: another study's archived run (results/FROM) as a run of this one (results/TO)
+  [ -d "results/$2" ] || { mkdir -p "$(dirname "results/$2")" && cp -r "results/$1" "results/$2"; }
+}

@@ -23,8 +23,7 @@ for s in $seeds; do
   for d in "$target" "$a" "$b"; do  # the per-domain LoRAs: the X-Cross study's runs (skipped when archived)
     study_lora "$d" "$s"
   done
-  mkdir -p results/weaverec
-  [ -f "results/weaverec/lora-$target-s$s/metrics.json" ] || cp -r "results/xcross/lora-$target-s$s" "results/weaverec/"
+  study_reuse "xcross/lora-$target-s$s" "weaverec/lora-$target-s$s"  # the target-only row
   setting=("experiment=[weaverec_amazon,weaverec_cpu]" "data.target=$target" "data.sources=[$a,$b]" "seed=$s")
   run "weaverec-$target-s$s" "${setting[@]}"
   run "joint-epochs-$target-s$s" "${setting[@]}" method=joint

@@ -195,6 +195,8 @@ def _examples(cfg, n: int, given) -> list | None:
 
 def setting_of(cfg, shape: Shape, targets: list[str]) -> Setting:
     """The :class:`Setting` of a composed train config."""
+    from recsys.pipeline.scale import sharded_loading
+
     opts = {**plan_options(cfg), "nodes": int(cfg.trainer.get("num_nodes") or 1)}
     n = len(cfg.data.get("sources") or [])
     streams, adapters, frozen, heads = _streams(cfg, n)
@@ -217,7 +219,7 @@ def setting_of(cfg, shape: Shape, targets: list[str]) -> Setting:
         tokens=tokens, answer_tokens=answer, weight_bytes=weight_b, train_bytes=train_b, act_bytes=act_b,
         fsdp="FSDP" in target or target == "fsdp", checkpointing=bool(cfg.get("speed", {}).get("activation_checkpointing")),
         accumulate=int(t.get("accumulate_grad_batches") or 1), examples=_examples(cfg, n, opts["examples"]), plan=opts,
-        sharded_load=target.endswith(("FSDP2Strategy", "ModelParallelStrategy")))
+        sharded_load=sharded_loading(cfg))
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -279,10 +281,12 @@ def work(s: Shape, st: Setting, trained: int) -> dict:
 
 
 def check_sharded(cfg) -> None:
-    """UserError for what ``trainer=fsdp2`` does not support (``checks.sharded``), without reading any data."""
-    from recsys.pipeline import checks, scale, stages
+    """UserError for what ``trainer=fsdp2`` does not support (``checks.sharded``), without reading any data: a plan
+    of what train.py would refuse is no plan (``recsys.plan`` and :class:`PlanCheck` ask before planning)."""
+    from recsys.pipeline import checks, stages
+    from recsys.pipeline.scale import sharded_loading
 
-    if scale.sharded_loading(cfg):
+    if sharded_loading(cfg):
         checks.sharded(cfg, stages.method_class(cfg)[0], cfg.data.get("protocol", "ranking"))
 
 
@@ -290,7 +294,7 @@ def plan_config(cfg) -> tuple[Shape, Setting, dict]:
     """Compose-free entry: the shape (meta device), the setting and the estimate of a composed train config."""
     from recsys.models.backbone import config_kind, default_lora_targets
     from recsys.models.shapes import meta_model, shape_config
-    check_sharded(cfg)  # a plan of what train.py would refuse is no plan
+
     config = shape_config(cfg.backbone.name)
     kind = config_kind(config)
     model = meta_model(config, kind)
