@@ -45,7 +45,8 @@ def run_folder(root: Path, name: str, method: str, target: str, seed: int, shift
     nd = {split: float(ranks.ndcg(pd.array(r)).mean()) for split, r in
           (("test/", model), ("zero_shot/test/", [5] * USERS), ("popularity/test/", [3] * USERS))}
     metrics = {f"{p}{m}": v for p, v in nd.items() for m in ("ndcg@10", "hr@10", "mrr")}
-    metrics.update({"val/ndcg@10": nd["test/"], "data/test_examples": USERS})
+    metrics.update({"val/ndcg@10": nd["test/"], "data/test_examples": USERS, "time/train_s": 60.0 * (seed + 1),
+                    "train/epochs": seed + 2})
     (d / "metrics.json").write_text(json.dumps(metrics))
     return d
 
@@ -113,6 +114,10 @@ def test_page_tables_and_paired_tests(tmp_path):
     lines = page.splitlines()
     start = next(line for line in lines if line.startswith("| LoRA at start | 0 1 | 8 |"))
     assert "| 0.3869 ± 0.0000 | [0.3869, 0.3869] |" in start  # NDCG@10 of rank 5 at both seeds
+    assert start.endswith("|  |  |  |  |")  # the untrained module: no val score, training time or epochs
+    assert "| train min | epochs | failed |" in page
+    trained = next(line for line in lines if line.startswith("| LoRA | 0 1 | 8 |"))
+    assert trained.endswith("| 1.5 | 2.5 |  |")  # 60 s and 120 s of training, 2 and 3 epochs: the means
     pooled = next(line for line in lines if line.startswith("| LoRA | LoRA at start | all, pooled |"))
     # per user: the model's NDCG@10 averaged over seeds (ranks 1 + (i + s) % 4) minus rank 5's, 8 users a data
     # set, the two data sets' users kept apart (16 pairs, not 8)

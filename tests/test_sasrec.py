@@ -77,6 +77,8 @@ def test_sasrec_run_writes_metrics_ranks_and_retrieved(retriever):
                 "popularity/test/full/hr@10", "random/test/full/hr@10", "popularity/test/ndcg@10"):
         assert key in metrics and 0.0 <= metrics[key] <= 1.0, key
     assert metrics["params/trainable"] > 0
+    # the epochs run (recipe.max_epochs=2, no early stop that soon) and the one selected (from 0)
+    assert metrics["train/epochs"] == 2 and metrics["train/best_epoch"] in (0, 1)
     df = ranks.read(out)
     assert list(df.columns) == list(ranks.COLUMNS)
     assert sorted(df["split"].unique()) == ["popularity/test", "popularity/test/full", "random/test",

@@ -51,6 +51,7 @@ def composes(call: str) -> None:
     # games' LoRA and X-Cross archived (below): the sources' LoRAs, WeaveRec, two joint rows, four merges
     (("study_weaverec.sh", "games", "beauty", "toys", "0"), 2 + 1 + 2 + 4),
     (("study_efficiency.sh", "games", "toys", "beauty", "0"), 2 + 3 * 2),  # the sources' LoRAs, 3 fractions x 2
+    (("study_sasrec.sh", "beauty", "games"), 2 * 2),  # two domains, each trained on prefixes and on sequences
 ])
 def test_study_script_commands_compose(tmp_path, script, runs):
     if script[0] != "study_xcross.sh":  # the scripts that reuse the X-Cross study's archived 100% / LoRA rows

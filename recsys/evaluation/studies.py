@@ -47,7 +47,7 @@ in the repository. A file over 20 MB is refused.
 **The page** has, per study, its title and text, one table per data set (collection/target, backbone)
 with a row per row label: seeds, test users, test NDCG@10 as mean ± standard error over seeds with its
 95% t interval, HR@10 and MRR (mean ± standard error), the validation NDCG@10 (the value model selection
-chose by), failed runs; then the paired tests of ``compare``: per-user NDCG@10 on the same candidates
+chose by), the mean training minutes and (where runs record ``train/epochs``) epochs run, failed runs; then the paired tests of ``compare``: per-user NDCG@10 on the same candidates
 (``recsys.evaluation.ranks.candidate_identity``), differences averaged over seeds per user, per data set
 and pooled over all of them: mean difference with its 95% paired-bootstrap interval and p, Wilcoxon p,
 rank-biserial r (``recsys.evaluation.tables.compare_groups``). The page is a function of ``results/`` alone
@@ -285,23 +285,35 @@ def _users(job, split: str) -> int | None:
 
 def row_table(study: Study, key: tuple) -> str:
     """The Markdown table of one data set of a study: a line a row label with runs on it."""
+    table = [(row, [j for j in study.runs(row) if j.status != "unreadable" and _data_key(j) == key])
+             for row in study.rows]
+    table = [(row, runs) for row, runs in table if runs]
+    # the epochs column where some run records them (train/epochs; runs archived before it was written do not)
+    epochs = any("train/epochs" in j.metrics for _, runs in table for j in runs if j.status == "ok")
     head = ["row", "seeds", "users", "NDCG@10 (mean ± SE)", "NDCG@10 95% interval", "HR@10", "MRR",
-            "val NDCG@10", "failed"]
+            "val NDCG@10", "train min"] + (["epochs"] if epochs else []) + ["failed"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    for row in study.rows:
-        runs = [j for j in study.runs(row) if j.status != "unreadable" and _data_key(j) == key]
-        if not runs:
-            continue
+    for row, runs in table:
         ok = sorted((j for j in runs if j.status == "ok"), key=lambda j: str(j.seed))
         _check_one_run_per_seed(study, row, ok)
         values = {m: [j.metrics.get(f"{row.metric_prefix}{m}") for j in ok] for m in ("ndcg@10", "hr@10", "mrr")}
         users = sorted({_users(j, row.ranks_split) for j in ok} - {None})
-        val = [j.metrics.get(tables.SELECT) for j in ok] if row.split == "test" else []
+        trained = row.split == "test"  # the other splits are reference rows or the untrained module: no training
+        val = [j.metrics.get(tables.SELECT) for j in ok] if trained else []
         cells = [row.label, " ".join(str(j.seed) for j in ok) or "—", "/".join(map(str, users)) or "—",
                  _mean_se(values["ndcg@10"]), _interval(values["ndcg@10"]), _mean_se(values["hr@10"]),
-                 _mean_se(values["mrr"]), _mean_se(val) if val else "", str(len(runs) - len(ok)) if len(runs) > len(ok) else ""]
+                 _mean_se(values["mrr"]), _mean_se(val) if val else "",
+                 _mean(ok, "time/train_s", 1 / 60, ".1f") if trained else ""]
+        cells += [_mean(ok, "train/epochs", 1, "g") if trained else ""] if epochs else []
+        cells += [str(len(runs) - len(ok)) if len(runs) > len(ok) else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _mean(jobs: list, key: str, scale: float, fmt: str) -> str:
+    """The mean of metric ``key`` over ``jobs`` (times ``scale``), or "—" when none has it."""
+    a = [float(j.metrics[key]) * scale for j in jobs if j.metrics.get(key) is not None]
+    return format(sum(a) / len(a), fmt) if a else "—"
 
 
 def paired_table(study: Study) -> str:
@@ -374,7 +386,9 @@ A run joins a study with
 
 A study's question and answer are in `results/<study>/study.md`, its rows and paired tests in
 `results/<study>/study.yaml` (the layout is described in `recsys/evaluation/studies.py`). Test metrics are the mean over seeds ± its standard error,
-with the 95% t interval of NDCG@10; val NDCG@10 is what model selection chose by. A paired test compares
+with the 95% t interval of NDCG@10; val NDCG@10 is what model selection chose by; train min is the mean
+training time (`time/train_s`) on the machine that ran the study (this one: 2 CPU cores, one thread a run,
+two runs at a time), a cost, not a speed benchmark; epochs, where recorded, the epochs run. A paired test compares
 two rows user by user on the same candidates: the mean difference of per-user NDCG@10 with its 95%
 paired-bootstrap interval and p (10,000 resamples), the Wilcoxon signed-rank p and the rank-biserial r.
 """

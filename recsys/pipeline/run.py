@@ -265,8 +265,9 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
 
 
 def fit(cfg: DictConfig, trainer: L.Trainer, module: RecModule, dm: RecDataModule, metrics: dict) -> tuple[bool, str]:
-    """Train (resuming a run restarted in its folder) unless there is nothing to train; adds the training time
-    and the validation metrics of the selected epoch to ``metrics``; returns (trained, best checkpoint path)."""
+    """Train (resuming a run restarted in its folder) unless there is nothing to train; adds the training time,
+    the epochs run (``train/epochs``), the selected epoch (``train/best_epoch``, numbered from 0 as in the checkpoint
+    names) and the validation metrics of that epoch to ``metrics``; returns (trained, best checkpoint path)."""
     trained = cfg.trainer.max_epochs != 0 and not module.skip_training
     # a run restarted in its folder (fixed hydra.run.dir, a requeued SLURM job) goes on from its last checkpoint
     ckpt = cfg.get("ckpt_path")
@@ -284,6 +285,10 @@ def fit(cfg: DictConfig, trainer: L.Trainer, module: RecModule, dm: RecDataModul
                 "the data.* sizes, or use trainer.max_epochs=0 for a zero-shot run")
     timer = next((c for c in trainer.callbacks if isinstance(c, scale.ResumeState)), None)
     metrics["time/train_s"] = round(timer.train_seconds() if trained and timer else time.time() - t0, 3)
+    if trained:  # epochs run (early stopping may end before max_epochs) and the one selected: epochs/s, cost
+        metrics["train/epochs"] = trainer.current_epoch
+        if module.best_epoch(cfg.optimized_metric) is not None:
+            metrics["train/best_epoch"] = module.best_epoch(cfg.optimized_metric)
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trained else ""
     if trained and best:
         metrics.update(module.best_val_metrics(cfg.optimized_metric))
