@@ -65,7 +65,7 @@ def test_local_cluster_runs_a_two_task_job_and_requeues(slurm_cluster, tmp_path)
 # docs/cluster.md, "The journey on a laptop": the same commands with the cluster's sizes taken out
 SWEEP = ["-m", "hydra/launcher=slurm", "method=xcross,weaverec", "seed=0,1", "++method.module.train_missing=true",
          "data.sources=[toys,sports]", "logger=wandb",
-         "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy.find_unused_parameters=true",
+         "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
          "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
          "hydra.launcher.timeout_min=30"]
 TINY = ["backbone=tiny_encoder", "trainer.precision=32-true", "trainer.max_epochs=2", "trainer.limit_train_batches=24",

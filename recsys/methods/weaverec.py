@@ -31,7 +31,8 @@ Choices the paper leaves open, each **[ours]** with its config switch (``conf/me
 - Epochs: as released, every branch sees each of its examples once an epoch: the streams are
   combined in Lightning's ``max_size`` mode (an epoch is one pass over the longest stream, a hybrid
   of up to twice the target's examples), and a branch whose stream is exhausted skips the
-  remaining steps of the epoch (``branch<i>/train/steps`` in metrics.json says how many it took).
+  remaining steps of the epoch (``branch<i>/train/steps`` in metrics.json says how many it took;
+  under DDP with zero gradients that are dropped before the optimizer step: :meth:`WeaveRecModule.training_step`).
 - Each trained branch is its own optimizer param group with its own learning-rate schedule, over the
   steps IT takes (``lr_lambdas``): warm-up for ``warmup_ratio`` of its own steps, then the cosine to
   its end at its own last step, as the release trains each LoRA on its own schedule (one schedule
@@ -182,6 +183,7 @@ class WeaveRecModule(RecModule):
 
         self.branch_val = BranchValidation(len(self.branches))  # branch<i>/val/... (validate_branches)
         self.branch_steps = [0] * len(self.branches)  # optimizer steps each branch took (all epochs)
+        self._stepped: set[int] = set()  # the branches with a batch since the last optimizer step
         self.learned_weights: dict[str, list[float]] | None = None  # AdaMerging's per-module lambdas
         self._stale = True  # the merged adapter must be (re)computed before it is used
         self._relearn = True  # AdaMerging weights must be relearned (the branches changed)
@@ -280,8 +282,14 @@ class WeaveRecModule(RecModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         """``batch``: {stream: batch or None}. Sum of the trained branches' losses, each on its own
         stream with only its own adapter active, so each branch's gradient comes from its own loss
-        alone; a branch whose stream is exhausted this epoch (None) skips the step."""
-        total, n, size = 0.0, 0, 0
+        alone; a branch whose stream is exhausted this epoch (None) skips the step.
+
+        A skipped branch still enters the loss as 0 x (its weights' sum): every trainable weight gets a
+        gradient in every step, as DDP requires (no ``find_unused_parameters``, no error), and
+        :meth:`on_before_optimizer_step` then drops those zero gradients, so the optimizer leaves the branch
+        as it is (AdamW skips a weight without a gradient: no moment decay, no weight decay) exactly as in
+        one process."""
+        total, n, size, idle = 0.0, 0, 0, 0.0
         for i, b in enumerate(self.branches):
             if not b.trained:
                 continue
@@ -289,7 +297,9 @@ class WeaveRecModule(RecModule):
                 raise KeyError(f"no training batch for stream {b.stream!r}; got {sorted(batch)}: is data.mix=hybrid?")
             sub = batch[b.stream]
             if sub is None:
+                idle = idle + sum(w.sum() for w in self.branch_weights(i)) * 0.0
                 continue
+            self._stepped.add(i)
             self.weave.activate(self.branches[i].adapter)
             loss = self.objective(sub, lambda x: self._score(x, self.head_of(i)), stream=f"branch{i}/train")
             self.log(f"branch{i}/train/loss", loss, batch_size=sub["labels"].numel())
@@ -298,7 +308,22 @@ class WeaveRecModule(RecModule):
         if not n:
             return None  # every trained stream is exhausted (only with reused hybrids' streams longer)
         self.log("train/loss", total / n, prog_bar=True, batch_size=size)
-        return total
+        return total + idle
+
+    def branch_weights(self, i: int) -> list[torch.nn.Parameter]:
+        """Branch ``i``'s trainable weights: its adapter's, and its head's when each branch has its own."""
+        own = list(self.weave.params[self.branches[i].adapter])
+        return own + ([w for w in self.heads[i].parameters() if w.requires_grad]
+                      if self.heads is not None and self.head_mode == "per_branch" else [])
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A branch that had no batch since the last optimizer step (its stream exhausted in every batch that
+        step accumulated) takes no step: its (zero, see :meth:`training_step`) gradients are dropped."""
+        for i, b in enumerate(self.branches):
+            if b.trained and i not in self._stepped:
+                for w in self.branch_weights(i):
+                    w.grad = None
+        self._stepped = set()
 
     def on_train_epoch_end(self) -> None:
         log.info("epoch %d: optimizer steps per branch: %s", self.current_epoch, ", ".join(
