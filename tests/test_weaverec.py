@@ -281,7 +281,7 @@ class OptimizerSteps(L.Callback):
         state = trainer.optimizers[0].state
         for i, b in enumerate(module.branches):
             if b.trained:
-                self.steps[i] = {int(state[w]["step"]) for w in module.branch_weights(i)}
+                self.steps[i] = {int(state[w]["step"]) for w in module.weave.weights(i, module.own_heads)}
 
 
 def test_each_branch_sees_its_examples_once_an_epoch(tmp_path, monkeypatch):

@@ -176,6 +176,7 @@ class WeaveRecModule(RecModule):
         # [ours] every run's heads start from the same weights (HEAD_SEED), so a reused hybrid's head aligns
         self.heads = None if self.scoring != "head" else branch_heads(
             self.branches, backbone.hidden_size, head == "shared", HEAD_SEED, reuse)
+        self.own_heads = self.heads if head == "per_branch" else None  # each branch's own head, if it has one
         self.merged_head = None
         if self.heads is not None and head == "per_branch":
             self.merged_head = copy.deepcopy(self.heads[0]).requires_grad_(False)
@@ -183,7 +184,6 @@ class WeaveRecModule(RecModule):
 
         self.branch_val = BranchValidation(len(self.branches))  # branch<i>/val/... (validate_branches)
         self.branch_steps = [0] * len(self.branches)  # optimizer steps each branch took (all epochs)
-        self._stepped: set[int] = set()  # the branches with a batch since the last optimizer step
         self.learned_weights: dict[str, list[float]] | None = None  # AdaMerging's per-module lambdas
         self._stale = True  # the merged adapter must be (re)computed before it is used
         self._relearn = True  # AdaMerging weights must be relearned (the branches changed)
@@ -282,13 +282,8 @@ class WeaveRecModule(RecModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         """``batch``: {stream: batch or None}. Sum of the trained branches' losses, each on its own
         stream with only its own adapter active, so each branch's gradient comes from its own loss
-        alone; a branch whose stream is exhausted this epoch (None) skips the step.
-
-        A skipped branch still enters the loss as 0 x (its weights' sum): every trainable weight gets a
-        gradient in every step, as DDP requires (no ``find_unused_parameters``, no error), and
-        :meth:`on_before_optimizer_step` then drops those zero gradients, so the optimizer leaves the branch
-        as it is (AdamW skips a weight without a gradient: no moment decay, no weight decay) exactly as in
-        one process."""
+        alone; a branch whose stream is exhausted this epoch (None) skips the step: it enters the loss as 0 x its
+        weights, for DDP (``Weave.idle_term``), and those zero gradients are dropped (``Weave.drop_idle``)."""
         total, n, size, idle = 0.0, 0, 0, 0.0
         for i, b in enumerate(self.branches):
             if not b.trained:
@@ -297,9 +292,9 @@ class WeaveRecModule(RecModule):
                 raise KeyError(f"no training batch for stream {b.stream!r}; got {sorted(batch)}: is data.mix=hybrid?")
             sub = batch[b.stream]
             if sub is None:
-                idle = idle + sum(w.sum() for w in self.branch_weights(i)) * 0.0
+                idle = idle + self.weave.idle_term(i, self.own_heads)
                 continue
-            self._stepped.add(i)
+            self.weave.stepped.add(i)
             self.weave.activate(self.branches[i].adapter)
             loss = self.objective(sub, lambda x: self._score(x, self.head_of(i)), stream=f"branch{i}/train")
             self.log(f"branch{i}/train/loss", loss, batch_size=sub["labels"].numel())
@@ -310,20 +305,8 @@ class WeaveRecModule(RecModule):
         self.log("train/loss", total / n, prog_bar=True, batch_size=size)
         return total + idle
 
-    def branch_weights(self, i: int) -> list[torch.nn.Parameter]:
-        """Branch ``i``'s trainable weights: its adapter's, and its head's when each branch has its own."""
-        own = list(self.weave.params[self.branches[i].adapter])
-        return own + ([w for w in self.heads[i].parameters() if w.requires_grad]
-                      if self.heads is not None and self.head_mode == "per_branch" else [])
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """A branch that had no batch since the last optimizer step (its stream exhausted in every batch that
-        step accumulated) takes no step: its (zero, see :meth:`training_step`) gradients are dropped."""
-        for i, b in enumerate(self.branches):
-            if b.trained and i not in self._stepped:
-                for w in self.branch_weights(i):
-                    w.grad = None
-        self._stepped = set()
+    def on_before_optimizer_step(self, optimizer) -> None:  # a branch with no batch since the last step takes none
+        self.weave.drop_idle(self.own_heads)
 
     def on_train_epoch_end(self) -> None:
         log.info("epoch %d: optimizer steps per branch: %s", self.current_epoch, ", ".join(
@@ -364,7 +347,7 @@ class WeaveRecModule(RecModule):
         self.weave.clip(self.heads, self.head_mode == "shared", gradient_clip_val)
 
     def param_groups(self) -> list[dict]:  # one group a trained branch (Weave.param_groups), then the rest
-        return self.weave.param_groups(self.heads if self.head_mode == "per_branch" else None, self.trainable_parameters())
+        return self.weave.param_groups(self.own_heads, self.trainable_parameters())
     lr_lambdas = branch_lr_lambdas  # each branch its own schedule, over its own steps
 
     # ------------------------------------------------------------------ checkpoints
@@ -380,15 +363,7 @@ class WeaveRecModule(RecModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        extra = checkpoint.get("weaverec", {})
-        saved = extra.get("branches")
-        if saved is not None and saved != self.adapters:
-            raise ValueError(f"checkpoint has the WeaveRec branches {saved}, this module {self.adapters}")
-        self.branch_val.history = dict(extra.get("branch_val_history", {}))
-        self.branch_steps = list(extra.get("branch_steps", self.branch_steps))
-        self.learned_weights = extra.get("learned_weights")
-        self._stale = True
-        self._relearn = self.learned_weights is None  # the checkpoint's lambdas are those validated
+        restore_weave(self, checkpoint.get("weaverec", {}))
 
     # ------------------------------------------------------------------ reports
     def extra_params(self) -> dict[str, float]:
@@ -408,6 +383,18 @@ class WeaveRecModule(RecModule):
         """Write the newly trained hybrids and the merge to the store (:func:`export_weave`)."""
         self.ensure_merged()
         return export_weave(self, store, manifest)
+
+
+def restore_weave(m: WeaveRecModule, extra: dict) -> None:
+    """WeaveRec's own part of a checkpoint (``checkpoint["weaverec"]``, :meth:`WeaveRecModule.on_save_checkpoint`)."""
+    saved = extra.get("branches")
+    if saved is not None and saved != m.adapters:
+        raise ValueError(f"checkpoint has the WeaveRec branches {saved}, this module {m.adapters}")
+    m.branch_val.history = dict(extra.get("branch_val_history", {}))
+    m.branch_steps = list(extra.get("branch_steps", m.branch_steps))
+    m.learned_weights = extra.get("learned_weights")
+    m._stale = True
+    m._relearn = m.learned_weights is None  # the checkpoint's lambdas are those validated
 
 
 def export_weave(m: WeaveRecModule, store: AdapterStore, manifest: dict) -> Path:

@@ -35,6 +35,7 @@ class Weave:
     Attributes:
         params: adapter name -> its LoRA weights (A and B of every adapted module).
         flags: (parameter, requires_grad) of every branch weight: True for a trained branch's.
+        stepped: the branches that had a batch since the last optimizer step (:meth:`drop_idle`).
     """
 
     def __init__(self, model, branches: Sequence[Branch]):
@@ -47,6 +48,7 @@ class Weave:
                 self.params[m.group(1)].append(p)
         trained = {b.adapter for b in self.branches if b.trained}
         self.flags = [(p, a in trained) for a, ps in self.params.items() for p in ps]
+        self.stepped: set[int] = set()
         self.restore_flags()
 
     @property
@@ -64,16 +66,36 @@ class Weave:
             self.model.active_adapter = adapter
             self.restore_flags()  # ... so the branches get their own flags back
 
+    def weights(self, i: int, heads: Sequence[nn.Module] | None) -> list[nn.Parameter]:
+        """Branch ``i``'s own trainable weights: its LoRA weights, and ``heads[i]``'s trainable ones when each
+        branch has its own head (``heads``; None: no head of its own)."""
+        own = list(self.params[self.branches[i].adapter])
+        return own + ([p for p in heads[i].parameters() if p.requires_grad] if heads is not None else [])
+
+    def idle_term(self, i: int, heads: Sequence[nn.Module] | None) -> torch.Tensor:
+        """0 x the sum of branch ``i``'s weights: added to the loss of a step the branch skips, it gives each of
+        them a (zero) gradient, so every trainable weight takes part in every step, as DDP requires."""
+        return sum(w.sum() for w in self.weights(i, heads)) * 0.0
+
+    def drop_idle(self, heads: Sequence[nn.Module] | None) -> None:
+        """Before the optimizer step: the trained branches not in ``stepped`` (no batch since the last step: a
+        stream exhausted in every batch the step accumulated) lose their (zero) gradients, so the optimizer
+        leaves them as they are (AdamW skips a weight without a gradient: no moment decay, no weight decay),
+        as in one process; ``stepped`` starts again."""
+        for i, b in enumerate(self.branches):
+            if b.trained and i not in self.stepped:
+                for w in self.weights(i, heads):
+                    w.grad = None
+        self.stepped = set()
+
     def param_groups(self, heads: Sequence[nn.Module] | None, trainable: Sequence[nn.Parameter]) -> list[dict]:
-        """One optimizer param group a trained branch (its LoRA weights, and ``heads[i]``'s trainable ones when
-        each branch has its own head), named by its ``stream``; then the rest of ``trainable`` (stream None)."""
+        """One optimizer param group a trained branch (:meth:`weights`), named by its ``stream``; then the
+        rest of ``trainable`` (stream None)."""
         groups, taken = [], set()
         for i, b in enumerate(self.branches):
             if not b.trained:
                 continue
-            params = list(self.params[b.adapter])
-            if heads is not None:
-                params += [p for p in heads[i].parameters() if p.requires_grad]
+            params = self.weights(i, heads)
             groups.append({"params": params, "stream": b.stream})
             taken |= {id(p) for p in params}
         rest = [p for p in trainable if id(p) not in taken]
@@ -123,15 +145,9 @@ class Weave:
     def clip_groups(self, heads: Sequence[nn.Module] | None, shared_head: bool) -> list[list[nn.Parameter]]:
         """The gradient-clipping groups: each trained branch's adapter with its own head (per-branch heads),
         and the shared head on its own (``shared_head``)."""
-        groups = {b.adapter: list(self.params[b.adapter]) for b in self.branches if b.trained}
-        if heads is not None:
-            if shared_head:
-                groups["head"] = list(heads[0].parameters())
-            else:
-                for b, h in zip(self.branches, heads):
-                    if b.trained:
-                        groups[b.adapter] += list(h.parameters())
-        return list(groups.values())
+        own = None if shared_head else heads
+        groups = [self.weights(i, own) for i, b in enumerate(self.branches) if b.trained]
+        return groups + ([list(heads[0].parameters())] if heads is not None and shared_head else [])
 
     def clip(self, heads: Sequence[nn.Module] | None, shared_head: bool, max_norm: float) -> None:
         """Clip each group's gradient norm to ``max_norm`` on its own: one branch never rescales another's."""
