@@ -47,7 +47,8 @@ in the repository. A file over 20 MB is refused.
 **The page** has, per study, its title and text, one table per data set (collection/target, backbone)
 with a row per row label: seeds, test users, test NDCG@10 as mean ± standard error over seeds with its
 95% t interval, HR@10 and MRR (mean ± standard error), the validation NDCG@10 (the value model selection
-chose by), the mean training minutes and (where runs record ``train/epochs``) epochs run, failed runs; then the paired tests of ``compare``: per-user NDCG@10 on the same candidates
+chose by), the mean training minutes and (where runs record ``train/epochs``) epochs run, failed runs;
+then the paired tests of ``compare``: per-user NDCG@10 on the same candidates
 (``recsys.evaluation.ranks.candidate_identity``), differences averaged over seeds per user, per data set
 and pooled over all of them: mean difference with its 95% paired-bootstrap interval and p, Wilcoxon p,
 rank-biserial r (``recsys.evaluation.tables.compare_groups``). The page is a function of ``results/`` alone
@@ -388,8 +389,8 @@ A study's question and answer are in `results/<study>/study.md`, its rows and pa
 `results/<study>/study.yaml` (the layout is described in `recsys/evaluation/studies.py`). Test metrics are the mean over seeds ± its standard error,
 with the 95% t interval of NDCG@10; val NDCG@10 is what model selection chose by; train min is the mean
 training time (`time/train_s`) on the machine that ran the study (this one: 2 CPU cores, one thread a run,
-two runs at a time), a cost, not a speed benchmark; epochs, where recorded, the epochs run. A paired test compares
-two rows user by user on the same candidates: the mean difference of per-user NDCG@10 with its 95%
+two runs at a time), a cost, not a speed benchmark; epochs, where recorded, the epochs run. A paired test
+compares two rows user by user on the same candidates: the mean difference of per-user NDCG@10 with its 95%
 paired-bootstrap interval and p (10,000 resamples), the Wilcoxon signed-rank p and the rank-biserial r.
 """
 
