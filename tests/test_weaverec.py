@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -37,7 +34,6 @@ from recsys.models.scoring import likelihood_scores, pair_scores
 from recsys.pipeline.run import build_datamodule, build_module, evaluate, train
 from conftest import compose_config, paths_under
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # steps run without a Trainer
 ROWS = ("hr@1", "hr@3", "hr@5", "hr@10", "ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "mrr")
 TINY = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.precision=32-true", "logger=none",
@@ -271,6 +267,21 @@ def test_hybrid_mixture_proportions_cap_and_skipped_streams():
     assert set(skip.train_entries) == {"target", "hybrid/sports"}
 
 
+def record_with(monkeypatch, recorder: L.Callback) -> L.Callback:
+    """``recorder`` added to the trainer that train.py builds (``recsys.pipeline.run.build_trainer``)."""
+    from recsys.pipeline import run as pipeline
+
+    build = pipeline.build_trainer
+
+    def with_recorder(cfg, **kw):
+        trainer = build(cfg, **kw)
+        trainer.callbacks.append(recorder)
+        return trainer
+
+    monkeypatch.setattr(pipeline, "build_trainer", with_recorder)
+    return recorder
+
+
 class OptimizerSteps(L.Callback):
     """At the end of training: the optimizer's step count (AdamW's per-weight ``step``) of each branch's weights."""
 
@@ -289,11 +300,7 @@ def test_each_branch_sees_its_examples_once_an_epoch(tmp_path, monkeypatch):
     target branch takes 4 steps of 4 and the hybrid 8, none repeated (max_size, not max_size_cycle). The
     optimizer updates the target branch's weights (adapter and head) in its 4 steps only: the zero gradients
     it gets once its stream is exhausted (for DDP, WeaveRecModule.training_step) are dropped, not stepped on."""
-    from recsys.pipeline import run as pipeline
-
-    recorder, build = OptimizerSteps(), pipeline.build_trainer
-    monkeypatch.setattr(pipeline, "build_trainer",
-                        lambda cfg, **kw: (t := build(cfg, **kw)).callbacks.append(recorder) or t)
+    recorder = record_with(monkeypatch, OptimizerSteps())
     m = run_train(tmp_path, *weave_args("tiny_encoder", ["toys"]), "data.max_train_examples=16",
                   "trainer.limit_train_batches=null", "method.module.validate_branches=false")
     assert (m["branch0/train/steps"], m["branch1/train/steps"]) == (4.0, 8.0)
@@ -304,18 +311,18 @@ def test_each_branch_sees_its_examples_once_an_epoch(tmp_path, monkeypatch):
 def test_unequal_streams_train_under_ddp_without_unused_parameter_search(tmp_path):
     """``trainer=ddp`` on 2 CPU processes with DDP's default ``find_unused_parameters=false``: the target
     branch's stream ends half-way through the epoch and the run still trains (Lightning used to stop it: "your
-    LightningModule has parameters that were not used in producing the loss"), each branch taking the steps it takes in one process."""
-    args = ["backbone=tiny_encoder", "method=weaverec", "data.target=tools", "data.sources=[toys]",
-            "data.max_train_examples=16", "trainer.limit_train_batches=null", "method.module.validate_branches=false",
+    LightningModule has parameters that were not used in producing the loss"), each branch taking the steps it
+    takes in one process."""
+    from test_lora import run as run_script
+
+    args = [*weave_args("tiny_encoder", ["toys"]), "data.max_train_examples=16", "trainer.limit_train_batches=null",
+            "method.module.validate_branches=false",
             *[a for a in TINY if not a.startswith(("trainer.limit_train_batches", "data.max_train_examples"))],
             f"paths.cache_dir={tmp_path}/cache"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     steps = {}
     for name, extra in (("one", []), ("two", ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"])):
-        p = subprocess.run([sys.executable, "train.py", *args, *extra, f"hydra.run.dir={tmp_path / name}",
-                            f"paths.adapter_store={tmp_path / name}-store"],  # its own: no hybrid reused
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-        assert p.returncode == 0, p.stderr[-4000:]
+        run_script("train.py", *args, *extra, f"hydra.run.dir={tmp_path / name}",
+                   f"paths.adapter_store={tmp_path / name}-store", timeout=900)  # its own store: no hybrid reused
         m = json.loads((tmp_path / name / "metrics.json").read_text())
         steps[name] = (m["branch0/train/steps"], m["branch1/train/steps"])
     assert steps["one"] == steps["two"] == (4.0, 8.0)  # batch 4 is global: 2 a rank, as many steps as one process
@@ -342,16 +349,8 @@ def test_each_branch_warms_up_and_decays_over_its_own_steps(tmp_path, monkeypatc
     takes is the schedule of a run of its own length (warm-up 25% of ITS steps, the cosine's end at ITS last
     step), as the release trains each LoRA on its own schedule, not one schedule over the longest stream."""
     from recsys.methods.base import warmup_cosine
-    from recsys.pipeline import run as pipeline
 
-    recorder, build = BranchLr(), pipeline.build_trainer
-
-    def with_recorder(cfg, **kw):
-        trainer = build(cfg, **kw)
-        trainer.callbacks.append(recorder)
-        return trainer
-
-    monkeypatch.setattr(pipeline, "build_trainer", with_recorder)
+    recorder = record_with(monkeypatch, BranchLr())
     m = run_train(tmp_path, *weave_args("tiny_encoder", ["toys"]), "data.max_train_examples=16",
                   "trainer.limit_train_batches=null", "trainer.max_epochs=2", "method.module.validate_branches=false",
                   "recipe.warmup_ratio=0.25", f"recipe.scheduler={scheduler}", "recipe.optimizer.lr=0.01")

@@ -287,8 +287,9 @@ def fit(cfg: DictConfig, trainer: L.Trainer, module: RecModule, dm: RecDataModul
     metrics["time/train_s"] = round(timer.train_seconds() if trained and timer else time.time() - t0, 3)
     if trained:  # epochs run (early stopping may end before max_epochs) and the one selected: epochs/s, cost
         metrics["train/epochs"] = trainer.current_epoch
-        if module.best_epoch(cfg.optimized_metric) is not None:
-            metrics["train/best_epoch"] = module.best_epoch(cfg.optimized_metric)
+        selected = module.best_epoch(cfg.optimized_metric)
+        if selected is not None:
+            metrics["train/best_epoch"] = selected
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trained else ""
     if trained and best:
         metrics.update(module.best_val_metrics(cfg.optimized_metric))
