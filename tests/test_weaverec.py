@@ -455,6 +455,28 @@ def test_merge_scale_is_the_validation_argmax(lora_store, tmp_path, monkeypatch,
     assert len(set(scores.values())) > 1  # the grid matters on this data
 
 
+def test_merge_grid_is_scored_at_validations_precision(lora_store, tmp_path, monkeypatch):
+    """Under trainer.precision=bf16-mixed every grid score is computed under the bf16 autocast that validation
+    and test run under (not in float32, 2-3x slower on the CPU and a different number), so the chosen pair's
+    grid score is the run's val/ndcg@10."""
+    from recsys.methods.merge_sources import MergeSourcesModule
+
+    modes, real_score = {}, MergeSourcesModule.score
+
+    def score(self, batch):
+        stage = "choose" if self.chosen is None else "eval"
+        modes.setdefault(stage, set()).add((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real_score(self, batch)
+
+    monkeypatch.setattr(MergeSourcesModule, "score", score)
+    metrics = run_train(tmp_path / "run", "backbone=tiny_encoder", "method=merge_sources", "data.sources=[toys]",
+                        "merge.rule=task_arithmetic", "merge.scaling_grid=[0.5,2.0]", "trainer.precision=bf16-mixed",
+                        store=lora_store)
+    assert modes["choose"] == modes["eval"] == {(True, torch.bfloat16)}
+    chosen = f"merge/grid/{metrics['merge/scale']:g},{metrics['merge/density']:g}"
+    assert metrics[chosen] == pytest.approx(metrics["val/ndcg@10"], abs=1e-6)
+
+
 def test_merge_grid_of_each_rule():
     from recsys.models.merging import MergeSettings
 

@@ -14,9 +14,9 @@ head (``head: target``, default) or the lambda-weighted mean of all adapters' he
 The merge's scale is chosen on validation, as the task-arithmetic and TIES papers choose theirs: every
 ``merge.scaling_grid`` x ``merge.density_grid`` pair the rule uses (``MergeSettings.grid``: scaling for every
 rule but ``weaverec``, density for ``ties`` and ``dare``) is merged and scored on the target's validation
-split (the monitored metric, ``optimized_metric``); the best (the first on ties) is the merge that is
-validated and tested. Only validation batches are read to choose, also when ``evaluate.py`` rebuilds the
-merge for a test. metrics.json: ``merge/scale``, ``merge/density`` (the chosen) and ``merge/grid/<c>,<d>``
+split (the monitored metric, ``optimized_metric``), at validation's precision (the trainer's autocast); the
+best (the first on ties) is the merge that is validated and tested. Only validation batches are read to
+choose, also when ``evaluate.py`` rebuilds the merge for a test. metrics.json: ``merge/scale``, ``merge/density`` (the chosen) and ``merge/grid/<c>,<d>``
 (each pair's validation score).
 """
 
@@ -139,7 +139,8 @@ class MergeSourcesModule(RecModule):
             metrics = RankingMetrics().to(self.device)
             for batch in batches:
                 batch = move_data_to_device(batch, self.device)
-                metrics.update(self.score(batch).float(), batch["labels"])
+                with self.trainer.precision_plugin.val_step_context():  # validation's precision (bf16 autocast)
+                    metrics.update(self.score(batch).float(), batch["labels"])
             self.grid_scores[(settings.scaling, settings.density)] = float(metrics.compute()[key])
             log.info("merge %s scaling %.3g density %.3g: val %s %.4f", settings.rule, settings.scaling,
                      settings.density, key, self.grid_scores[(settings.scaling, settings.density)])
