@@ -348,7 +348,7 @@ def report_and_export(cfg: DictConfig, trainer: L.Trainer, module: RecModule, st
             log.info("adapter exported to %s", folder)
             tracking.log_adapter(trainer.loggers, folder)
     tracking.log_results(trainer.loggers, metrics, "test", REPORT_KEYS)
-    tracking.log_best(trainer.loggers, metrics, cfg.optimized_metric, module.best_epoch(cfg.optimized_metric))
+    tracking.log_best(trainer.loggers, metrics, cfg.optimized_metric, metrics.get("train/best_epoch"))
     # last: a re-run of this folder reports these figures and changes nothing (completed_metrics)
     write_json(out_dir / "run.json", {"best_checkpoint": best, "trained": trained, "complete": True})
     for lg in trainer.loggers:
