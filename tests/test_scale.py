@@ -284,6 +284,51 @@ def test_resumable_loader_goes_on_mid_epoch():
     c.load_state_dict({"epoch": 2, "batches": len(c)})  # saved at the end of epoch 2: epoch 3 starts afresh
     c.batch_sampler.set_epoch(3)
     assert len(list(c)) == len(c)
+    d = loader()
+    d.load_state_dict({"epoch": 2, "batches": len(d)})  # a stream that had ended mid-epoch 2: it stays ended
+    d.batch_sampler.set_epoch(2)
+    assert list(d) == []
+
+
+def test_a_shorter_stream_that_had_ended_stays_ended_after_a_resume():
+    """WeaveRec's streams in a CombinedLoader (max_size): saved after the short stream ended, restored into new
+    loaders through Lightning's own _state_dicts / _load_state_dicts and set_epoch, the epoch goes on exactly
+    as it would have (the short stream None to its end, not a replay of its epoch); the next epoch is whole."""
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from lightning.pytorch.utilities import CombinedLoader
+
+    from recsys.data.datamodule import EpochBatchSampler, ResumableLoader
+
+    class Keys(torch.utils.data.Dataset):  # an (index, epoch) key -> the index
+        def __getitem__(self, key):
+            return key[0]
+
+    def combined():
+        return CombinedLoader({name: ResumableLoader(Keys(), collate_fn=list, batch_sampler=EpochBatchSampler(
+            n, 4, shuffle=True, seed=3, pad=True)) for name, n in (("target", 40), ("hybrid", 12))}, mode="max_size")
+
+    def epoch(loader, e, state=None):  # CombinedLoader's iterator is the loader itself: iter() starts over
+        if state is not None:
+            loader._load_state_dicts(state)
+        for dl in loader.flattened:
+            _set_sampler_epoch(dl, e)
+        return iter(loader)
+
+    def rest(it):
+        out = []
+        while (batch := next(it, None)) is not None:
+            out.append({k: None if v is None else tuple(v) for k, v in batch[0].items()})
+        return out
+
+    a = combined()
+    it = epoch(a, 1)
+    seen = [next(it) for _ in range(6)]  # the hybrid stream ended after 3 batches
+    assert seen[-1][0]["hybrid"] is None
+    state, remainder = a._state_dicts(), rest(it)
+    assert len(remainder) == 4 and state == [{"epoch": 1, "batches": 6}, {"epoch": 1, "batches": 3}]
+    b = combined()
+    assert rest(epoch(b, 1, state)) == remainder
+    assert rest(epoch(b, 2)) == rest(epoch(combined(), 2))
 
 
 def test_rng_state_round_trip(tmp_path):

@@ -215,10 +215,11 @@ class ResumableLoader(DataLoader):
         return {"epoch": self.batch_sampler.epoch, "batches": self._yielded}
 
     def load_state_dict(self, state: dict) -> None:
-        epoch, batches = int(state["epoch"]), int(state["batches"])
-        if batches >= len(self.batch_sampler):  # saved at the end of the epoch: the next one starts afresh
-            epoch, batches = epoch + 1, 0
-        self.batch_sampler.resume(epoch, batches)
+        """Skip the yielded batches when the saved epoch is passed again. All of them is a stream that had
+        ended: in a ``CombinedLoader`` a shorter stream (a WeaveRec hybrid) ends mid-epoch and stays ended
+        until the epoch does; saved at the epoch's end, Lightning goes on with the next epoch (``set_epoch``),
+        which starts afresh."""
+        self.batch_sampler.resume(int(state["epoch"]), int(state["batches"]))
 
 
 def train_options(examples: str = "prefixes", batches: str = "all") -> tuple[str, str]:
