@@ -16,8 +16,8 @@ The merge's scale is chosen on validation, as the task-arithmetic and TIES paper
 rule but ``weaverec``, density for ``ties`` and ``dare``) is merged and scored on the target's validation
 split (the monitored metric, ``optimized_metric``), at validation's precision (the trainer's autocast); the
 best (the first on ties) is the merge that is validated and tested. Only validation batches are read to
-choose, also when ``evaluate.py`` rebuilds the merge for a test. metrics.json: ``merge/scale``, ``merge/density`` (the chosen) and ``merge/grid/<c>,<d>``
-(each pair's validation score).
+choose, also when ``evaluate.py`` rebuilds the merge for a test. metrics.json: ``merge/scale``,
+``merge/density`` (the chosen) and ``merge/grid/<c>,<d>`` (each pair's validation score).
 """
 
 from __future__ import annotations
