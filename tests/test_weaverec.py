@@ -510,9 +510,8 @@ def test_joint_at_equal_steps_takes_target_only_steps(tmp_path, monkeypatch, ste
     (target-only's 16 / 4), not the pool's 8; the schedule spans those 8 steps (the lr's last value is the
     cosine's end) and validation still runs each epoch; stored apart from the epochs-joint adapter."""
     from recsys.methods.base import warmup_cosine
-    from recsys.pipeline import run as pipeline
 
-    lrs, build = [], pipeline.build_trainer
+    lrs = []
 
     class Lr(L.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
@@ -521,12 +520,7 @@ def test_joint_at_equal_steps_takes_target_only_steps(tmp_path, monkeypatch, ste
         def on_validation_epoch_end(self, trainer, module):
             lrs.append("val")
 
-    def with_recorder(cfg, **kw):
-        trainer = build(cfg, **kw)
-        trainer.callbacks.append(Lr())
-        return trainer
-
-    monkeypatch.setattr(pipeline, "build_trainer", with_recorder)
+    record_with(monkeypatch, Lr())
     metrics = run_train(tmp_path / "run", "backbone=tiny_encoder", "method=joint", "data.sources=[toys]",
                         f"method.module.steps={steps}", "data.max_train_examples=16", "trainer.limit_train_batches=null",
                         "trainer.max_epochs=2", "recipe.optimizer.lr=0.01")
