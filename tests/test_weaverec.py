@@ -455,6 +455,24 @@ def test_merge_scale_is_the_validation_argmax(lora_store, tmp_path, monkeypatch,
     assert len(set(scores.values())) > 1  # the grid matters on this data
 
 
+def test_a_merge_run_is_tested_once(lora_store, tmp_path, monkeypatch):
+    """Nothing trains in a merge run, so its zero-shot row is the tested model itself: the test set is read
+    once (not a second full test of the same merge), and the zero-shot metrics and per-user ranks are the
+    test's."""
+    from recsys.data.datamodule import RecDataModule as DM
+    from recsys.evaluation import ranks
+
+    tests, real_test = [], DM.test_dataloader
+    monkeypatch.setattr(DM, "test_dataloader", lambda self: tests.append(1) or real_test(self))
+    metrics = run_train(tmp_path / "run", "backbone=tiny_encoder", "method=merge_sources", "data.sources=[toys]",
+                        "merge.rule=task_arithmetic", "merge.scaling_grid=null", "zero_shot=true", store=lora_store)
+    assert len(tests) == 1
+    assert all(metrics[f"zero_shot/test/{k}"] == metrics[f"test/{k}"] for k in ROWS)
+    rows = ranks.read(tmp_path / "run" / ranks.FILE)
+    test, zero = (rows[rows["split"] == s].drop(columns="split").reset_index(drop=True) for s in ("test", "zero_shot/test"))
+    assert len(test) > 0 and test.equals(zero)
+
+
 def test_merge_grid_is_scored_at_validations_precision(lora_store, tmp_path, monkeypatch):
     """Under trainer.precision=bf16-mixed every grid score is computed under the bf16 autocast that validation
     and test run under (not in float32, 2-3x slower on the CPU and a different number), so the chosen pair's

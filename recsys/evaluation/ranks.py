@@ -165,15 +165,18 @@ def _store(path: Path, rows: pd.DataFrame) -> Path:
     return write_with(path, lambda tmp: rows.to_csv(tmp, index=False, compression="gzip"))
 
 
-def rename_split(folder: str | Path | None, old: str, new: str) -> None:
-    """Rename the rows of split ``old`` to ``new`` in ``<folder>/ranks.csv.gz`` (e.g. the zero-shot test's)."""
+def rename_split(folder: str | Path | None, old: str, new: str, keep: bool = False) -> None:
+    """Rename the rows of split ``old`` to ``new`` in ``<folder>/ranks.csv.gz`` (e.g. the zero-shot test's);
+    ``keep``: copy them instead (``old``'s rows stay)."""
     path = Path(folder) / FILE if folder is not None else None
     if path is None or not path.is_file():
         return
     rows = read(path)
     rows = rows[rows["split"] != new]
-    rows.loc[rows["split"] == old, "split"] = new
+    renamed = rows[rows["split"] == old].assign(split=new)
+    rows = pd.concat([rows, renamed] if keep else [rows[rows["split"] != old], renamed], ignore_index=True)
     _store(path, rows)
+
 
 
 def read(path: str | Path) -> pd.DataFrame:

@@ -207,6 +207,13 @@ def zero_shot_test(trainer: L.Trainer, module: RecModule, dm: RecDataModule, out
     return {f"zero_shot/{k}": v for k, v in _floats(out).items()}
 
 
+def untrained_zero_shot(metrics: dict, out_dir: Path | None) -> dict:
+    """The zero-shot row of a run that trains nothing (a merge of stored adapters, trainer.max_epochs=0): the
+    tested model is the untrained one, so its test metrics and per-user ranks are the row, not a second test."""
+    ranks.rename_split(out_dir, "test", "zero_shot/test", keep=True)
+    return {f"zero_shot/{k}": v for k, v in metrics.items() if k.startswith("test/") and not k.startswith("test/full/")}
+
+
 def run_store(cfg: DictConfig, dm: RecDataModule) -> AdapterStore:
     """The adapter store of this run's data (``adapter_store.data_store``: one store folder a data root), knowing
     the fingerprints of the domains read (``dm.load_domains()`` first); StoreError for a domain name that is no
@@ -251,10 +258,12 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
     tracking.use_adapters(trainer.loggers, module.input_adapters())
     tracking.define_summary(trainer.loggers, cfg.optimized_metric)
 
-    if cfg.zero_shot:
+    if cfg.zero_shot and trains(cfg, module):
         metrics.update(zero_shot_test(trainer, module, dm, out_dir))
     trained, best = fit(cfg, trainer, module, dm, metrics)
     metrics.update(best_test_metrics(cfg, trainer, module, dm, best))
+    if cfg.zero_shot and not trained:
+        metrics.update(untrained_zero_shot(metrics, out_dir if trainer.is_global_zero else None))
     metrics.update(module.extra_metrics())
     if trained:
         metrics.update(module.training_health())
@@ -264,11 +273,16 @@ def train(cfg: DictConfig) -> tuple[float, dict]:
     return float(metrics.get(cfg.optimized_metric, math.nan)), metrics
 
 
+def trains(cfg: DictConfig, module: RecModule) -> bool:
+    """Whether the run trains: not at trainer.max_epochs=0, nor a method with nothing to train."""
+    return cfg.trainer.max_epochs != 0 and not module.skip_training
+
+
 def fit(cfg: DictConfig, trainer: L.Trainer, module: RecModule, dm: RecDataModule, metrics: dict) -> tuple[bool, str]:
     """Train (resuming a run restarted in its folder) unless there is nothing to train; adds the training time,
     the epochs run (``train/epochs``), the selected epoch (``train/best_epoch``, numbered from 0 as in the checkpoint
     names) and the validation metrics of that epoch to ``metrics``; returns (trained, best checkpoint path)."""
-    trained = cfg.trainer.max_epochs != 0 and not module.skip_training
+    trained = trains(cfg, module)
     # a run restarted in its folder (fixed hydra.run.dir, a requeued SLURM job) goes on from its last checkpoint
     ckpt = cfg.get("ckpt_path")
     if not ckpt and cfg.get("auto_resume") and trained:
