@@ -173,10 +173,11 @@ def rename_split(folder: str | Path | None, old: str, new: str, keep: bool = Fal
         return
     rows = read(path)
     rows = rows[rows["split"] != new]
-    renamed = rows[rows["split"] == old].assign(split=new)
-    rows = pd.concat([rows, renamed] if keep else [rows[rows["split"] != old], renamed], ignore_index=True)
+    if keep:
+        rows = pd.concat([rows, rows[rows["split"] == old].assign(split=new)], ignore_index=True)
+    else:
+        rows.loc[rows["split"] == old, "split"] = new
     _store(path, rows)
-
 
 
 def read(path: str | Path) -> pd.DataFrame:
