@@ -60,6 +60,11 @@ rows:
 compare:
   - [LoRA, LoRA at start]
   - [LoRA, popularity]
+claims:
+  - claim: "A LoRA adapter beats its untrained start"
+    compare: [LoRA, LoRA at start]
+  - claim: "Popularity beats a LoRA adapter"
+    compare: [popularity, LoRA]
 """
 
 
@@ -127,6 +132,15 @@ def test_page_tables_and_paired_tests(tmp_path):
     assert "| 2 | 16 |" in pooled and f"| {c['delta']:+.4f} [{c['ci_lo']:+.4f}, {c['ci_hi']:+.4f}] |" in pooled
     assert f"| {c['p_wilcoxon']:.3g} |" in pooled
     assert str(tmp_path) not in page and studies.PAGE_COMMAND in page
+    # the claims table, first on the page: each claim's pair pooled over both data sets, read by its interval
+    assert page.index("## The claims, answered") < page.index("## LoRA against the untrained model")
+    claim = next(line for line in lines if line.startswith("| A LoRA adapter beats its untrained start |"))
+    assert claim == (f"| A LoRA adapter beats its untrained start | LoRA | LoRA at start | `results/lora/` | 2 | 16 "
+                     f"| {c['delta']:+.4f} [{c['ci_lo']:+.4f}, {c['ci_hi']:+.4f}] "
+                     f"| {stats.format_p_bootstrap(c['p_bootstrap'])} | LoRA better |")
+    against = next(line for line in lines if line.startswith("| Popularity beats a LoRA adapter |"))
+    assert against.endswith("| LoRA better |")  # popularity (rank 3) - LoRA: the interval lies below 0
+    assert studies.reading("a", "b", {"ci_lo": -0.01, "ci_hi": 0.02}) == "tie (the interval holds 0)"
 
 
 def test_page_of_empty_and_partial_results(tmp_path, capsys):
@@ -150,6 +164,15 @@ def test_page_of_empty_and_partial_results(tmp_path, capsys):
     (results / "later" / "study.yaml").write_text("rows: {A: 'a-*'}\ncompare: [[A, B]]\n")
     with pytest.raises(UserError, match="compare entry"):
         studies.write_page(results, tmp_path / "page.md")
+    (results / "later" / "study.yaml").write_text("rows: {A: 'a-*', B: 'b-*'}\nclaims: [{claim: A beats B, compare: [A, C]}]\n")
+    with pytest.raises(UserError, match=r"claims\[0\]\.compare"):
+        studies.write_page(results, tmp_path / "page.md")
+    (results / "later" / "study.yaml").write_text("rows: {A: 'a-*', B: 'b-*'}\nclaims: [[A, B]]\n")
+    with pytest.raises(UserError, match=r"claims\[0\] must be \{claim: <the claim in words>, compare: \[a, b\]\}"):
+        studies.write_page(results, tmp_path / "page.md")
+    (results / "later" / "study.yaml").write_text("rows: {A: 'a-*', B: 'b-*'}\nclaims: [{claim: A beats B, compare: [A, B]}]\n")
+    assert "| A beats B | A | B | `results/later/` | | | no runs of both yet | | |" in studies.write_page(
+        results, tmp_path / "page.md")
     (results / "later" / "study.yaml").write_text("titel: typo\n")
     with pytest.raises(UserError, match="unknown keys"):
         studies.write_page(results, tmp_path / "page.md")

@@ -34,17 +34,23 @@ in the repository. A file over 20 MB is refused.
       compare:                      # (a, b): a - b per user, per data set and pooled over data sets
         - [X-Cross, target LoRA]
         - [X-Cross, X-Cross at start]
+      claims:                       # the paper's claims this study tests: the page's first table
+        - claim: "X-Cross matches the target LoRA with a quarter of its added parameters (X-Cross)"
+          compare: [X-Cross, target LoRA]
 
   A data-efficiency study names its rows by fraction (the runs named so when archived), e.g.
   ``LoRA 100%: "lora-f1.0-*"``, ``X-Cross 25%: "xcross-f0.25-*"`` and ``compare: [[X-Cross 25%, LoRA 100%]]``:
   the fraction changes only the training users, so runs of one seed rank the same candidates.
+  ``claims`` (optional) puts a pair's test, pooled over the study's data sets and seeds, into the table of
+  claims at the top of the page, beside the claim in words and what its 95% interval says: a better, b
+  better, or a tie (the interval holds 0). The claim's words hold no measured number: those are the table's.
   ``split`` picks what a row reads of its runs: ``test`` (default: the trained model), ``zero_shot``,
   ``popularity`` or ``random`` (the ``<split>/test`` metrics and ranks). A row holds at most one run per
   data set and seed. Without ``rows``, a row per method (and variant, as ``report.py`` labels them), with
   the target fraction when it is below 1; without ``compare``, no paired tests.
 - ``<run>/``: the archived runs.
 
-**The page** has, per study, its title and text, one table per data set (collection/target, backbone)
+**The page** opens with the claims of every study (above), then has, per study, its title and text, one table per data set (collection/target, backbone)
 with a row per row label: seeds, test users, test NDCG@10 as mean ± standard error over seeds with its
 95% t interval, HR@10 and MRR (mean ± standard error), the validation NDCG@10 (the value model selection
 chose by), the mean training minutes and (where runs record ``train/epochs``) epochs run, failed runs;
@@ -159,6 +165,7 @@ class StudySettings:
     command: str | None = None  # how the study's runs were made (an experiment preset, a script), shown on the page
     rows: dict | None = None
     compare: list | None = None
+    claims: list | None = None  # [{claim: <words>, compare: [a, b]}]: the page's table of claims
 
 
 @dataclass
@@ -186,6 +193,8 @@ class Study:
     command: str = ""
     rows: list[Row] = field(default_factory=list)
     compare: list[tuple[str, str]] = field(default_factory=list)
+    claims: list[tuple[str, str, str]] = field(default_factory=list)  # (words, a, b)
+    paired: dict = field(default_factory=dict, repr=False)  # (a, b) -> paired_scopes(a, b): computed once
 
     def runs(self, row: Row) -> list:
         """The jobs of ``row``: its run folders (study.yaml), or the runs of its method label."""
@@ -230,12 +239,21 @@ def load_study(folder: Path) -> Study:
     else:
         labels = sorted({default_label(j) for j in jobs if j.status != "unreadable"})
         study.rows = [Row(label, key=label) for label in labels]
-    known = {r.label for r in study.rows}
+    known = sorted(r.label for r in study.rows)
     for pair in settings.compare or []:
-        if not (isinstance(pair, list) and len(pair) == 2 and all(str(x) in known for x in pair)):
-            raise UserError(f"{where}: compare entry {pair!r} must be [a, b], two row labels of {sorted(known)}")
-        study.compare.append((str(pair[0]), str(pair[1])))
+        study.compare.append(_pair(pair, known, f"{where}: compare entry"))
+    for i, claim in enumerate(settings.claims or []):
+        if not (isinstance(claim, dict) and set(claim) == {"claim", "compare"} and isinstance(claim["claim"], str)):
+            raise UserError(f"{where}: claims[{i}] must be {{claim: <the claim in words>, compare: [a, b]}}, "
+                            f"not {claim!r}")
+        study.claims.append((claim["claim"].strip(), *_pair(claim["compare"], known, f"{where}: claims[{i}].compare")))
     return study
+
+
+def _pair(pair, known: list[str], where: str) -> tuple[str, str]:
+    if not (isinstance(pair, list) and len(pair) == 2 and all(str(x) in known for x in pair)):
+        raise UserError(f"{where} {pair!r} must be [a, b], two row labels of {known}")
+    return str(pair[0]), str(pair[1])
 
 
 def data_sets(study: Study) -> list[tuple]:
@@ -317,32 +335,72 @@ def _mean(jobs: list, key: str, scale: float, fmt: str) -> str:
     return format(sum(a) / len(a), fmt) if a else "—"
 
 
-def paired_table(study: Study) -> str:
-    """The paired tests of ``study.compare``: per data set, and pooled when the study has several."""
-    head = ["a", "b", "data", "seeds", "users", "NDCG@10 a", "NDCG@10 b", "Δ a−b [95% bootstrap CI]",
-            "p (bootstrap)", "p (Wilcoxon)", "r"]
-    lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
-    rows = {r.label: r for r in study.rows}
-    keys = data_sets(study)
-    for a, b in study.compare:
+def paired_scopes(study: Study, a: str, b: str) -> list[tuple[str, dict | None]]:
+    """The paired test of rows a and b (``tables.compare_groups``) per data set, then pooled over them when the
+    study has several: [(scope title, result)], computed once a study."""
+    if (a, b) not in study.paired:
+        rows, keys = {r.label: r for r in study.rows}, data_sets(study)
         ra, rb = rows[a], rows[b]
         groups = {key: ([j for j in study.runs(ra) if j.status == "ok" and _data_key(j) == key],
                         [j for j in study.runs(rb) if j.status == "ok" and _data_key(j) == key]) for key in keys}
         scopes = [(_data_title(k), [g]) for k, g in groups.items() if g[0] and g[1]]
         if len(scopes) > 1:
             scopes.append(("all, pooled", [g for _, (g,) in scopes]))
-        for title, gs in scopes:
-            c = tables.compare_groups(gs, split_a=ra.ranks_split, split_b=rb.ranks_split)
-            if c is None:
-                lines.append(f"| {a} | {b} | {title} | not paired: no ranks.csv.gz |" + " |" * (len(head) - 4))
-            elif "skipped" in c:
-                lines.append(f"| {a} | {b} | {title} | not paired: {c['skipped']} |" + " |" * (len(head) - 4))
+        study.paired[a, b] = [(title, tables.compare_groups(gs, split_a=ra.ranks_split, split_b=rb.ranks_split))
+                              for title, gs in scopes]
+    return study.paired[a, b]
+
+
+def _not_paired(c: dict | None) -> str:
+    """Why a pair has no test ("" when it has one)."""
+    return "not paired: no ranks.csv.gz" if c is None else f"not paired: {c['skipped']}" if "skipped" in c else ""
+
+
+def paired_table(study: Study) -> str:
+    """The paired tests of ``study.compare``: per data set, and pooled when the study has several."""
+    head = ["a", "b", "data", "seeds", "users", "NDCG@10 a", "NDCG@10 b", "Δ a−b [95% bootstrap CI]",
+            "p (bootstrap)", "p (Wilcoxon)", "r"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
+    for a, b in study.compare:
+        for title, c in paired_scopes(study, a, b):
+            if _not_paired(c):
+                lines.append(f"| {a} | {b} | {title} | {_not_paired(c)} |" + " |" * (len(head) - 4))
             else:
                 lines.append(
                     f"| {a} | {b} | {title} | {c['seeds']} | {c['users']} | {c['mean_a']:.4f} ± {c['se_a']:.4f} "
                     f"| {c['mean_b']:.4f} ± {c['se_b']:.4f} | {c['delta']:+.4f} [{c['ci_lo']:+.4f}, {c['ci_hi']:+.4f}] "
                     f"| {stats.format_p_bootstrap(c['p_bootstrap'])} | {c['p_wilcoxon']:.3g} | {c['rank_biserial']:+.3f} |")
     return "\n".join(lines)
+
+
+def reading(a: str, b: str, c: dict) -> str:
+    """What a paired test's 95% interval says: a better, b better, or a tie."""
+    return f"{a} better" if c["ci_lo"] > 0 else f"{b} better" if c["ci_hi"] < 0 else "tie (the interval holds 0)"
+
+
+def claims_table(studies: list[Study], results: str) -> list[str]:
+    """The page's first section: every study's claims, each with its pair's test over all its data sets
+    and seeds (the pooled scope, or the one data set); [] when no study states a claim."""
+    claimed = [(s, claim) for s in studies for claim in s.claims]
+    if not claimed:
+        return []
+    md = ["## The claims, answered", "",
+          "Each claim's pair of rows, tested user by user over every data set and seed of its study (its section\n"
+          "below has the tables, the text and what would change the answer); the reading is what the 95%\n"
+          "paired-bootstrap interval of the NDCG@10 difference says.", "",
+          "| claim | a | b | study | seeds | users | Δ NDCG@10 a−b [95% CI] | p (bootstrap) | reading |",
+          "|---|---|---|---|---:|---:|---:|---:|---|"]
+    for study, (words, a, b) in claimed:
+        scopes = paired_scopes(study, a, b)
+        c = scopes[-1][1] if scopes else None
+        where = f"`{results}/{study.folder.name}/`"
+        if not scopes or _not_paired(c):
+            md.append(f"| {words} | {a} | {b} | {where} | | | {_not_paired(c) if scopes else 'no runs of both yet'} | | |")
+        else:
+            md.append(f"| {words} | {a} | {b} | {where} | {c['seeds']} | {c['users']} | {c['delta']:+.4f} "
+                      f"[{c['ci_lo']:+.4f}, {c['ci_hi']:+.4f}] | {stats.format_p_bootstrap(c['p_bootstrap'])} "
+                      f"| {reading(a, b, c)} |")
+    return md + [""]
 
 
 def study_section(study: Study, results: str) -> list[str]:
@@ -405,8 +463,11 @@ def write_page(results: str | Path, page: str | Path) -> str:
     studies = sorted(p for p in results.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not studies:
         md += [f"No studies yet: archive runs with `{ARCHIVE_COMMAND}`.", ""]
-    for folder in studies:
-        md += study_section(load_study(folder), results.resolve().name)  # "results": the page names no machine's path
+    name = results.resolve().name  # "results": the page names no machine's path
+    loaded = [load_study(folder) for folder in studies]
+    md += claims_table(loaded, name)
+    for study in loaded:
+        md += study_section(study, name)
     text = "\n".join(md).rstrip("\n") + "\n"
     write_text(Path(page), text)
     return text
