@@ -243,11 +243,13 @@ def test_hard_negatives_never_the_examples_own_target(retriever):
 
 
 def test_sasrec_paper_defaults():
-    """The config's dropout is the class default (0.5), and the recipe's Adam has the paper's beta2 0.98."""
+    """The config's dropout (0.5) and training examples (per sequence) are the class defaults, and the recipe's
+    Adam has the paper's beta2 0.98."""
     import hydra
 
     cfg = config(Path("/tmp/unused"))
     assert SASRecModule(num_items=5).net.drop.p == cfg.method.module.dropout == 0.5
+    assert SASRecModule(num_items=5).train_on == cfg.method.module.train_on == "sequence"
     opt = hydra.utils.instantiate(cfg.recipe.optimizer)([torch.nn.Parameter(torch.zeros(1))])
     assert opt.defaults["betas"] == (0.9, 0.98) and opt.defaults["weight_decay"] == 0.0
 
