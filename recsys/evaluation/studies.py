@@ -50,8 +50,8 @@ in the repository. A file over 20 MB is refused.
   the target fraction when it is below 1; without ``compare``, no paired tests.
 - ``<run>/``: the archived runs.
 
-**The page** opens with the claims of every study (above), then has, per study, its title and text, one table per data set (collection/target, backbone)
-with a row per row label: seeds, test users, test NDCG@10 as mean ± standard error over seeds with its
+**The page** opens with the claims of every study (above), then has, per study, its title and text, one
+table per data set (collection/target, backbone) with a row per row label: seeds, test users, test NDCG@10 as mean ± standard error over seeds with its
 95% t interval, HR@10 and MRR (mean ± standard error), the validation NDCG@10 (the value model selection
 chose by), the mean training minutes and (where runs record ``train/epochs``) epochs run, failed runs;
 then the paired tests of ``compare``: per-user NDCG@10 on the same candidates
@@ -356,6 +356,11 @@ def _not_paired(c: dict | None) -> str:
     return "not paired: no ranks.csv.gz" if c is None else f"not paired: {c['skipped']}" if "skipped" in c else ""
 
 
+def _delta(c: dict) -> str:
+    """A paired test's mean difference with its 95% bootstrap interval, and the bootstrap p: two table cells."""
+    return f"{c['delta']:+.4f} [{c['ci_lo']:+.4f}, {c['ci_hi']:+.4f}] | {stats.format_p_bootstrap(c['p_bootstrap'])}"
+
+
 def paired_table(study: Study) -> str:
     """The paired tests of ``study.compare``: per data set, and pooled when the study has several."""
     head = ["a", "b", "data", "seeds", "users", "NDCG@10 a", "NDCG@10 b", "Δ a−b [95% bootstrap CI]",
@@ -363,13 +368,13 @@ def paired_table(study: Study) -> str:
     lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
     for a, b in study.compare:
         for title, c in paired_scopes(study, a, b):
-            if _not_paired(c):
-                lines.append(f"| {a} | {b} | {title} | {_not_paired(c)} |" + " |" * (len(head) - 4))
+            if why := _not_paired(c):
+                lines.append(f"| {a} | {b} | {title} | {why} |" + " |" * (len(head) - 4))
             else:
                 lines.append(
                     f"| {a} | {b} | {title} | {c['seeds']} | {c['users']} | {c['mean_a']:.4f} ± {c['se_a']:.4f} "
-                    f"| {c['mean_b']:.4f} ± {c['se_b']:.4f} | {c['delta']:+.4f} [{c['ci_lo']:+.4f}, {c['ci_hi']:+.4f}] "
-                    f"| {stats.format_p_bootstrap(c['p_bootstrap'])} | {c['p_wilcoxon']:.3g} | {c['rank_biserial']:+.3f} |")
+                    f"| {c['mean_b']:.4f} ± {c['se_b']:.4f} | {_delta(c)} | {c['p_wilcoxon']:.3g} "
+                    f"| {c['rank_biserial']:+.3f} |")
     return "\n".join(lines)
 
 
@@ -392,13 +397,12 @@ def claims_table(studies: list[Study], results: str) -> list[str]:
           "|---|---|---|---|---:|---:|---:|---:|---|"]
     for study, (words, a, b) in claimed:
         scopes = paired_scopes(study, a, b)
-        c = scopes[-1][1] if scopes else None
+        c = scopes[-1][1] if scopes else None  # the pooled scope, or the one data set
         where = f"`{results}/{study.folder.name}/`"
-        if not scopes or _not_paired(c):
-            md.append(f"| {words} | {a} | {b} | {where} | | | {_not_paired(c) if scopes else 'no runs of both yet'} | | |")
+        if why := _not_paired(c) if scopes else "no runs of both yet":
+            md.append(f"| {words} | {a} | {b} | {where} | | | {why} | | |")
         else:
-            md.append(f"| {words} | {a} | {b} | {where} | {c['seeds']} | {c['users']} | {c['delta']:+.4f} "
-                      f"[{c['ci_lo']:+.4f}, {c['ci_hi']:+.4f}] | {stats.format_p_bootstrap(c['p_bootstrap'])} "
+            md.append(f"| {words} | {a} | {b} | {where} | {c['seeds']} | {c['users']} | {_delta(c)} "
                       f"| {reading(a, b, c)} |")
     return md + [""]
 
