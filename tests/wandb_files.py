@@ -1,10 +1,15 @@
 """Reading what an offline wandb run wrote, as ``wandb sync`` reads it: the record log ``run-<id>.wandb``
-(wandb 0.31 ships no Python reader for it: the log is LevelDB's format, the records wandb's protobuf)."""
+(wandb 0.31 ships no Python reader for it: the log is LevelDB's format, the records wandb's protobuf).
+
+wandb-core keeps a log's current 32 KiB block in memory and writes it when the log is closed, which happens
+after ``wandb.finish()`` has returned: right after a run, its log may hold only the 7-byte file header (on a
+loaded machine for seconds). ``wandb_records`` therefore waits for the run's ``exit`` record."""
 
 from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 
@@ -38,11 +43,20 @@ def run_files(run_dir: Path) -> list[Path]:
     return sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
 
 
-def wandb_records(run_dir: Path) -> list:
-    """Every record of the one offline wandb run under ``run_dir``."""
+def wandb_records(run_dir: Path, wait_s: float = 120.0) -> list:
+    """Every record of the one offline wandb run under ``run_dir``, once the log is closed (its ``exit`` record
+    on disk; waits up to ``wait_s`` for wandb-core to close it)."""
     files = run_files(run_dir)
     assert len(files) == 1, files
-    return read_records(files[0])
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = read_records(files[0])
+        if of_type(records, "exit") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert of_type(records, "exit"), (f"{files[0]}: no exit record {wait_s:.0f} s after the run "
+                                      f"({len(records)} records: {[r.WhichOneof('record_type') for r in records][:5]})")
+    return records
 
 
 def of_type(records, kind: str) -> list:
