@@ -143,6 +143,21 @@ def test_page_tables_and_paired_tests(tmp_path):
     assert studies.reading("a", "b", {"ci_lo": -0.01, "ci_hi": 0.02}) == "tie (the interval holds 0)"
 
 
+def test_studies_stand_on_the_page_by_their_order(tmp_path):
+    """``order:`` in study.yaml places a study (its section and its claims) before the unordered ones, which
+    follow by folder name; a non-integer order names the key."""
+    results = tmp_path / "results"
+    for name, order in (("a-first-by-name", None), ("b-main", 1), ("c-second", 2), ("d-last-by-name", None)):
+        (results / name).mkdir(parents=True)
+        (results / name / "study.yaml").write_text(f"title: {name}\n" + (f"order: {order}\n" if order else ""))
+    page = studies.write_page(results, tmp_path / "page.md")
+    titles = [line[3:] for line in page.splitlines() if line.startswith("## ")]
+    assert titles == ["b-main", "c-second", "a-first-by-name", "d-last-by-name"]
+    (results / "c-second" / "study.yaml").write_text("order: second\n")
+    with pytest.raises(UserError, match=r"c-second/study.yaml.order='second' must be an integer"):
+        studies.write_page(results, tmp_path / "page.md")
+
+
 def test_page_of_empty_and_partial_results(tmp_path, capsys):
     results = tmp_path / "results"
     results.mkdir()

@@ -18,13 +18,15 @@ relative to the project folder when it lies inside it, else cut to ``<abs>/<its 
 root ``/data/amazon`` becomes ``<abs>/amazon``: runs are compared on its name), so no machine's path lands
 in the repository. A file over 20 MB is refused.
 
-**A study** is a folder ``results/<study>/`` (the page orders studies by folder name) holding:
+**A study** is a folder ``results/<study>/`` (the page orders studies by their ``order``, then by folder
+name) holding:
 
 - ``study.md``: hand-written, copied into the page under the study's title: the question, the answer in
   words, what would change it;
 - ``study.yaml`` (optional): the study's title, its rows and the pairs it tests::
 
       title: "X-Cross vs the target LoRA, three directions"
+      order: 1                      # where the study stands on the page (default: after the ordered ones)
       command: "python train.py -m experiment=xcross_amazon_cpu data.target=games,toys,beauty seed=0,1,2"
       rows:                         # label: the run folders of the row (fnmatch patterns, or a list of them)
         X-Cross: "xcross-*"
@@ -162,6 +164,7 @@ class StudySettings:
     """``results/<study>/study.yaml`` (module docstring)."""
 
     title: str | None = None
+    order: int | None = None  # the study's place on the page (and in the claims table); None: after, by name
     command: str | None = None  # how the study's runs were made (an experiment preset, a script), shown on the page
     rows: dict | None = None
     compare: list | None = None
@@ -194,6 +197,7 @@ class Study:
     rows: list[Row] = field(default_factory=list)
     compare: list[tuple[str, str]] = field(default_factory=list)
     claims: list[tuple[str, str, str]] = field(default_factory=list)  # (words, a, b)
+    order: int | None = None
     paired: dict = field(default_factory=dict, repr=False)  # (a, b) -> paired_scopes(a, b): computed once
 
     def runs(self, row: Row) -> list:
@@ -233,7 +237,8 @@ def load_study(folder: Path) -> Study:
     settings = checked(StudySettings, raw if isinstance(raw, dict) else {}, where)
     text = (folder / STUDY_TEXT).read_text().strip() if (folder / STUDY_TEXT).is_file() else ""
     jobs = tables.find_jobs([folder]) if any(p.is_dir() for p in folder.iterdir()) else []
-    study = Study(folder, settings.title or folder.name, text, jobs, command=settings.command or "")
+    study = Study(folder, settings.title or folder.name, text, jobs, command=settings.command or "",
+                  order=settings.order)
     if settings.rows:
         study.rows = [_row_spec(str(label), spec, where) for label, spec in settings.rows.items()]
     else:
@@ -468,7 +473,8 @@ def write_page(results: str | Path, page: str | Path) -> str:
     if not studies:
         md += [f"No studies yet: archive runs with `{ARCHIVE_COMMAND}`.", ""]
     name = results.resolve().name  # "results": the page names no machine's path
-    loaded = [load_study(folder) for folder in studies]
+    loaded = sorted((load_study(folder) for folder in studies),  # by order, then (stable) by folder name
+                    key=lambda st: (st.order is None, st.order or 0))
     md += claims_table(loaded, name)
     for study in loaded:
         md += study_section(study, name)
