@@ -171,6 +171,30 @@ def test_concurrent_exports_lose_nothing_and_readers_always_see_one(tmp_path):
     assert len(versions) <= 2  # the current one and the one it replaced
 
 
+def test_a_reader_whose_version_is_removed_while_it_looks_reads_the_new_one(tmp_path, monkeypatch):
+    """A reader resolves the current version, then (a loaded machine) two exports replace it and start
+    removing it: the half-removed folder it looks at is not the store's answer; it looks again at the version
+    the link now names. Before: "incomplete", so ``exists`` was False while an adapter was stored."""
+    store = AdapterStore(tmp_path / "store")
+    store.save("tiny:encoder", "tools", _FakePeft(0.0), "default", None, {"scoring": "likelihood"})
+    first = store.path("tiny:encoder", "tools")
+    real, calls = AdapterStore.missing_files, []
+
+    def racing(folder):
+        if not calls:  # during the first look: the next export lands and the looked-at version is half removed
+            store.save("tiny:encoder", "tools", _FakePeft(1.0), "default", None, {"scoring": "likelihood"})
+            (Path(folder) / "adapter_config.json").unlink()
+        calls.append(Path(folder))
+        return real(folder)
+
+    monkeypatch.setattr(AdapterStore, "missing_files", staticmethod(racing))
+    assert store.problem("tiny:encoder", "tools") == ""
+    assert calls == [first, store.path("tiny:encoder", "tools")] and calls[1] != first
+    # a current version that really lacks a file is still reported, naming it
+    (store.path("tiny:encoder", "tools") / "adapter_config.json").unlink()
+    assert store.problem("tiny:encoder", "tools").endswith("is incomplete (lacks adapter_config.json)")
+
+
 # ------------------------------------------------------------------------------ 5. one adapter per seed
 def test_each_seed_keeps_its_adapter(tmp_path):
     seeds = {s: AdapterStore(tmp_path / "store", seed=s) for s in (0, 1)}

@@ -436,17 +436,18 @@ class AdapterStore:
 
     def problem(self, backbone: str, name: str) -> str:
         """Why adapter ``name`` cannot be used ('' if it is complete): absent, or which files it lacks."""
-        for _ in range(5):  # the version just resolved may be removed by two exports since: look again
+        for _ in range(50):
             folder = self.path(backbone, name)
             try:
                 missing = self.missing_files(folder) if folder.is_dir() else None
-                if missing is not None and folder.is_dir():  # still there: the answer is about one version
-                    return f"{folder} is incomplete (lacks {', '.join(missing)})" if missing else ""
-            except FileNotFoundError:
-                pass
-            if not self._link(backbone, name).is_symlink():
-                break
-        return f"no adapter at {folder}"
+            except FileNotFoundError:  # removed while read
+                missing = None
+            if missing == []:
+                return ""
+            if self.path(backbone, name) == folder:  # the link did not move while we looked: this is the
+                break  # current version (never removed), so the answer holds
+            # else the version looked at was replaced, and may be half removed by a later export: look again
+        return f"{folder} is incomplete (lacks {', '.join(missing)})" if missing else f"no adapter at {folder}"
 
     def exists(self, backbone: str, name: str) -> bool:
         """A complete adapter ``name`` of this seed is stored."""
