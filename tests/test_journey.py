@@ -119,7 +119,7 @@ def test_journey(slurm_cluster, tmp_path):
     job a 2-task DDP run that trains its missing source adapters first (rank 0 trains, rank 1 waits), logged to
     wandb (offline); one job is sent USR1 mid-epoch, requeues and resumes; then report.py over the sweep."""
     import torch
-    from wandb_files import config_of, of_type, read_records, run_files
+    from wandb_files import config_of, of_type, read_closed, read_records, run_files
 
     t0 = time.time()
     main, ref = tmp_path / "sweep", tmp_path / "reference"
@@ -151,7 +151,7 @@ def test_journey(slurm_cluster, tmp_path):
     for j in range(4):
         files = run_files(main / str(j))
         assert len({f.stem for f in files}) == 1 and len(files) == (2 if j == INTERRUPTED else 1), files
-        records = [r for f in files for r in read_records(f)]
+        records = [r for f in files[:-1] for r in read_records(f)] + read_closed(files[-1])  # the last start ended it
         cfg = config_of(records)
         assert cfg["hydra/sweep_dir"] == str(main) and cfg["hydra/job_num"] == j
         assert f"method={cfg['method']['name']}" in cfg["hydra/overrides"] and f"seed={cfg['seed']}" in cfg["hydra/overrides"]
@@ -160,7 +160,7 @@ def test_journey(slurm_cluster, tmp_path):
         if cfg["method"]["name"] == "xcross":  # lineage: the source adapters' runs logged them, X-Cross read them
             trainer = next(f for f in (main / str(j), ref / "0") if (f / "sources").is_dir())  # seed 0: either
             for s in ("toys", "sports"):
-                src = read_records(run_files(trainer / "sources" / s)[0])
+                src = read_closed(run_files(trainer / "sources" / s)[0])
                 assert [a.name for a in of_type(src, "artifact") if a.type == "model"] == [cfg["lineage/inputs"][0 if s == "toys" else 1]]
                 assert of_type(src, "run")[0].job_type == "source-adapter"
                 assert config_of(src)["hydra/sweep_dir"] == str(trainer.parent)

@@ -43,20 +43,25 @@ def run_files(run_dir: Path) -> list[Path]:
     return sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
 
 
-def wandb_records(run_dir: Path, wait_s: float = 120.0) -> list:
-    """Every record of the one offline wandb run under ``run_dir``, once the log is closed (its ``exit`` record
-    on disk; waits up to ``wait_s`` for wandb-core to close it)."""
-    files = run_files(run_dir)
-    assert len(files) == 1, files
+def read_closed(path: Path, wait_s: float = 120.0) -> list:
+    """Every record of one ``run-<id>.wandb`` file once wandb-core has closed it (its ``exit`` record on
+    disk; waits up to ``wait_s``)."""
     deadline = time.monotonic() + wait_s
     while True:
-        records = read_records(files[0])
+        records = read_records(path)
         if of_type(records, "exit") or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert of_type(records, "exit"), (f"{files[0]}: no exit record {wait_s:.0f} s after the run "
+    assert of_type(records, "exit"), (f"{path}: no exit record {wait_s:.0f} s after the run "
                                       f"({len(records)} records: {[r.WhichOneof('record_type') for r in records][:5]})")
     return records
+
+
+def wandb_records(run_dir: Path, wait_s: float = 120.0) -> list:
+    """Every record of the one offline wandb run under ``run_dir``, once its log is closed."""
+    files = run_files(run_dir)
+    assert len(files) == 1, files
+    return read_closed(files[0], wait_s)
 
 
 def of_type(records, kind: str) -> list:
