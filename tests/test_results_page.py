@@ -130,7 +130,7 @@ def test_page_tables_and_paired_tests(tmp_path):
                 - ranks.ndcg(pd.array([5]))[0] for i in range(USERS)]
     c = stats.compare_paired(per_user * 2, [0.0] * 2 * USERS)
     assert "| 2 | 16 |" in pooled and f"| {c['delta']:+.4f} [{c['ci_lo']:+.4f}, {c['ci_hi']:+.4f}] |" in pooled
-    assert f"| {c['p_wilcoxon']:.3g} |" in pooled
+    assert f"| {stats.format_p_wilcoxon(c['p_wilcoxon'])} |" in pooled
     assert str(tmp_path) not in page and studies.PAGE_COMMAND in page
     # the claims table, first on the page: each claim's pair pooled over both data sets, read by its interval
     assert page.index("## The claims, answered") < page.index("## LoRA against the untrained model")

@@ -343,7 +343,7 @@ def _main(p, args) -> pd.DataFrame:
             out.append({"a": args.paths[0], "b": other, **c})
             print(f"{args.paths[0]} vs {other}: users {c['users']}  NDCG@10 {c['mean_a']:.4f} vs {c['mean_b']:.4f}  "
                   f"a-b {c['delta']:+.4f} [{c['ci_lo']:+.4f}, {c['ci_hi']:+.4f}]  p bootstrap {stats.format_p_bootstrap(c['p_bootstrap'])}  "
-                  f"p Wilcoxon {c['p_wilcoxon']:.3g} ({c['wilcoxon_method']})  r {c['rank_biserial']:+.3f}")
+                  f"p Wilcoxon {stats.format_p_wilcoxon(c['p_wilcoxon'])} ({c['wilcoxon_method']})  r {c['rank_biserial']:+.3f}")
         return pd.DataFrame(out)
     out = []
     for path in args.paths:

@@ -96,6 +96,12 @@ def format_p_bootstrap(p: float, resamples: int = 10_000) -> str:
     return f"< {2 / resamples:.0e}" if p == 0 else f"{p:.3g}"
 
 
+def format_p_wilcoxon(p: float, digits: int = 3) -> str:
+    """A Wilcoxon p-value as text; 0 (the normal approximation's tail below the smallest double, |z| > 38 or
+    so, as on tens of thousands of users) reads as ``< 1e-300``: a p-value is never 0."""
+    return "< 1e-300" if p == 0 else f"{p:.{digits}g}"
+
+
 @dataclass
 class Wilcoxon:
     n: int  # pairs with a non-zero difference

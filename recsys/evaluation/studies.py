@@ -378,7 +378,7 @@ def paired_table(study: Study) -> str:
             else:
                 lines.append(
                     f"| {a} | {b} | {title} | {c['seeds']} | {c['users']} | {c['mean_a']:.4f} ± {c['se_a']:.4f} "
-                    f"| {c['mean_b']:.4f} ± {c['se_b']:.4f} | {_delta(c)} | {c['p_wilcoxon']:.3g} "
+                    f"| {c['mean_b']:.4f} ± {c['se_b']:.4f} | {_delta(c)} | {stats.format_p_wilcoxon(c['p_wilcoxon'])} "
                     f"| {c['rank_biserial']:+.3f} |")
     return "\n".join(lines)
 

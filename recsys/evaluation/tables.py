@@ -307,7 +307,7 @@ def _vs_best(c) -> str:
         return "best"
     if "skipped" in c:
         return "not paired"
-    return f"{c['delta']:+.4f}, {c['p_wilcoxon']:.2g}{' *' if c['p_wilcoxon'] < 0.05 else ''}"
+    return f"{c['delta']:+.4f}, {stats.format_p_wilcoxon(c['p_wilcoxon'], 2)}{' *' if c['p_wilcoxon'] < 0.05 else ''}"
 
 
 def markdown_table(df: pd.DataFrame, paired: dict | None = None) -> str:
@@ -445,7 +445,7 @@ def paired_markdown(table: list[dict]) -> str:
             continue
         lines.append(f"| {c['a']} | {c['b']} | {c['users']} | {c['seeds']} | {c['mean_a']:.4f} ± {c['se_a']:.4f} "
                      f"| {c['mean_b']:.4f} ± {c['se_b']:.4f} | {c['delta']:+.4f} [{c['ci_lo']:+.4f}, {c['ci_hi']:+.4f}] "
-                     f"| {stats.format_p_bootstrap(c['p_bootstrap'])} | {c['p_wilcoxon']:.3g} ({c['wilcoxon_method']}) "
+                     f"| {stats.format_p_bootstrap(c['p_bootstrap'])} | {stats.format_p_wilcoxon(c['p_wilcoxon'])} ({c['wilcoxon_method']}) "
                      f"| {c['rank_biserial']:+.3f} |")
     return "\n".join(lines)
 
