@@ -328,7 +328,7 @@ def row_table(study: Study, key: tuple) -> str:
                  _mean_se(values["ndcg@10"]), _interval(values["ndcg@10"]), _mean_se(values["hr@10"]),
                  _mean_se(values["mrr"]), _mean_se(val) if val else "",
                  _mean(ok, "time/train_s", 1 / 60, ".1f") if trained else ""]
-        cells += [_mean(ok, "train/epochs", 1, "g") if trained else ""] if epochs else []
+        cells += [_mean(ok, "train/epochs", 1, ".1f") if trained else ""] if epochs else []
         cells += [str(len(runs) - len(ok)) if len(runs) > len(ok) else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
